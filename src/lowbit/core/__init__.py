@@ -1,0 +1,1 @@
+"""Quantization core: the one numerical truth (pure torch)."""

@@ -1,0 +1,1 @@
+"""Quantized tensor formats and their user-facing configs."""

@@ -1,0 +1,120 @@
+"""Packed int4 weights: weight-only (W4A16) and with dynamic int8 activations (W4A8).
+
+qdata: uint8 (N, K // 2), two int4 per byte along K (nibble order: core/packing.py).
+scale: (N, K // group) in the weight's dtype; zero_point per ZeroPointDomain:
+  NONE -> None; INT -> int8 (N, G); FLOAT -> float (N, G).
+W4A8 math (reference and kernels): with per-token int8 activations qx, sx,
+  y[m, n] = sx[m] * sum_g ( scale[n, g] * (qx_g[m] . q_g[n]) + c[n, g] * sum(qx_g[m]) )
+  where c = zero (FLOAT), -zero_point * scale (INT), 0 (NONE). The dot products
+  are exact integers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.kernel_choice import KernelChoice
+from lowbit.core.packing import pack_int4, unpack_int4
+from lowbit.core.primitives import (
+    ScaleSearch, choose_qparams, dequantize, quantize, quantize_per_token_sym,
+)
+from lowbit.core.qtype import INT4, INT8_SYM, Mapping, ZeroPointDomain
+from lowbit.core.tensor import QuantizedTensor
+from lowbit.formats.common import (
+    ActQuant, check_activation, int_group_dot, resolve_kernel, token_count, uses_act_quant,
+)
+
+
+class Int4Tensor(QuantizedTensor):
+    tensor_data_names = ("qdata", "scale", "zero_point")
+    tensor_attribute_names = ("block_size", "zero_point_domain", "act_quant", "kernel")
+
+    @classmethod
+    def from_hp(cls, w: torch.Tensor, group_size: int | None, mapping: Mapping,
+                zero_point_domain: ZeroPointDomain, act_quant: ActQuant | None = None,
+                kernel: KernelChoice = KernelChoice.AUTO,
+                search: ScaleSearch = ScaleSearch.MINMAX) -> "Int4Tensor":
+        n, k = w.shape
+        if k % 2:
+            raise ValueError(f"int4 packing needs an even K, got K={k}")
+        block = (1, group_size or k)
+        scale_dtype = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        scale, zp = choose_qparams(w, INT4, block, mapping, zero_point_domain,
+                                   scale_dtype=scale_dtype, search=search)
+        q = quantize(w, scale, zp, INT4, block, zero_point_domain)
+        if zp is not None and zero_point_domain is ZeroPointDomain.FLOAT:
+            zp = zp.to(scale_dtype)
+        return cls(pack_int4(q), scale.to(scale_dtype), zp, shape=(n, k), dtype=w.dtype,
+                   block_size=block, zero_point_domain=zero_point_domain, act_quant=act_quant,
+                   kernel=kernel)
+
+    @property
+    def group_size(self) -> int:
+        return self.block_size[1]
+
+    def int_data(self) -> torch.Tensor:
+        return unpack_int4(self.qdata)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.int_data(), self.scale, self.zero_point, self.block_size,
+                          self.zero_point_domain, output_dtype=dtype or self.dtype)
+
+    def zero_correction(self) -> torch.Tensor | None:
+        """c[n, g] of the W4A8 formula (float32), None for symmetric weights."""
+        if self.zero_point_domain is ZeroPointDomain.FLOAT:
+            return self.zero_point.to(torch.float32)
+        if self.zero_point_domain is ZeroPointDomain.INT:
+            return -self.zero_point.to(torch.float32) * self.scale.to(torch.float32)
+        return None
+
+    # -- execution -----------------------------------------------------------
+    def _available(self, x: torch.Tensor, dynamic: bool) -> dict[KernelChoice, str | None]:
+        from lowbit.kernels import triton_unavailable_reason
+
+        reason = triton_unavailable_reason(x)
+        if reason is None and self.zero_point_domain is not ZeroPointDomain.NONE and dynamic:
+            reason = "the Triton W4A8 kernels take symmetric weights (zero_point_domain='none')"
+        if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
+            reason = f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
+        return {KernelChoice.TRITON: reason}
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        fmt = "w4a8" if self.act_quant is not None else "int4"
+        check_activation(x, self.shape[1], fmt)
+        dynamic = uses_act_quant(self.act_quant, x)
+        path = resolve_kernel(self.kernel, x, self._available(x, dynamic), fmt)
+        x2 = x.reshape(-1, x.shape[-1])
+        if path is KernelChoice.TRITON:
+            from lowbit.kernels.w4a8 import op
+
+            y = op.int4_linear(x2, self, bias, quantize_activations=dynamic)
+        elif dynamic:
+            y = w4a8_linear_reference(x2, self, bias)
+        else:
+            y = torch.nn.functional.linear(x2, self.dequantize(x.dtype), bias)
+        return y.reshape(*x.shape[:-1], self.shape[0])
+
+
+def w4a8_linear_reference(x2: torch.Tensor, w: Int4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Pure-torch W4A8: per-token int8 quantization, exact integer group dots, float epilogue."""
+    qx, sx = quantize_per_token_sym(x2, INT8_SYM)
+    return w4a8_from_quantized_reference(qx, sx, w, bias, x2.dtype)
+
+
+def w4a8_from_quantized_reference(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor,
+                                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    g = w.group_size
+    acc = int_group_dot(qx, w.int_data(), g)  # (G, M, N) exact
+    scale = w.scale.to(torch.float32).t().unsqueeze(1)  # (G, 1, N)
+    y = acc.to(torch.float32) * scale
+    corr = w.zero_correction()
+    if corr is not None:
+        rowsum = qx.to(torch.float32).reshape(qx.shape[0], -1, g).sum(-1)  # (M, G)
+        y = y + rowsum.t().unsqueeze(-1) * corr.t().unsqueeze(1)
+    y = y.sum(0) * sx
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+__all__ = ["Int4Tensor", "w4a8_linear_reference", "token_count"]

@@ -1,0 +1,71 @@
+"""Int8 weights (per-row symmetric): weight-only, or with dynamic int8 activations (W8A8)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.kernel_choice import KernelChoice
+from lowbit.core.primitives import choose_qparams, dequantize, quantize, quantize_per_token_sym
+from lowbit.core.qtype import INT8, INT8_SYM, Mapping, ZeroPointDomain
+from lowbit.core.tensor import QuantizedTensor
+from lowbit.formats.common import (
+    ActQuant, check_activation, int_group_dot, resolve_kernel, uses_act_quant,
+)
+
+
+class Int8Tensor(QuantizedTensor):
+    """qdata int8 (N, K); scale (N, 1) float; optional activation quantization."""
+
+    tensor_data_names = ("qdata", "scale", "zero_point")
+    tensor_attribute_names = ("block_size", "act_quant", "kernel")
+
+    @classmethod
+    def from_hp(cls, w: torch.Tensor, act_quant: ActQuant | None = None,
+                kernel: KernelChoice = KernelChoice.AUTO) -> "Int8Tensor":
+        block = (1, w.shape[-1])
+        scale, _ = choose_qparams(w, INT8, block, Mapping.SYMMETRIC, ZeroPointDomain.NONE,
+                                  scale_dtype=torch.float32)
+        q = quantize(w, scale, None, INT8, block)
+        return cls(q, scale, None, shape=tuple(w.shape), dtype=w.dtype, block_size=block,
+                   act_quant=act_quant, kernel=kernel)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.qdata, self.scale, None, self.block_size,
+                          output_dtype=dtype or self.dtype)
+
+    def _available(self, dynamic: bool) -> dict[KernelChoice, str | None]:
+        if not dynamic:
+            return {KernelChoice.TORCH: None if self.qdata.is_cuda else "needs CUDA"}
+        return {KernelChoice.TORCH: None if self.qdata.is_cuda else "torch._int_mm needs CUDA"}
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        check_activation(x, self.shape[1], "int8")
+        dynamic = uses_act_quant(self.act_quant, x)
+        path = resolve_kernel(self.kernel, x, self._available(dynamic), "int8")
+        x2 = x.reshape(-1, x.shape[-1])
+        if not dynamic and path is KernelChoice.TORCH:
+            # int8 -> x.dtype is exact; the per-row scale is applied to the output, so the
+            # GEMM reads int8 weights (inductor fuses the cast into its matmul template).
+            y = torch.mm(x2, self.qdata.to(x.dtype).t()) * self.scale.t().to(x.dtype)
+        elif not dynamic:
+            y = torch.nn.functional.linear(x2, self.dequantize(x.dtype))
+        else:
+            qx, sx = quantize_per_token_sym(x2, INT8_SYM)
+            if path is KernelChoice.TORCH:
+                acc = _int_mm_padded(qx, self.qdata).to(torch.float32)
+            else:
+                acc = int_group_dot(qx, self.qdata, self.shape[1])[0]
+            y = (acc * sx * self.scale.t()).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.shape[0])
+
+
+def _int_mm_padded(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm needs M > 16 on CUDA: pad small M with zero rows."""
+    m = qx.shape[0]
+    if m <= 16:
+        qx = torch.nn.functional.pad(qx, (0, 0, 0, 17 - m))
+    return torch._int_mm(qx, qw.t())[:m]
+
+
