@@ -104,7 +104,7 @@ def w4a8_linear_reference(x2: torch.Tensor, w: Int4Tensor, bias: torch.Tensor | 
 def w4a8_from_quantized_reference(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor,
                                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     g = w.group_size
-    acc = int_group_dot(qx, w.int_data(), g)  # (G, M, N) exact
+    acc = int_group_dot(qx, w.int_data(), g, 8)  # (G, M, N) exact
     scale = w.scale.to(torch.float32).t().unsqueeze(1)  # (G, 1, N)
     y = acc.to(torch.float32) * scale
     corr = w.zero_correction()

@@ -54,7 +54,7 @@ class Int8Tensor(QuantizedTensor):
             if path is KernelChoice.TORCH:
                 acc = _int_mm_padded(qx, self.qdata).to(torch.float32)
             else:
-                acc = int_group_dot(qx, self.qdata, self.shape[1])[0]
+                acc = int_group_dot(qx, self.qdata, self.shape[1], 128)[0]
             y = (acc * sx * self.scale.t()).to(x.dtype)
         if bias is not None:
             y = y + bias
