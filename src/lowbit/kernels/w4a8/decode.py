@@ -1,0 +1,196 @@
+"""Weight-read-bound GEMM from packed int4 weights, for small token counts (decode).
+
+    y (M, N) = x (M, K) @ W^T,  W (N, K) stored packed:  Wp (N, K/2) bytes
+
+    Wp row n:  [ w1|w0 ][ w3|w2 ][ w5|w4 ] ...     (high nibble | low nibble)
+    a program owns BLOCK_N rows of Wp and a K range (split-K); per K tile it loads
+    BLOCK_N x SUB_K/2 bytes, splits them with two shifts into the even-k (lo) and
+    odd-k (hi) halves and multiplies them by the even/odd columns of x:
+
+        y += x[:, 0::2] @ lo^T + x[:, 1::2] @ hi^T          (two tensor-core dots)
+
+Two numerics, one kernel (A_INT8 constexpr):
+  A_INT8=True   W4A8: x pre-quantized per token (int8, scale sa); int32 dots per
+                group, float epilogue  y = sa * sum_g s[n, g] * dot_g.
+  A_INT8=False  weight-only: w = q * s (+ zero) rounded to x.dtype in registers,
+                fp32 accumulation (what the reference does: dequantize, then matmul).
+M is padded to a 16-row tile (tensor-core minimum); at M=1 the dots are cheap and
+the kernel is bound by reading Wp. Split-K partials are summed with fp32 atomics
+into a zeroed workspace and cast by a small finalize kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels import interpreter_enabled
+
+
+@triton.jit
+def _w4_decode_kernel(
+    a_ptr, sa_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_wn, stride_sn, stride_om,
+    GROUP: tl.constexpr, A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+):
+    # -- tile mapping: axis 0 = (m block, n block), axis 1 = K split ---------------------
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_j = tl.arange(0, SUB_K // 2)  # byte index inside a sub tile
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+
+    # -- pointers ---------------------------------------------------------------------
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    if GROUP == 0:  # per-row scale: one load
+        s_row = tl.load(s_rows, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z_row = tl.load(z_ptr + offs_n.to(tl.int64) * stride_sn, mask=mask_n, other=0.0)
+            z_row = z_row.to(tl.float32)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    # -- K loop: BLOCK_K per iteration, SUB_K (= one scale group) per dot pair ---------------
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            kk = k0 + sub * SUB_K
+            kb = kk // 2 + offs_j  # byte columns
+            kmask = kb < k_end // 2
+            p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & kmask[None, :], other=0)
+            lo = (p << 4) >> 4  # even k, sign-extended
+            hi = p >> 4  # odd k
+            a_ev = tl.load(a_rows + (2 * kb)[None, :], mask=mask_m[:, None] & kmask[None, :], other=0)
+            a_od = tl.load(a_rows + (2 * kb + 1)[None, :], mask=mask_m[:, None] & kmask[None, :],
+                           other=0)
+            if GROUP != 0:
+                g = kk // GROUP
+                s_g = tl.load(s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+            if A_INT8:
+                d = tl.dot(a_ev, tl.trans(lo), out_dtype=tl.int32)
+                d = tl.dot(a_od, tl.trans(hi), acc=d, out_dtype=tl.int32)
+                if GROUP != 0:
+                    acc += d.to(tl.float32) * s_g[None, :]
+                else:
+                    acc_i += d
+            else:
+                if GROUP != 0:
+                    s_use = s_g
+                    if HAS_ZERO:
+                        z_use = tl.load(z_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=mask_n,
+                                        other=0.0).to(tl.float32)
+                else:
+                    s_use = s_row
+                    if HAS_ZERO:
+                        z_use = z_row
+                w_lo = lo.to(tl.float32) * s_use[:, None]
+                w_hi = hi.to(tl.float32) * s_use[:, None]
+                if HAS_ZERO:
+                    w_lo += z_use[:, None]
+                    w_hi += z_use[:, None]
+                acc = tl.dot(a_ev, tl.trans(w_lo.to(a_ev.dtype)), acc=acc)
+                acc = tl.dot(a_od, tl.trans(w_hi.to(a_od.dtype)), acc=acc)
+
+    # -- epilogue: scales, bias, store (or atomically add a split-K partial) ---------------
+    if A_INT8:
+        if GROUP == 0:
+            acc = acc_i.to(tl.float32) * s_row[None, :]
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        acc = acc * sa[:, None]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC_OUT:
+        tl.atomic_add(out_ptrs, acc, mask=omask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _finalize_kernel(ws_ptr, bias_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    v = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def decode_config(m: int, n: int, k: int, group: int) -> dict:
+    """Heuristic launch config (block sizes, split-K, warps, stages) for small M.
+
+    NOTE: tuned on H100 by benchmarks/tune_decode.py; see docs/kernels.md for the numbers.
+    """
+    sub_k = group if group else 128
+    block_k = max(sub_k, 256)
+    block_n = 32 if n >= 8192 else 16
+    tiles = triton.cdiv(n, block_n)
+    split_k = 1
+    # Aim for >= ~4 programs per SM (132 SMs on H100) so enough bytes are in flight.
+    while tiles * split_k < 528 and k // (split_k * 2) >= block_k and split_k < 8:
+        split_k *= 2
+    return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SUB_K=sub_k, SPLIT_K=split_k,
+                num_warps=4, num_stages=4)
+
+
+def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, scale: torch.Tensor,
+              zero: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
+              out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """x (M, K): int8 (then sa (M, 1) float32 is required) or fp16/bf16/fp32.
+
+    packed (N, K/2) uint8; scale (N, G); zero (N, G) float or None; group_size == K means per row.
+    """
+    m, k = x.shape
+    n = packed.shape[0]
+    a_int8 = x.dtype == torch.int8
+    if a_int8 and sa is None:
+        raise ValueError("int8 activations need their per-token scales (sa)")
+    if packed.shape[1] * 2 != k:
+        raise ValueError(f"packed weight K={packed.shape[1] * 2} does not match activation K={k}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    group = 0 if group_size >= k else group_size
+    cfg = dict(config or decode_config(m, n, k, group))
+    if group and cfg["SUB_K"] != group:
+        raise ValueError(f"SUB_K={cfg['SUB_K']} must equal group_size={group}")
+    if k % 32:
+        raise ValueError(f"the int4 decode kernel needs K divisible by 32, got K={k}")
+    if not group and cfg["SUB_K"] > k:
+        cfg["SUB_K"] = cfg["BLOCK_K"] = triton.next_power_of_2(k) // 2 if k & (k - 1) else k
+    split_k = cfg.pop("SPLIT_K")
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split_k = triton.cdiv(k, k_per_split)
+    atomic = split_k > 1
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    target = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else out
+    dummy = scale
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    _w4_decode_kernel[grid](
+        x, sa if sa is not None else dummy, packed.view(torch.int8), scale,
+        zero if zero is not None else dummy, bias if bias is not None else dummy, target,
+        m, n, k, k_per_split, x.stride(0), packed.stride(0), scale.stride(0), target.stride(0),
+        GROUP=group, A_INT8=a_int8, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+        ATOMIC_OUT=atomic, **cfg,
+    )
+    if atomic:
+        block = 1024
+        _finalize_kernel[(triton.cdiv(m * n, block),)](
+            target, bias if bias is not None else dummy, out, m, n, HAS_BIAS=bias is not None,
+            BLOCK=block,
+        )
+    return out
+
+
+__all__ = ["w4_decode", "decode_config", "interpreter_enabled"]

@@ -1,0 +1,105 @@
+"""torch.library custom ops for int4 weights, and the token-count routing.
+
+One stored weight (packed int4 + scales), several execution paths chosen by the
+token count M (product of the activation's leading dims):
+
+  W4A8 (quantize_activations=True)
+    M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
+    M >= W4A8_PREFILL_MIN_M   act_quant + expand int4 -> int8 workspace + int8 GEMM
+  weight-only (quantize_activations=False)
+    M <  WO_PREFILL_MIN_M     decode kernel (dequantize in registers, fp dots)
+    M >= WO_PREFILL_MIN_M     dequantize into a workspace + cuBLAS GEMM
+
+The ops have fake implementations, so torch.compile(fullgraph=True) and CUDA
+graphs see them as single opaque nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# NOTE: crossover points measured on H100 by benchmarks/bench_linear.py (docs/kernels.md):
+# the decode kernel wins while it is weight-read bound; the expanded GEMM wins from here on.
+W4A8_PREFILL_MIN_M = 128
+WO_PREFILL_MIN_M = 128
+
+PATHS = ("auto", "decode", "prefill")
+
+
+def _zero_as_float(zero: Optional[torch.Tensor], scale: torch.Tensor, int_zero: bool
+                   ) -> Optional[torch.Tensor]:
+    if zero is None:
+        return None
+    if int_zero:  # (q - zp) * s == q * s + (-zp * s)
+        return (-zero.to(torch.float32) * scale.to(torch.float32)).to(scale.dtype)
+    return zero
+
+
+@torch.library.custom_op("lowbit::int4_linear", mutates_args=())
+def int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
+                   int_zero: bool, quantize_activations: bool, path: str) -> torch.Tensor:
+    from lowbit.kernels.w4a8.act_quant import act_quant
+    from lowbit.kernels.w4a8.decode import w4_decode
+    from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
+
+    m = x.shape[0]
+    zf = _zero_as_float(zero, scale, int_zero)
+    if quantize_activations:
+        if zf is not None:
+            raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
+        use_prefill = path == "prefill" or (path == "auto" and m >= W4A8_PREFILL_MIN_M)
+        qa, sa = act_quant(x)
+        if use_prefill:
+            w8 = unpack_int4_triton(packed)  # one-layer workspace, freed on return
+            return int8_gemm(qa, sa, w8, scale, bias, group_size, x.dtype)
+        return w4_decode(qa, sa, packed, scale, None, bias, group_size, x.dtype)
+    use_prefill = path == "prefill" or (path == "auto" and m >= WO_PREFILL_MIN_M)
+    if use_prefill:
+        w = dequant_int4_triton(packed, scale, zf, group_size, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+    return w4_decode(x, None, packed, scale, zf, bias, group_size, x.dtype)
+
+
+@int4_linear_op.register_fake
+def _(x, packed, scale, zero, bias, group_size, int_zero, quantize_activations, path):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def int4_linear(x2: torch.Tensor, w, bias: torch.Tensor | None, quantize_activations: bool,
+                path: str = "auto") -> torch.Tensor:
+    """Entry point used by Int4Tensor: x2 (M, K) fp16/bf16 -> (M, N)."""
+    from lowbit.core.qtype import ZeroPointDomain
+
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}; allowed: {list(PATHS)}")
+    return int4_linear_op(x2, w.qdata, w.scale, w.zero_point, bias, w.group_size,
+                          w.zero_point_domain is ZeroPointDomain.INT, quantize_activations, path)
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, scale, zero, bias, group_size, int_zero, _, _ = inputs
+    ctx.save_for_backward(packed, scale, zero)
+    ctx.meta = (group_size, int_zero, x.dtype, bias is not None)
+
+
+def _backward(ctx, grad):
+    """Gradient w.r.t. x and bias through the dequantized weight (weights are frozen)."""
+    from lowbit.core.packing import unpack_int4
+
+    packed, scale, zero = ctx.saved_tensors
+    group_size, int_zero, dtype, has_bias = ctx.meta
+    q = unpack_int4(packed).to(torch.float32)
+    n, k = q.shape
+    w = q.reshape(n, k // group_size, group_size) * scale.to(torch.float32).unsqueeze(-1)
+    zf = _zero_as_float(zero, scale, int_zero)
+    if zf is not None:
+        w = w + zf.to(torch.float32).unsqueeze(-1)
+    grad_x = (grad.to(torch.float32) @ w.reshape(n, k)).to(dtype)
+    grad_b = grad.sum(0) if has_bias else None
+    return grad_x, None, None, None, grad_b, None, None, None, None
+
+
+int4_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,211 @@
+"""Compute-bound W4A8 GEMM for large token counts (prefill).
+
+Step 1, expand: the packed int4 weight is unpacked into an int8 workspace of one
+layer's size (N x K bytes, freed after the call; the caching allocator reuses it
+layer after layer):
+
+    Wp (N, K/2) bytes  [ w1|w0 ][ w3|w2 ] ...   ->   W8 (N, K) int8  w0 w1 w2 w3 ...
+
+This costs one read of N*K/2 and one write of N*K bytes (~45 us for 22016x4096 on
+H100), paid once per call instead of once per M tile: unpacking inside the GEMM's
+K loop puts shifts on the tensor-core operand path and measured 0.7-0.9x bf16.
+
+Step 2, GEMM: int8 x int8 -> int32 on tensor cores, tiles grouped along M for L2
+reuse; per-row weights accumulate in int32 over all of K, group-wise weights
+convert each group's int32 sum and scale it; epilogue: x per-token scale, bias,
+cast to bf16/fp16/fp32.
+
+    y[m, n] = sa[m] * sum_g sw[n, g] * sum_{k in g} qa[m, k] * W8[n, k]  (+ bias[n])
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels import interpreter_enabled
+
+
+# -- step 1: expand ---------------------------------------------------------------------
+@triton.jit
+def _unpack_int4_kernel(p_ptr, out_ptr, total_bytes, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total_bytes
+    p = tl.load(p_ptr + offs, mask=mask, other=0)
+    lo = (p << 4) >> 4
+    hi = p >> 4
+    both = tl.join(lo, hi)  # (BLOCK, 2): byte i -> elements 2i, 2i+1
+    out_offs = tl.join(2 * offs, 2 * offs + 1)
+    tl.store(out_ptr + out_offs, both, mask=tl.join(mask, mask))
+
+
+def unpack_int4_triton(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) int8 (contiguous)."""
+    n, kh = packed.shape
+    packed = packed.contiguous()
+    if out is None:
+        out = torch.empty((n, 2 * kh), dtype=torch.int8, device=packed.device)
+    total = n * kh
+    block = 4096
+    _unpack_int4_kernel[(triton.cdiv(total, block),)](packed.view(torch.int8), out, total, BLOCK=block,
+                                                      num_warps=8)
+    return out
+
+
+# -- step 2: int8 GEMM ------------------------------------------------------------------
+def _gemm_configs() -> list:
+    # NOTE: candidates measured on H100 (benchmarks/bench_linear.py); BLOCK_K=128 feeds wgmma
+    # 128-byte rows, GROUP_M=8 keeps a band of A tiles in L2.
+    cfgs = []
+    for bm, bn, bk, w, s in [
+        (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4),
+        (128, 256, 64, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=w, num_stages=s))
+    return cfgs
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_sbn, stride_cm,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -- tile mapping: grouped ordering so consecutive programs share A rows in L2 ---------
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # -- pointers: A (M, K) row-major; B (N, K) row-major read as a (K, N) tile -----------
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # -- K loop --------------------------------------------------------------------------
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0)
+        if GROUP == 0:
+            acc_i = tl.dot(a, b, acc=acc_i, out_dtype=tl.int32)
+        else:  # BLOCK_K == GROUP: one group per step
+            d = tl.dot(a, b, out_dtype=tl.int32)
+            sb = tl.load(sb_ptr + offs_n.to(tl.int64) * stride_sbn + k0 // GROUP, mask=mask_n,
+                         other=0.0).to(tl.float32)
+            acc += d.to(tl.float32) * sb[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    # -- epilogue ------------------------------------------------------------------------
+    if GROUP == 0:
+        sb = tl.load(sb_ptr + offs_n.to(tl.int64) * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc_i.to(tl.float32) * sb[None, :]
+    sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+    acc = acc * sa[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # -- store ---------------------------------------------------------------------------
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(group: int):
+    cfgs = _gemm_configs()
+    if group:  # group-wise: BLOCK_K must equal the group
+        cfgs = [c for c in cfgs if c.kwargs["BLOCK_K"] == 128]
+        cfgs = [triton.Config({**c.kwargs, "BLOCK_K": group}, num_warps=c.num_warps,
+                              num_stages=c.num_stages) for c in cfgs]
+    return triton.autotune(configs=cfgs, key=["M_BUCKET", "N", "K"])(_int8_gemm_kernel_bucketed)
+
+
+@triton.jit
+def _int8_gemm_kernel_bucketed(
+    a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, M_BUCKET,
+    stride_am, stride_bn, stride_sbn, stride_cm,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    _int8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
+                      stride_am, stride_bn, stride_sbn, stride_cm, GROUP, HAS_BIAS,
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+              bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
+              config: dict | None = None) -> torch.Tensor:
+    """qa (M, K) int8, sa (M, 1) fp32, qw (N, K) int8, sw (N, G); group_size == K: per row."""
+    m, k = qa.shape
+    n = qw.shape[0]
+    if qw.shape[1] != k:
+        raise ValueError(f"weight K={qw.shape[1]} != activation K={k}")
+    group = 0 if group_size >= k else group_size
+    c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    dummy = sw
+    args = (qa, sa, qw, sw, bias if bias is not None else dummy, c, m, n, k)
+    strides = (qa.stride(0), qw.stride(0), sw.stride(0), c.stride(0))
+    flags = dict(GROUP=group, HAS_BIAS=bias is not None)
+    if config is not None or interpreter_enabled():
+        cfg = dict(config or {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": group or 32, "GROUP_M": 4})
+        if group:
+            cfg["BLOCK_K"] = group
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _int8_gemm_kernel[grid](*args, *strides, **flags, **cfg)
+        return c
+    bucket = min(triton.next_power_of_2(m), 8192)
+    kernel = _tuned_kernel(group)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[grid](qa, sa, qw, sw, bias if bias is not None else dummy, c, m, n, k, bucket, *strides,
+                 **flags)
+    return c
+
+
+# -- weight-only prefill: dequantize into a one-layer workspace, then a dense GEMM -----------
+@triton.jit
+def _dequant_int4_kernel(p_ptr, s_ptr, z_ptr, out_ptr, total_bytes, KH, GROUP_BYTES, G,
+                         HAS_ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total_bytes
+    p = tl.load(p_ptr + offs, mask=mask, other=0)
+    row = offs // KH
+    sidx = row * G + (offs % KH) // GROUP_BYTES
+    s = tl.load(s_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    lo = ((p << 4) >> 4).to(tl.float32) * s
+    hi = (p >> 4).to(tl.float32) * s
+    if HAS_ZERO:
+        z = tl.load(z_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+        lo += z
+        hi += z
+    both = tl.join(lo, hi).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tl.join(2 * offs, 2 * offs + 1), both, mask=tl.join(mask, mask))
+
+
+def dequant_int4_triton(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K/2) packed + (N, G) scales [+ float zeros] -> (N, K) `dtype` (w = q * s + z)."""
+    n, kh = packed.shape
+    scale = scale.contiguous()
+    out = torch.empty((n, 2 * kh), dtype=dtype, device=packed.device)
+    total = n * kh
+    block = 2048
+    _dequant_int4_kernel[(triton.cdiv(total, block),)](
+        packed.contiguous().view(torch.int8), scale, zero.contiguous() if zero is not None else scale,
+        out, total, kh, group_size // 2, scale.shape[1], HAS_ZERO=zero is not None, BLOCK=block,
+        num_warps=8,
+    )
+    return out
