@@ -69,6 +69,16 @@ def _reduce_dims(rank: int) -> tuple[int, ...]:
     return tuple(range(1, 2 * rank, 2))
 
 
+def _div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor as a true IEEE division on every device.
+
+    NOTE: CUDA torch turns `tensor / python_scalar` into a multiply by the reciprocal,
+    which differs in the last bit from CPU and from the kernels' div_rn; dividing by a
+    tensor keeps CPU, CUDA and Triton bit-identical.
+    """
+    return t / torch.full_like(t, divisor)
+
+
 def _storage_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float32)
 
@@ -86,7 +96,7 @@ def _minmax_qparams(
     if qtype.is_float or mapping is Mapping.SYMMETRIC:
         amax = xb.abs().amax(dim=dims) * ratio
         divisor = qtype.qmax if qtype.is_float else (qtype.qmax - qtype.qmin) / 2
-        scale = _storage_round((amax / divisor).clamp(min=tiny), scale_dtype)
+        scale = _storage_round(_div(amax, divisor).clamp(min=tiny), scale_dtype)
         zp = torch.zeros_like(scale, dtype=torch.int8) if domain is ZeroPointDomain.INT else None
         return scale, zp
     lo = xb.amin(dim=dims) * ratio
@@ -94,10 +104,10 @@ def _minmax_qparams(
     span = qtype.qmax - qtype.qmin
     if domain is ZeroPointDomain.INT:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = _storage_round(((hi - lo) / span).clamp(min=tiny), scale_dtype)
+        scale = _storage_round(_div(hi - lo, span).clamp(min=tiny), scale_dtype)
         zp = (qtype.qmin - torch.round(lo / scale)).clamp(qtype.qmin, qtype.qmax)
         return scale, zp.to(torch.int8)
-    scale = _storage_round(((hi - lo) / span).clamp(min=tiny), scale_dtype)
+    scale = _storage_round(_div(hi - lo, span).clamp(min=tiny), scale_dtype)
     zero = _storage_round(lo - qtype.qmin * scale, scale_dtype)
     return scale, zero
 
@@ -215,8 +225,7 @@ def quantize_per_token_sym(
     """
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    divisor = qtype.qmax
-    scale = (amax / divisor).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = _div(amax, qtype.qmax).clamp(min=torch.finfo(torch.float32).tiny)
     q = xf / scale
     if qtype.is_float:
         return q.clamp(qtype.qmin, qtype.qmax).to(qtype.storage), scale

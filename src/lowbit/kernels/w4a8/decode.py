@@ -34,7 +34,7 @@ def _w4_decode_kernel(
     M, N, K, K_PER_SPLIT,
     stride_am, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, A_INT8: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC_OUT: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
 ):
     # -- tile mapping: axis 0 = (m block, n block), axis 1 = K split ---------------------
@@ -43,23 +43,22 @@ def _w4_decode_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    offs_j = tl.arange(0, SUB_K // 2)  # byte index inside a sub tile
+    # Rows past M / N wrap around so the K loop needs no row masks (stores are masked).
+    rows_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rows_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_j = tl.arange(0, SUB_K // 2)  # byte column inside a sub tile
+    offs_k = tl.arange(0, SUB_K)  # activation column inside a sub tile
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
 
     # -- pointers ---------------------------------------------------------------------
-    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    a_rows = a_ptr + rows_m[:, None] * stride_am
+    w_rows = w_ptr + rows_n[:, None] * stride_wn
+    s_rows = s_ptr + rows_n * stride_sn
     if GROUP == 0:  # per-row scale: one load
-        s_row = tl.load(s_rows, mask=mask_n, other=0.0).to(tl.float32)
+        s_row = tl.load(s_rows).to(tl.float32)
         if HAS_ZERO:
-            z_row = tl.load(z_ptr + offs_n.to(tl.int64) * stride_sn, mask=mask_n, other=0.0)
-            z_row = z_row.to(tl.float32)
+            z_row = tl.load(z_ptr + rows_n * stride_sn).to(tl.float32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -67,17 +66,20 @@ def _w4_decode_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // SUB_K):
             kk = k0 + sub * SUB_K
-            kb = kk // 2 + offs_j  # byte columns
-            kmask = kb < k_end // 2
-            p = tl.load(w_rows + kb[None, :], mask=mask_n[:, None] & kmask[None, :], other=0)
+            if EVEN_K:
+                p = tl.load(w_rows + (kk // 2 + offs_j)[None, :])
+                a = tl.load(a_rows + (kk + offs_k)[None, :])
+            else:
+                p = tl.load(w_rows + (kk // 2 + offs_j)[None, :],
+                            mask=(kk + 2 * offs_j < k_end)[None, :], other=0)
+                a = tl.load(a_rows + (kk + offs_k)[None, :], mask=(kk + offs_k < k_end)[None, :],
+                            other=0)
             lo = (p << 4) >> 4  # even k, sign-extended
             hi = p >> 4  # odd k
-            a_ev = tl.load(a_rows + (2 * kb)[None, :], mask=mask_m[:, None] & kmask[None, :], other=0)
-            a_od = tl.load(a_rows + (2 * kb + 1)[None, :], mask=mask_m[:, None] & kmask[None, :],
-                           other=0)
+            a_ev, a_od = tl.split(tl.reshape(a, (BLOCK_M, SUB_K // 2, 2)))
             if GROUP != 0:
                 g = kk // GROUP
-                s_g = tl.load(s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+                s_g = tl.load(s_rows + g).to(tl.float32)
             if A_INT8:
                 d = tl.dot(a_ev, tl.trans(lo), out_dtype=tl.int32)
                 d = tl.dot(a_od, tl.trans(hi), acc=d, out_dtype=tl.int32)
@@ -89,8 +91,7 @@ def _w4_decode_kernel(
                 if GROUP != 0:
                     s_use = s_g
                     if HAS_ZERO:
-                        z_use = tl.load(z_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=mask_n,
-                                        other=0.0).to(tl.float32)
+                        z_use = tl.load(z_ptr + rows_n * stride_sn + g).to(tl.float32)
                 else:
                     s_use = s_row
                     if HAS_ZERO:
@@ -104,6 +105,10 @@ def _w4_decode_kernel(
                 acc = tl.dot(a_od, tl.trans(w_hi.to(a_od.dtype)), acc=acc)
 
     # -- epilogue: scales, bias, store (or atomically add a split-K partial) ---------------
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
     if A_INT8:
         if GROUP == 0:
             acc = acc_i.to(tl.float32) * s_row[None, :]
@@ -168,7 +173,9 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
     if k % 32:
         raise ValueError(f"the int4 decode kernel needs K divisible by 32, got K={k}")
     if not group and cfg["SUB_K"] > k:
-        cfg["SUB_K"] = cfg["BLOCK_K"] = triton.next_power_of_2(k) // 2 if k & (k - 1) else k
+        cfg["SUB_K"] = cfg["BLOCK_K"] = 32
+    if max(m, n) * k >= 2**31:
+        raise ValueError(f"decode kernel offsets are int32: M*K and N*K must be < 2**31 (K={k})")
     split_k = cfg.pop("SPLIT_K")
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split_k = triton.cdiv(k, k_per_split)
@@ -182,7 +189,7 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
         zero if zero is not None else dummy, bias if bias is not None else dummy, target,
         m, n, k, k_per_split, x.stride(0), packed.stride(0), scale.stride(0), target.stride(0),
         GROUP=group, A_INT8=a_int8, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        ATOMIC_OUT=atomic, **cfg,
+        ATOMIC_OUT=atomic, EVEN_K=k % k_per_split == 0 and k_per_split % cfg["BLOCK_K"] == 0, **cfg,
     )
     if atomic:
         block = 1024

@@ -37,10 +37,9 @@ def _zero_as_float(zero: Optional[torch.Tensor], scale: torch.Tensor, int_zero: 
     return zero
 
 
-@torch.library.custom_op("lowbit::int4_linear", mutates_args=())
-def int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                   zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
-                   int_zero: bool, quantize_activations: bool, path: str) -> torch.Tensor:
+def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                      zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int,
+                      int_zero: bool, quantize_activations: bool, path: str) -> torch.Tensor:
     from lowbit.kernels.w4a8.act_quant import act_quant
     from lowbit.kernels.w4a8.decode import w4_decode
     from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
@@ -63,6 +62,9 @@ def int4_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return w4_decode(x, None, packed, scale, zf, bias, group_size, x.dtype)
 
 
+int4_linear_op = torch.library.custom_op("lowbit::int4_linear", mutates_args=())(_int4_linear_impl)
+
+
 @int4_linear_op.register_fake
 def _(x, packed, scale, zero, bias, group_size, int_zero, quantize_activations, path):
     return x.new_empty((x.shape[0], packed.shape[0]))
@@ -75,8 +77,14 @@ def int4_linear(x2: torch.Tensor, w, bias: torch.Tensor | None, quantize_activat
 
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {list(PATHS)}")
-    return int4_linear_op(x2, w.qdata, w.scale, w.zero_point, bias, w.group_size,
-                          w.zero_point_domain is ZeroPointDomain.INT, quantize_activations, path)
+    args = (x2, w.qdata, w.scale, w.zero_point, bias, w.group_size,
+            w.zero_point_domain is ZeroPointDomain.INT, quantize_activations, path)
+    needs_grad = torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling() or needs_grad:
+        return int4_linear_op(*args)
+    # NOTE: eager inference calls the implementation directly: the custom-op dispatcher adds
+    # tens of microseconds per call, longer than a whole decode GEMV.
+    return _int4_linear_impl(*args)
 
 
 def _setup_context(ctx, inputs, output):

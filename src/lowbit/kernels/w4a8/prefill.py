@@ -74,7 +74,7 @@ def _int8_gemm_kernel(
     a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr,
     M, N, K,
     stride_am, stride_bn, stride_sbn, stride_cm,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile mapping: grouped ordering so consecutive programs share A rows in L2 ---------
@@ -87,33 +87,39 @@ def _int8_gemm_kernel(
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M / N wrap around (loads stay in bounds without a mask; stores are masked).
+    # int32 offsets: the launcher checks M*K and N*K fit.
+    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
-    # -- pointers: A (M, K) row-major; B (N, K) row-major read as a (K, N) tile -----------
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    # -- pointers: A (M, K) row-major; B (N, K) row-major read as a K-major (K, N) tile -----
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_bn[None, :] * stride_bn + offs_k[:, None]
     acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # -- K loop --------------------------------------------------------------------------
     for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0)
+            b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0)
         if GROUP == 0:
             acc_i = tl.dot(a, b, acc=acc_i, out_dtype=tl.int32)
         else:  # BLOCK_K == GROUP: one group per step
             d = tl.dot(a, b, out_dtype=tl.int32)
-            sb = tl.load(sb_ptr + offs_n.to(tl.int64) * stride_sbn + k0 // GROUP, mask=mask_n,
-                         other=0.0).to(tl.float32)
+            sb = tl.load(sb_ptr + offs_bn * stride_sbn + k0 // GROUP).to(tl.float32)
             acc += d.to(tl.float32) * sb[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    # -- epilogue ------------------------------------------------------------------------
+    # -- epilogue: per-token x per-channel scales, bias ------------------------------------
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
     if GROUP == 0:
-        sb = tl.load(sb_ptr + offs_n.to(tl.int64) * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
+        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc_i.to(tl.float32) * sb[None, :]
     sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
     acc = acc * sa[:, None]
@@ -131,18 +137,19 @@ def _tuned_kernel(group: int):
         cfgs = [c for c in cfgs if c.kwargs["BLOCK_K"] == 128]
         cfgs = [triton.Config({**c.kwargs, "BLOCK_K": group}, num_warps=c.num_warps,
                               num_stages=c.num_stages) for c in cfgs]
-    return triton.autotune(configs=cfgs, key=["M_BUCKET", "N", "K"])(_int8_gemm_kernel_bucketed)
+    return triton.autotune(configs=cfgs, key=["M_BUCKET", "N", "K"])(
+        triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_int8_gemm_kernel_bucketed))
 
 
 @triton.jit
 def _int8_gemm_kernel_bucketed(
     a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, M_BUCKET,
     stride_am, stride_bn, stride_sbn, stride_cm,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     _int8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
-                      stride_am, stride_bn, stride_sbn, stride_cm, GROUP, HAS_BIAS,
+                      stride_am, stride_bn, stride_sbn, stride_cm, GROUP, HAS_BIAS, EVEN_K,
                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
@@ -154,6 +161,10 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     n = qw.shape[0]
     if qw.shape[1] != k:
         raise ValueError(f"weight K={qw.shape[1]} != activation K={k}")
+    if max(m, n) * k >= 2**31:
+        raise ValueError(f"int8 GEMM offsets are int32: M*K and N*K must be < 2**31 (M={m}, N={n}, K={k})")
+    if qa.stride(1) != 1 or qw.stride(1) != 1:
+        raise ValueError("int8 GEMM operands need a unit last stride")
     group = 0 if group_size >= k else group_size
     c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     dummy = sw
@@ -165,7 +176,7 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         if group:
             cfg["BLOCK_K"] = group
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _int8_gemm_kernel[grid](*args, *strides, **flags, **cfg)
+        _int8_gemm_kernel[grid](*args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
         return c
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)

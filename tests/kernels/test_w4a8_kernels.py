@@ -1,0 +1,144 @@
+"""Tier-1 tests: each W4A8 / int4 Triton kernel vs its pure-torch reference.
+
+On CPU these run through TRITON_INTERPRET=1 (set by conftest) at small shapes; on a
+GPU they run compiled, with larger real shapes added.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.core.packing import pack_int4
+from lowbit.kernels.w4a8.act_quant import act_quant
+from lowbit.kernels.w4a8.decode import w4_decode
+from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
+from lowbit.kernels.w4a8.reference import act_quant_ref, int8_gemm_ref, unpack_ref, w4_decode_ref
+from lowbit.testing.sqnr import sqnr_db
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEV == "cuda"
+# fp32 epilogues vs a float32 reference: >= 50 dB (DESIGN tier 1); fp16/bf16 outputs are bounded by
+# their rounding: ~2**-8 (bf16) / 2**-11 (fp16) relative -> >= 40 / 55 dB.
+MIN_DB = {torch.float32: 50.0, torch.float16: 50.0, torch.bfloat16: 40.0}
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16, torch.float32]
+
+
+def _weights(n: int, k: int, group: int | None):
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
+    g = group or k
+    scale = torch.rand(n, k // g, device=DEV) * 0.02 + 0.001
+    return q, pack_int4(q), scale
+
+
+SMALL = [(1, 48, 256, 64), (7, 40, 512, 128), (33, 64, 384, None), (3, 32, 512, 32)]
+BIG = [(1, 4096, 4096, 128), (16, 11008, 4096, None), (300, 4096, 11008, 128), (2048, 4096, 4096, 128)]
+SHAPES = SMALL + (BIG if ON_GPU else [])
+
+
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 300), (33, 5000)] + ([(2048, 14336)] if ON_GPU else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_act_quant_bit_exact(m, k, dtype):
+    x = (torch.randn(m, k, device=DEV) * 3).to(dtype)
+    x[0, 0] = 0.0
+    q, s = act_quant(x)
+    qr, sr = act_quant_ref(x)
+    assert torch.equal(q, qr)
+    assert torch.equal(s, sr)
+
+
+def test_act_quant_zero_row_and_noncontiguous():
+    x = torch.randn(8, 128, device=DEV, dtype=torch.float16)
+    x[3] = 0
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    q, s = act_quant(xt)
+    qr, sr = act_quant_ref(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert torch.all(q[3] == 0)
+
+
+def test_unpack_bit_exact_all_values():
+    q = torch.arange(-8, 8, dtype=torch.int8, device=DEV).repeat(37, 8)  # (37, 128), every nibble
+    q = q[:, torch.randperm(128, device=DEV)]
+    p = pack_int4(q)
+    assert torch.equal(unpack_int4_triton(p), q)
+    assert torch.equal(unpack_ref(p), q)
+
+
+@pytest.mark.parametrize("m,n,k,group", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_gemm_vs_reference(m, n, k, group, dtype):
+    q, _, scale = _weights(n, k, group)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    qa, sa = act_quant_ref(x)
+    bias = torch.randn(n, device=DEV).to(dtype)
+    out = int8_gemm(qa, sa, q, scale, bias, group or k, dtype)
+    ref = int8_gemm_ref(qa, sa, q, scale, bias, group or k, dtype)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert sqnr_db(ref.float(), out.float()) >= MIN_DB[dtype]
+
+
+def test_int8_gemm_integer_accumulation_exact():
+    # scales of 1 and |values| small enough that every float output is an exact integer.
+    m, n, k = 33, 48, 256
+    qa = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEV)
+    qw = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
+    ones_a = torch.ones(m, 1, device=DEV)
+    ones_w = torch.ones(n, 1, device=DEV)
+    out = int8_gemm(qa, ones_a, qw, ones_w, None, k, torch.float32)
+    assert torch.equal(out, (qa.double() @ qw.double().t()).float())
+
+
+@pytest.mark.parametrize("m,n,k,group", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act_int8", [True, False])
+def test_decode_vs_reference(m, n, k, group, dtype, act_int8):
+    if m > 64 and not ON_GPU:
+        pytest.skip("interpreter: large M is covered by the prefill kernel test")
+    _, packed, scale = _weights(n, k, group)
+    scale = scale.to(dtype)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype)
+    ref = w4_decode_ref(x, packed, scale, None, bias, group or k, act_int8)
+    if act_int8:
+        qa, sa = act_quant_ref(x)
+        out = w4_decode(qa, sa, packed, scale, None, bias, group or k, dtype)
+    else:
+        out = w4_decode(x, None, packed, scale, None, bias, group or k, dtype)
+    assert sqnr_db(ref.float(), out.float()) >= MIN_DB[dtype]
+
+
+@pytest.mark.parametrize("group", [32, 128, None])
+def test_decode_with_float_zero_and_split_k(group):
+    n, k = 64, 1024
+    _, packed, scale = _weights(n, k, group)
+    zero = torch.randn_like(scale) * 0.01
+    x = torch.randn(5, k, device=DEV, dtype=torch.float16)
+    ref = w4_decode_ref(x, packed, scale.half(), zero.half(), None, group or k, False)
+    for split in (1, 4):
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(group or 128, 128), SUB_K=group or 128,
+                   SPLIT_K=split, num_warps=4, num_stages=2)
+        out = w4_decode(x, None, packed, scale.half(), zero.half(), None, group or k, torch.float16,
+                        config=cfg)
+        assert sqnr_db(ref.float(), out.float()) >= MIN_DB[torch.float16]
+
+
+@pytest.mark.parametrize("group", [64, None])
+def test_dequant_kernel_matches_reference(group):
+    n, k = 40, 256
+    q, packed, scale = _weights(n, k, group)
+    zero = torch.randn_like(scale) * 0.01
+    g = group or k
+    ref = (q.float().reshape(n, k // g, g) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(n, k)
+    out = dequant_int4_triton(packed, scale, zero, g, torch.float32)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_decode_rejects_bad_input():
+    _, packed, scale = _weights(32, 256, 64)
+    x = torch.randn(2, 128, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match="does not match"):
+        w4_decode(x, None, packed, scale, None, None, 64, torch.float16)
+    qa = torch.zeros(2, 256, dtype=torch.int8, device=DEV)
+    with pytest.raises(ValueError, match="per-token scales"):
+        w4_decode(qa, None, packed, scale, None, None, 64, torch.float16)
