@@ -124,6 +124,23 @@ def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return flat, meta
 
 
+def _check_inner_shapes(key: str, t: QuantizedTensor) -> None:
+    """Inner tensors must fit the described shape and block size: a weights file from another
+    config (e.g. group 64 under a group-128 description) would otherwise load and compute garbage."""
+    shape, block = tuple(t.shape), tuple(getattr(t, "block_size", ()))
+    if len(block) != len(shape) or any(b <= 0 or s % b for s, b in zip(shape, block)):
+        raise LoadError(f"{key}: block_size {block} does not divide shape {shape}")
+    per_block = tuple(s // b for s, b in zip(shape, block))
+    packed = (*shape[:-1], shape[-1] // 2)  # int4: two values per byte along K
+    expected = {"qdata": packed if isinstance(t, Int4Tensor) else shape,
+                "scale": per_block, "zero_point": per_block}
+    for name, want in expected.items():
+        inner = getattr(t, name, None)
+        if inner is not None and tuple(inner.shape) != want:
+            raise LoadError(f"{key}.{name}: stored shape {tuple(inner.shape)} != expected {want} "
+                            f"(weights file does not match {CONFIG_FILE})")
+
+
 def _rebuild_state(flat: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
@@ -143,10 +160,12 @@ def _rebuild_state(flat: dict[str, torch.Tensor], meta: dict) -> dict[str, torch
                 tensors.append(None)
         attrs = {k: _attr_from_json(k, v) for k, v in desc["attributes"].items()}
         try:
-            state[key] = cls(*tensors, shape=tuple(desc["shape"]),
-                             dtype=getattr(torch, desc["dtype"]), **attrs)
+            qt = cls(*tensors, shape=tuple(desc["shape"]),
+                     dtype=getattr(torch, desc["dtype"]), **attrs)
         except (TypeError, ValueError) as e:
             raise LoadError(f"{key}: cannot rebuild {cls.__name__}: {e}") from None
+        _check_inner_shapes(key, qt)
+        state[key] = qt
     for k, v in flat.items():
         if k not in consumed:
             state[k] = v
@@ -175,7 +194,7 @@ def load_quantized(model_or_factory: nn.Module | Any, directory: str | os.PathLi
     if device is not None:
         state = {k: v.to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=strict, assign=True)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if isinstance(p, QuantizedTensor):
             p.requires_grad_(False)
     model._lowbit_configs = dict(meta.get("configs", {}))

@@ -142,3 +142,21 @@ def test_decode_rejects_bad_input():
     qa = torch.zeros(2, 256, dtype=torch.int8, device=DEV)
     with pytest.raises(ValueError, match="per-token scales"):
         w4_decode(qa, None, packed, scale, None, None, 64, torch.float16)
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 64), (3, 40, 512, 128), (4, 64, 512, None),
+                                         (2, 32, 256, 32)] + ([(1, 22016, 4096, 128), (1, 4096, 11008, None)]
+                                                              if ON_GPU else []))
+@pytest.mark.parametrize("quant_a", [True, False])
+def test_gemv_vs_reference(m, n, k, group, quant_a):
+    from lowbit.kernels.w4a8.gemv import w4_gemv
+
+    _, packed, scale = _weights(n, k, group)
+    dtype = torch.float16
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype)
+    zero = None if quant_a else (torch.randn_like(scale) * 0.01).to(dtype)
+    ref = w4_decode_ref(x, packed, scale.to(dtype), zero, bias, group or k, quant_a)
+    out = w4_gemv(x, packed, scale.to(dtype), zero, bias, group or k, quant_a,
+                  config=dict(BLOCK_N=16, BLOCK_K=group or 128, num_warps=4, num_stages=2))
+    assert sqnr_db(ref.float(), out.float()) >= MIN_DB[dtype]

@@ -129,7 +129,8 @@ def _check_int4(cfg: Any) -> None:
     _check_enum(cfg, "mapping", Mapping)
     _check_enum(cfg, "zero_point_domain", ZeroPointDomain)
     _check_enum(cfg, "scale_search", ScaleSearch)
-    if cfg.group_size not in INT4_GROUP_SIZES or isinstance(cfg.group_size, bool):
+    # type check first: 128.0 == 128 would pass the membership test and fail later in reshape.
+    if not (cfg.group_size is None or type(cfg.group_size) is int) or cfg.group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"{type(cfg).__name__}.group_size={cfg.group_size!r} is invalid; "
                          f"allowed: {list(INT4_GROUP_SIZES)} (None = per row)")
     check_mapping_domain(INT4, cfg.mapping, cfg.zero_point_domain)
