@@ -160,3 +160,28 @@ def test_gemv_vs_reference(m, n, k, group, quant_a):
     out = w4_gemv(x, packed, scale.to(dtype), zero, bias, group or k, quant_a,
                   config=dict(BLOCK_N=16, BLOCK_K=group or 128, num_warps=4, num_stages=2))
     assert sqnr_db(ref.float(), out.float()) >= MIN_DB[dtype]
+
+
+@pytest.mark.parametrize("m,k", [(3, 256), (33, 1024)])
+def test_act_quant_permuted_layout(m, k):
+    from lowbit.kernels.w4a8.act_quant import permute_k
+
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    q, s = act_quant(x, permute=True)
+    qr, sr = act_quant_ref(x)
+    assert torch.equal(q, permute_k(qr)) and torch.equal(s, sr)
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 128), (33, 64, 512, None), (70, 40, 512, 256)]
+                         + ([(2048, 4096, 4096, 128), (300, 11008, 4096, None)] if ON_GPU else []))
+def test_swapped_gemm_vs_reference(m, n, k, group):
+    from lowbit.kernels.w4a8.swapped import w4a8_gemm_swapped
+
+    q, packed, scale = _weights(n, k, group)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    bias = torch.randn(n, device=DEV, dtype=torch.float16)
+    qa, sa = act_quant(x, permute=True)
+    out = w4a8_gemm_swapped(qa, sa, packed, scale, bias, group or k, torch.float16)
+    qr, srr = act_quant_ref(x)
+    ref = int8_gemm_ref(qr, srr, q, scale, bias, group or k, torch.float16)
+    assert sqnr_db(ref.float(), out.float()) >= MIN_DB[torch.float16]

@@ -18,41 +18,74 @@ import triton.language as tl
 ROUND_MAGIC = 12582912.0
 
 
+PERM_CHUNK = 128  # K chunk of the permuted layout (see act_quant(permute=True))
+
+
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                      ONE_PASS: tl.constexpr, PERMUTE: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
-    # -- pass 1: row absmax ------------------------------------------------------------
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        # -- the whole row lives in registers: one HBM read, one write ---------------------
+        offs = tl.arange(0, BLOCK_K)
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    scale = tl.math.div_rn(tl.max(amax, axis=0), 127.0)
-    scale = tl.maximum(scale, 1.1754943508222875e-38)  # float32 tiny, as the reference clamps
-    tl.store(s_ptr + row, scale)
-    # -- pass 2: quantize (row is cache-resident now) -----------------------------------
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), 127.0), 1.1754943508222875e-38)
+        tl.store(s_ptr + row, scale)
         r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        tl.store(q_row + offs, r.to(tl.int8), mask=offs < K)
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+        if PERMUTE:  # per 128-chunk: the 64 even columns, then the 64 odd ones
+            r = tl.reshape(tl.permute(tl.reshape(r, (BLOCK_K // 128, 64, 2)), (0, 2, 1)), (BLOCK_K,))
+        tl.store(q_row + offs, r, mask=offs < K)
+    else:
+        # -- long rows: absmax pass, then quantize (the re-read hits L2) ---------------------
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1.1754943508222875e-38)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
+            r = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+            if PERMUTE:
+                r = tl.reshape(tl.permute(tl.reshape(r, (BLOCK_K // 128, 64, 2)), (0, 2, 1)), (BLOCK_K,))
+            tl.store(q_row + offs, r, mask=offs < K)
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> (q int8 (M, K), scale float32 (M, 1)). x must have a unit last stride."""
+def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (q int8 (M, K), scale float32 (M, 1)).
+
+    permute=True stores each 128-column chunk as its 64 even columns followed by its 64
+    odd columns (K must be a multiple of 128): the order in which the swapped W4A8 GEMM
+    consumes the low and high nibbles of the packed weight.
+    """
     if x.dim() != 2:
         raise ValueError(f"act_quant expects a 2-D (tokens, K) tensor, got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
+    if permute and k % PERM_CHUNK:
+        raise ValueError(f"permuted activation layout needs K % {PERM_CHUNK} == 0, got K={k}")
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    block = min(triton.next_power_of_2(k), 4096)
-    num_warps = 4 if block <= 2048 else 8
-    _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, num_warps=num_warps)
+    # NOTE: rows up to 16384 stay in registers (one HBM pass); longer rows take two passes.
+    one_pass = k <= 16384
+    block = triton.next_power_of_2(k) if one_pass else 4096
+    block = max(block, 128)
+    num_warps = 4 if block <= 4096 else (8 if block <= 8192 else 16)
+    _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
+                            PERMUTE=permute, num_warps=num_warps)
     return q, s
+
+
+def permute_k(q: torch.Tensor) -> torch.Tensor:
+    """Reference for the permuted layout: (.., K) -> per 128-chunk evens then odds."""
+    *lead, k = q.shape
+    return q.reshape(*lead, k // 128, 64, 2).transpose(-1, -2).reshape(*lead, k)

@@ -37,9 +37,9 @@ def _unpack_int4_kernel(p_ptr, out_ptr, total_bytes, BLOCK: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask, other=0)
     lo = (p << 4) >> 4
     hi = p >> 4
-    both = tl.join(lo, hi)  # (BLOCK, 2): byte i -> elements 2i, 2i+1
-    out_offs = tl.join(2 * offs, 2 * offs + 1)
-    tl.store(out_ptr + out_offs, both, mask=tl.join(mask, mask))
+    both = tl.reshape(tl.join(lo, hi), (2 * BLOCK,))  # byte i -> elements 2i, 2i+1
+    out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offs, both, mask=out_offs < 2 * total_bytes)
 
 
 def unpack_int4_triton(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,8 +202,9 @@ def _dequant_int4_kernel(p_ptr, s_ptr, z_ptr, out_ptr, total_bytes, KH, GROUP_BY
         z = tl.load(z_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
         lo += z
         hi += z
-    both = tl.join(lo, hi).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + tl.join(2 * offs, 2 * offs + 1), both, mask=tl.join(mask, mask))
+    both = tl.reshape(tl.join(lo, hi), (2 * BLOCK,)).to(out_ptr.dtype.element_ty)
+    out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_offs, both, mask=out_offs < 2 * total_bytes)
 
 
 def dequant_int4_triton(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
