@@ -31,12 +31,16 @@ def _w4_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # -- tile mapping ------------------------------------------------------------------
+    # NOTE: Triton only software-pipelines loads that feed tl.dot, so this loop gets its
+    # memory parallelism from wide tiles instead: BLOCK_N x BLOCK_K/2 bytes per step (8-16 KB).
     pid = tl.program_id(0)
     rows_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrap: no masks in the K loop
     rows_m = tl.arange(0, BLOCK_M) % M
     offs_j = tl.arange(0, BLOCK_K // 2)
     x_rows = x_ptr + rows_m[:, None] * stride_xm  # (BM, 1)
     w_rows = w_ptr + rows_n[:, None] * stride_wn  # (BN, 1)
+    NG: tl.constexpr = BLOCK_K // GROUP if GROUP != 0 else 1
+    GH: tl.constexpr = BLOCK_K // 2 // NG  # bytes per group inside a tile
     # -- prologue: per-token scale (W4A8) ------------------------------------------------
     if QUANT_A:
         amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -48,57 +52,64 @@ def _w4_gemv_kernel(
         s_row = tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)
         if HAS_ZERO:
             z_row = tl.load(z_ptr + rows_n * stride_sn).to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # -- K loop --------------------------------------------------------------------------
     for k0 in range(0, K, BLOCK_K):
         p = tl.load(w_rows + (k0 // 2 + offs_j)[None, :])  # (BN, BK/2) int8
         lo = ((p << 4) >> 4).to(tl.float32)
         hi = (p >> 4).to(tl.float32)
-        xe = tl.load(x_rows + (k0 + 2 * offs_j)[None, :]).to(tl.float32)  # (BM, BK/2)
-        xo = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, :]).to(tl.float32)
+        xx = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :]).to(tl.float32)
         if QUANT_A:
-            xe = tl.minimum(tl.maximum((tl.math.div_rn(xe, sa[:, None]) + 12582912.0) - 12582912.0,
-                                       -127.0), 127.0)
-            xo = tl.minimum(tl.maximum((tl.math.div_rn(xo, sa[:, None]) + 12582912.0) - 12582912.0,
-                                       -127.0), 127.0)
-        if GROUP != 0:
-            sw = tl.load(s_ptr + rows_n * stride_sn + k0 // GROUP).to(tl.float32)
-        else:
-            sw = s_row
+            xx = (tl.math.div_rn(xx, sa[:, None]) + 12582912.0) - 12582912.0
+            xx = tl.minimum(tl.maximum(xx, -127.0), 127.0)
+        xe, xo = tl.split(tl.reshape(xx, (BLOCK_M, BLOCK_K // 2, 2)))  # even / odd columns
+        if GROUP != 0:  # scale (and zero) per group: view the tile as (BN, NG, GH)
+            sw = tl.load(s_ptr + rows_n[:, None] * stride_sn + (k0 // GROUP + tl.arange(0, NG))[None, :])
+            sw = sw.to(tl.float32)
         if QUANT_A:
-            # integer products (exact in fp32), scaled per group
+            if GROUP != 0:
+                lo = tl.reshape(tl.reshape(lo, (BLOCK_N, NG, GH)) * sw[:, :, None], (BLOCK_N, BLOCK_K // 2))
+                hi = tl.reshape(tl.reshape(hi, (BLOCK_N, NG, GH)) * sw[:, :, None], (BLOCK_N, BLOCK_K // 2))
             prod = xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :]
-            acc += prod * sw[None, :, None]
+            acc += tl.sum(prod, axis=2)
         else:
             # weight-only: w = q * s (+ z) rounded to the activation dtype, as the reference does
-            wl = lo * sw[:, None]
-            wh = hi * sw[:, None]
-            if HAS_ZERO:
-                if GROUP != 0:
-                    zw = tl.load(z_ptr + rows_n * stride_sn + k0 // GROUP).to(tl.float32)
-                else:
-                    zw = z_row
-                wl += zw[:, None]
-                wh += zw[:, None]
+            if GROUP != 0:
+                wl = tl.reshape(lo, (BLOCK_N, NG, GH)) * sw[:, :, None]
+                wh = tl.reshape(hi, (BLOCK_N, NG, GH)) * sw[:, :, None]
+                if HAS_ZERO:
+                    zw = tl.load(z_ptr + rows_n[:, None] * stride_sn
+                                 + (k0 // GROUP + tl.arange(0, NG))[None, :]).to(tl.float32)
+                    wl += zw[:, :, None]
+                    wh += zw[:, :, None]
+                wl = tl.reshape(wl, (BLOCK_N, BLOCK_K // 2))
+                wh = tl.reshape(wh, (BLOCK_N, BLOCK_K // 2))
+            else:
+                wl = lo * s_row[:, None]
+                wh = hi * s_row[:, None]
+                if HAS_ZERO:
+                    wl += z_row[:, None]
+                    wh += z_row[:, None]
             wl = wl.to(x_ptr.dtype.element_ty).to(tl.float32)
             wh = wh.to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc += xe[:, None, :] * wl[None, :, :] + xo[:, None, :] * wh[None, :, :]
+            acc += tl.sum(xe[:, None, :] * wl[None, :, :] + xo[:, None, :] * wh[None, :, :], axis=2)
     # -- epilogue ------------------------------------------------------------------------
-    y = tl.sum(acc, axis=2)  # (BM, BN)
     if QUANT_A:
-        y = y * sa[:, None]
+        if GROUP == 0:
+            acc = acc * s_row[None, :]
+        acc = acc * sa[:, None]
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 def gemv_config(m: int, n: int, k: int, group: int) -> dict:
     # NOTE: swept on H100 with benchmarks/tune_w4a8.py (see docs/kernels.md).
-    block_k = group if group else 256
-    return dict(BLOCK_N=32, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    block_k = 1024 if k % 1024 == 0 else 256
+    return dict(BLOCK_N=8, BLOCK_K=block_k, num_warps=4, num_stages=1)
 
 
 def w4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -113,8 +124,8 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: to
         raise ValueError(f"packed weight K={packed.shape[1] * 2} does not match activation K={k}")
     group = 0 if group_size >= k else group_size
     cfg = dict(config or gemv_config(m, n, k, group))
-    if group and cfg["BLOCK_K"] != group:
-        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must equal group_size={group}")
+    if group and cfg["BLOCK_K"] % group:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must be a multiple of group_size={group}")
     if k % cfg["BLOCK_K"]:
         raise ValueError(f"K={k} must be a multiple of BLOCK_K={cfg['BLOCK_K']} for the GEMV kernel")
     x = x if x.stride(-1) == 1 else x.contiguous()
