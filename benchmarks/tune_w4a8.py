@@ -65,6 +65,7 @@ def main() -> None:
     for n, k in SHAPES:
         q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
         packed = pack_int4(q)
+        w16 = q.to(torch.bfloat16)
         for group in (128, None):
             g = group or k
             scale = (torch.rand(n, k // g, device="cuda") * 0.01).to(torch.bfloat16)
@@ -72,14 +73,30 @@ def main() -> None:
             if "gemv" in sections:
                 for m in (1, 4):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    cands = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
-                             for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256), (4, 8), (3,))
-                             if not group or bk == group]
+                    cands = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
+                             for bn, bk, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))
+                             if bn * bk <= 16384]
                     for quant in (True, False):
                         best = sweep(f"gemv {n}x{k} M={m} g={group} quant_a={quant}", rows, cands,
                                      lambda c: w4_gemv(x, packed, scale, None, None, g, quant, config=c), True)
                         if best:
                             print(f"   -> {wb / best[0] / 1e3:.0f} GB/s weight read")
+            if "swapdec" in sections:
+                for m in (16, 64):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    qp, sp_ = act_quant(x, permute=True)
+                    cands = [dict(BLOCK_N=bn, BLOCK_M=16 if m == 16 else 64, GROUP_N=8, num_warps=4, num_stages=s)
+                             for bn, s in itertools.product((64, 128), (3, 4, 6))]
+                    sweep(f"swapped-decode {n}x{k} M={m} g={group}", rows, cands,
+                          lambda c: w4a8_gemm_swapped(qp, sp_, packed, scale, None, g, torch.bfloat16, config=c),
+                          True)
+                    print(f"   act_quant(permute) M={m}: {t_us(lambda: act_quant(x, True), graph=True):.1f} us; "
+                          f"bf16 {t_us(lambda: x @ w16.t(), graph=True):.1f} us")
+            if "actq" in sections:
+                for m in (2048, 8192):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    print(f"act_quant {m}x{k}: {t_us(lambda: act_quant(x)):.1f} us "
+                          f"({m * k * 3 / t_us(lambda: act_quant(x)) / 1e3:.0f} GB/s)")
             if "decode" in sections:
                 for m in (16,):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -79,7 +79,7 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
     one_pass = k <= 16384
     block = triton.next_power_of_2(k) if one_pass else 4096
     block = max(block, 128)
-    num_warps = 4 if block <= 4096 else (8 if block <= 8192 else 16)
+    num_warps = 4 if block <= 4096 else 8
     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
                             PERMUTE=permute, num_warps=num_warps)
     return q, s
