@@ -1,0 +1,185 @@
+"""Prefill + decode loop with greedy or top-k/temperature sampling.
+
+Prefill runs eagerly (one big compute-bound call per prompt); the decode step can be
+compiled (`mode="reduce-overhead"` captures it into a CUDA graph on GPU). Both are timed with
+device synchronisation so TTFT and tokens/s are wall-clock facts, not launch times.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.llm.model import Transformer
+from lowbit.llm.phased import Phase, use_phase
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy (argmax); top_k None = the whole vocabulary."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"Sampling.temperature={self.temperature!r} must be a number >= 0")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"Sampling.top_k={self.top_k!r} must be None or an int >= 1")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) int64 tokens.
+
+    Sampling uses the exponential race (argmax of p / Exp(1) draws is a draw from p): no
+    host sync and no multinomial, so it captures into a CUDA graph.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    scaled = logits.float() / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
+def decode_step(
+    model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, temperature: float, top_k: int | None
+) -> torch.Tensor:
+    logits = model(tokens, input_pos)
+    return sample(logits[:, -1], temperature, top_k)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (B, prompt_len + new_tokens) on the model device
+    prompt_len: int
+    new_tokens: int
+    ttft_s: float  # prompt on device -> first new token on device
+    decode_s: float  # the remaining new_tokens - 1 tokens
+
+    @property
+    def batch(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.prompt_len / self.ttft_s
+
+    @property
+    def decode_steps(self) -> int:
+        return self.new_tokens - 1
+
+    @property
+    def decode_steps_per_s(self) -> float | None:
+        return self.decode_steps / self.decode_s if self.decode_steps > 0 and self.decode_s > 0 else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        s = self.decode_steps_per_s
+        return None if s is None else s * self.batch
+
+
+class Generator:
+    """Runs prefill + decode on a model whose caches are set up (`model.setup_caches`)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        sampling: Sampling = Sampling(),
+        *,
+        compile: bool = False,
+        compile_mode: str | None = None,
+    ) -> None:
+        self.model = model
+        self.sampling = sampling
+        self.compiled = compile
+        self.compile_mode = compile_mode
+        self._step = (
+            torch.compile(decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+            if compile
+            else decode_step
+        )
+
+    def check(self, prompt: torch.Tensor, max_new_tokens: int) -> None:
+        m = self.model
+        if prompt.dim() != 2 or prompt.dtype != torch.long:
+            raise ValueError(
+                f"prompt must be a (batch, length) int64 tensor, got {tuple(prompt.shape)} {prompt.dtype}"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        b, t = prompt.shape
+        if t < 1:
+            raise ValueError("prompt is empty")
+        if m.cache_len == 0:
+            raise ValueError("no KV cache: call model.setup_caches(batch, max_seq_len) first")
+        if b != m.cache_batch:
+            raise ValueError(f"prompt batch {b} != KV cache batch {m.cache_batch}")
+        if t + max_new_tokens > m.cache_len:
+            raise ValueError(
+                f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{t + max_new_tokens} exceeds the KV cache length {m.cache_len} "
+                "(raise --max-seq-len)"
+            )
+        lo, hi = int(prompt.min()), int(prompt.max())
+        if lo < 0 or hi >= m.args.vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {m.args.vocab_size}), got [{lo}, {hi}]")
+
+    def _prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(prompt.shape[1], device=prompt.device)
+        with use_phase(self.model, Phase.PREFILL):
+            logits = self.model(prompt, pos, prefill=True, last_only=True)
+        return sample(logits[:, -1], self.sampling.temperature, self.sampling.top_k)
+
+    def warmup(self, prompt: torch.Tensor, decode_steps: int = 3) -> float:
+        """One prefill and `decode_steps` decode steps (compile, CUDA-graph recording, autotuning)
+        before anything is timed. Returns the seconds the decode steps took (= compile time
+        when compiled). Leaves stale cache entries that the next prefill overwrites."""
+        device = prompt.device
+        with torch.no_grad():
+            self._prefill(prompt)
+            synchronize(device)
+            t0 = time.perf_counter()
+            tok = prompt[:, :1].clone()
+            pos = torch.zeros(1, dtype=torch.long, device=device)
+            with use_phase(self.model, Phase.DECODE):
+                for _ in range(decode_steps):
+                    tok = self._step(
+                        self.model, tok, pos, self.sampling.temperature, self.sampling.top_k
+                    ).clone()
+            synchronize(device)
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> GenerationResult:
+        self.check(prompt, max_new_tokens)
+        device = prompt.device
+        b, t = prompt.shape
+        out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=device)
+        out[:, :t] = prompt
+        synchronize(device)
+        t0 = time.perf_counter()
+        tok = self._prefill(prompt)
+        out[:, t] = tok[:, 0]
+        synchronize(device)
+        t1 = time.perf_counter()
+        pos = torch.full((1,), t, dtype=torch.long, device=device)
+        with use_phase(self.model, Phase.DECODE):
+            for i in range(1, max_new_tokens):
+                # clone: a CUDA-graph output buffer is overwritten by the next replay
+                tok = self._step(self.model, tok, pos, self.sampling.temperature, self.sampling.top_k).clone()
+                out[:, t + i] = tok[:, 0]
+                pos += 1
+        synchronize(device)
+        t2 = time.perf_counter()
+        return GenerationResult(out, t, max_new_tokens, t1 - t0, t2 - t1)
