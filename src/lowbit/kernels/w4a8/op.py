@@ -4,9 +4,11 @@ One stored weight (packed int4 + scales), several execution paths chosen by the
 token count M (product of the activation's leading dims):
 
   W4A8 (quantize_activations=True)
+    M <= 2 (narrow layers)    CUDA-core GEMV with the activation quantization fused in
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
     M >= W4A8_PREFILL_MIN_M   act_quant + expand int4 -> int8 workspace + int8 GEMM
   weight-only (quantize_activations=False)
+    M <= 2 (narrow layers)    CUDA-core GEMV
     M <  WO_PREFILL_MIN_M     decode kernel (dequantize in registers, fp dots)
     M >= WO_PREFILL_MIN_M     dequantize into a workspace + cuBLAS GEMM
 
@@ -20,12 +22,18 @@ from typing import Optional
 
 import torch
 
-# NOTE: crossover points measured on H100 by benchmarks/bench_linear.py (docs/kernels.md):
-# the decode kernel wins while it is weight-read bound; the expanded GEMM wins from here on.
-W4A8_PREFILL_MIN_M = 128
-WO_PREFILL_MIN_M = 128
+# NOTE: crossovers measured on H100 (benchmarks/tune_w4a8.py, bench_linear.py; docs/kernels.md).
+# Expanded int8 GEMM at M=128 costs unpack + GEMM (4096x11008: 28 + 46 us) and loses to the
+# tensor-core decode kernel; from M=256 on the GEMM's tensor-core throughput wins.
+W4A8_PREFILL_MIN_M = 256
+WO_PREFILL_MIN_M = 256
+# CUDA-core GEMV for one or two tokens on narrow layers: 4096x4096 W4A8 18.3 us vs 25.5 us
+# (act quant + decode kernel); on N >= 16384 the tensor-core decode kernel wins (22016x4096:
+# 57 vs 66 us).
+GEMV_MAX_M = 2
+GEMV_MAX_N = 12288
 
-PATHS = ("auto", "decode", "prefill")
+PATHS = ("auto", "gemv", "decode", "prefill")
 
 
 def _zero_as_float(zero: Optional[torch.Tensor], scale: torch.Tensor, int_zero: bool
@@ -44,8 +52,15 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     from lowbit.kernels.w4a8.decode import w4_decode
     from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
 
-    m = x.shape[0]
+    from lowbit.kernels.w4a8.gemv import w4_gemv
+
+    m, n = x.shape[0], packed.shape[0]
     zf = _zero_as_float(zero, scale, int_zero)
+    gemv_ok = x.shape[1] % 32 == 0 and (group_size >= x.shape[1] or 2048 % group_size == 0)
+    if path == "auto" and m <= GEMV_MAX_M and n <= GEMV_MAX_N and gemv_ok and (zf is None or not quantize_activations):
+        return w4_gemv(x, packed, scale, zf, bias, group_size, quantize_activations)
+    if path == "gemv":
+        return w4_gemv(x, packed, scale, zf, bias, group_size, quantize_activations)
     if quantize_activations:
         if zf is not None:
             raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
