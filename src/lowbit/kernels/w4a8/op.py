@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 
 # NOTE: crossovers measured on H100 (benchmarks/tune_w4a8.py, bench_linear.py; docs/kernels.md).
-# Expanded int8 GEMM at M=128 costs unpack + GEMM (4096x11008: 28 + 46 us) and loses to the
-# tensor-core decode kernel; from M=256 on the GEMM's tensor-core throughput wins.
-W4A8_PREFILL_MIN_M = 256
-WO_PREFILL_MIN_M = 256
+# At M=16 the decode kernel wins (12288x4096: 29 us + 7 us act quant); at M=128 it re-reads the
+# weight per 16-row tile (12288x4096: 186 us) while unpack + int8 GEMM takes 73 us.
+W4A8_PREFILL_MIN_M = 64
+WO_PREFILL_MIN_M = 64
 # CUDA-core GEMV for one or two tokens on narrow layers: 4096x4096 W4A8 18.3 us vs 25.5 us
 # (act quant + decode kernel); on N >= 16384 the tensor-core decode kernel wins (22016x4096:
 # 57 vs 66 us).
