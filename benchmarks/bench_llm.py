@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the decode runs")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--ttft-prompt-len", type=int, default=8192)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size; 0 = per row")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-compile", action="store_true", help="eager decode (compile is the default)")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             quantizer = make_quantizer(
-                fmt, group_size=args.group_size if "int4" in fmt or fmt == "w4a8" else None
+                fmt, group_size=(args.group_size or None) if "int4" in fmt or fmt == "w4a8" else None
             )
         except ImportError as e:
             notes.append(f"{fmt} skipped on {model}: {e}")

