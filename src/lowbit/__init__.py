@@ -20,7 +20,13 @@ from lowbit.formats.configs import (
     QuantConfig,
     config_from_short_name,
 )
+from lowbit.qat import QATConfig
 from lowbit.serialization import LoadError, load_quantized, register_safe_globals, save_quantized
+from lowbit.sparsity import (
+    Int8DynamicActivationSemiSparseInt8WeightConfig,
+    SemiSparseConfig,
+    sparsify_,
+)
 
 register_safe_globals()
 
@@ -32,7 +38,8 @@ __all__ = [
     "Float8DynamicActivationFloat8WeightConfig", "Float8Dtype", "Float8Granularity",
     "Float8WeightOnlyConfig", "Int4WeightOnlyConfig", "Int8DynamicActivationInt4WeightConfig",
     "Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig", "KernelChoice", "LoadError",
-    "Mapping", "OnUnsupported", "PerGroup", "PerRow", "PerTensor", "PerToken", "QuantConfig",
+    "Mapping", "OnUnsupported", "PerGroup", "PerRow", "PerTensor", "PerToken", "QATConfig", "QuantConfig",
     "ScaleSearch", "W4A8Config", "ZeroPointDomain", "config_from_short_name", "load_quantized",
     "quantize_", "save_quantized",
+    "Int8DynamicActivationSemiSparseInt8WeightConfig", "SemiSparseConfig", "sparsify_",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -38,9 +38,17 @@ def _progress(items: list, desc: str):
     return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
+class ModelConfig(Protocol):
+    """A config that transforms the model itself (e.g. lowbit.qat.QATConfig)."""
+
+    def apply_to_model(self, model: nn.Module, filter_fn: FilterFn | None = None,
+                       device: torch.device | str | None = None,
+                       on_unsupported: OnUnsupported | str = OnUnsupported.SKIP) -> nn.Module: ...
+
+
 def quantize_(
     model: nn.Module,
-    config: QuantConfig,
+    config: QuantConfig | ModelConfig,
     filter_fn: FilterFn | None = None,
     device: torch.device | str | None = None,
     on_unsupported: OnUnsupported | str = OnUnsupported.SKIP,
@@ -50,6 +58,11 @@ def quantize_(
     All-or-nothing: every weight is quantized first and swapped in only when all
     succeeded, so an error leaves `model` exactly as it was. Returns `model`.
     """
+    # Configs that rewrite modules rather than weights (e.g. QATConfig) apply themselves,
+    # under the same all-or-nothing contract.
+    apply_to_model = getattr(config, "apply_to_model", None)
+    if not isinstance(config, QuantConfig) and callable(apply_to_model):
+        return apply_to_model(model, filter_fn=filter_fn, device=device, on_unsupported=on_unsupported)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a lowbit config (e.g. Int8DynamicActivationInt4WeightConfig()), "
                         f"got {type(config).__name__}")

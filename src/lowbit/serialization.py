@@ -27,12 +27,13 @@ from lowbit.formats.common import ActGranularity, ActQuant
 from lowbit.formats.float8 import Float8Tensor
 from lowbit.formats.int4 import Int4Tensor
 from lowbit.formats.int8 import Int8Tensor
+from lowbit.sparsity.tensors import SemiSparseInt8Tensor, SemiSparseTensor
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "lowbit_config.json"
 FORMAT_VERSION = 1
 TENSOR_CLASSES: dict[str, type[QuantizedTensor]] = {
-    c.__name__: c for c in (Int8Tensor, Int4Tensor, Float8Tensor)
+    c.__name__: c for c in (Int8Tensor, Int4Tensor, Float8Tensor, SemiSparseTensor, SemiSparseInt8Tensor)
 }
 
 
@@ -127,6 +128,15 @@ def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _check_inner_shapes(key: str, t: QuantizedTensor) -> None:
     """Inner tensors must fit the described shape and block size: a weights file from another
     config (e.g. group 64 under a group-128 description) would otherwise load and compute garbage."""
+    own_layout = getattr(t, "expected_inner_shapes", None)
+    if own_layout is not None:  # formats with their own layout (2:4 sparse) describe it themselves
+        for name, want in own_layout().items():
+            inner = getattr(t, name, None)
+            if inner is None or tuple(inner.shape) != want:
+                got = None if inner is None else tuple(inner.shape)
+                raise LoadError(f"{key}.{name}: stored shape {got} != expected {want} "
+                                f"(weights file does not match {CONFIG_FILE})")
+        return
     shape, block = tuple(t.shape), tuple(getattr(t, "block_size", ()))
     if len(block) != len(shape) or any(b <= 0 or s % b for s, b in zip(shape, block)):
         raise LoadError(f"{key}: block_size {block} does not divide shape {shape}")
