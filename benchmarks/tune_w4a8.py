@@ -81,6 +81,19 @@ def main() -> None:
                                      lambda c: w4_gemv(x, packed, scale, None, None, g, quant, config=c), True)
                         if best:
                             print(f"   -> {wb / best[0] / 1e3:.0f} GB/s weight read")
+            if "dp4a" in sections:
+                from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
+
+                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                cands = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=1)
+                         for bn, bk, w in itertools.product((8, 16, 32, 64, 128), (256, 512, 1024), (4, 8))
+                         if bn * bk <= 65536]
+                best = sweep(f"dp4a {n}x{k} M=1 g={group}", rows, cands,
+                             lambda c: w4a8_gemv_dp4a(x, packed, scale, None, g, config=c), True)
+                if best:
+                    print(f"   -> {wb / best[0] / 1e3:.0f} GB/s weight read; autotuned "
+                          f"{t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g), graph=True):.1f} us; "
+                          f"bf16 {t_us(lambda: x @ w16.t(), graph=True):.1f} us", flush=True)
             if "swapdec" in sections:
                 for m in (16, 64):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -185,3 +185,34 @@ def test_swapped_gemm_vs_reference(m, n, k, group):
     qr, srr = act_quant_ref(x)
     ref = int8_gemm_ref(qr, srr, q, scale, bias, group or k, torch.float16)
     assert sqnr_db(ref.float(), out.float()) >= MIN_DB[torch.float16]
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 64), (3, 40, 512, 128), (4, 64, 512, None),
+                                         (2, 32, 256, 32), (1, 40, 1024, 256)]
+                         + ([(1, 22016, 4096, 128), (1, 4096, 11008, None)] if ON_GPU else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dp4a_gemv_vs_reference(m, n, k, group, dtype):
+    from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
+
+    q, packed, scale = _weights(n, k, group)
+    scale = scale.to(dtype)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    x[0, :5] = torch.tensor([0.0, -8.0, 8.0, 3.3, -0.1])
+    bias = torch.randn(n, device=DEV).to(dtype)
+    ref = w4_decode_ref(x, packed, scale, None, bias, group or k, True)
+    small = dict(BLOCK_N=16, BLOCK_K=256 if (group or 0) <= 256 and k % 256 == 0 else 128, num_warps=4)
+    out = w4a8_gemv_dp4a(x, packed, scale, bias, group or k, config=None if ON_GPU else small)
+    assert sqnr_db(ref.float(), out.float()) >= MIN_DB[dtype]
+
+
+def test_dp4a_integer_part_exact():
+    # unit scales, x already on the int8 grid with amax 127 (sa = 1): output == exact integer dot
+    from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
+
+    n, k = 32, 256
+    q, packed, _ = _weights(n, k, None)
+    qx = torch.randint(-127, 128, (1, k), device=DEV).float()
+    qx[0, 0] = 127
+    out = w4a8_gemv_dp4a(qx, packed, torch.ones(n, 1, device=DEV), None, k,
+                         config=dict(BLOCK_N=16, BLOCK_K=128, num_warps=4))
+    assert torch.equal(out, (qx.double() @ q.double().t()).float())

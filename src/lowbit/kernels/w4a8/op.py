@@ -4,7 +4,7 @@ One stored weight (packed int4 + scales), several execution paths chosen by the
 token count M (product of the activation's leading dims):
 
   W4A8 (quantize_activations=True)
-    M <= 2 (narrow layers)    CUDA-core GEMV with the activation quantization fused in
+    M <= 4                    dp4a GEMV (integer dot instructions), activation quantization fused
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
     M >= W4A8_PREFILL_MIN_M   act_quant + expand int4 -> int8 workspace + int8 GEMM
   weight-only (quantize_activations=False)
@@ -56,8 +56,13 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 
     m, n = x.shape[0], packed.shape[0]
     zf = _zero_as_float(zero, scale, int_zero)
+    from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported, w4a8_gemv_dp4a
+
+    if quantize_activations and zf is None and m <= DP4A_MAX_M and path in ("auto", "gemv"):
+        if dp4a_unsupported(x.shape[1], group_size) is None:
+            return w4a8_gemv_dp4a(x, packed, scale, bias, group_size)
     gemv_ok = x.shape[1] % 32 == 0 and (group_size >= x.shape[1] or 2048 % group_size == 0)
-    if path == "auto" and m <= GEMV_MAX_M and n <= GEMV_MAX_N and gemv_ok and (zf is None or not quantize_activations):
+    if path == "auto" and m <= GEMV_MAX_M and n <= GEMV_MAX_N and gemv_ok and not quantize_activations:
         return w4_gemv(x, packed, scale, zf, bias, group_size, quantize_activations)
     if path == "gemv":
         return w4_gemv(x, packed, scale, zf, bias, group_size, quantize_activations)

@@ -1,0 +1,169 @@
+"""W4A8 GEMV for 1-4 tokens on integer dot-product instructions (dp4a), act quant fused.
+
+    y[m, n] = sa[m] * sum_g s[n, g] * ( sum_{k in g} qx[m, k] * u[n, k]  -  8 * sum_{k in g} qx[m, k] )
+
+where u = q + 8 in [0, 15] is the stored two's-complement nibble XOR 8, so every
+32-bit word of the packed weight yields two words of four unsigned bytes with two
+logic ops, and one `dp4a.u32.s32` multiplies four weights by four int8 activations
+and accumulates in int32:
+
+    word = bytes j..j+3 of a row:  [w7|w6][w5|w4][w3|w2][w1|w0]   (nibbles, k = 8t + 0..7)
+    lo = (word & 0x0F0F0F0F) ^ 0x08080808  ->  u0 u2 u4 u6        (k even)
+    hi = ((word >> 4) & 0x0F0F0F0F) ^ 0x08080808  ->  u1 u3 u5 u7  (k odd)
+    acc = dp4a(lo, pack(qx0, qx2, qx4, qx6), acc); acc = dp4a(hi, pack(qx1, qx3, qx5, qx7), acc)
+
+About 0.3 instructions per weight instead of ~6 for a float unpack, so the kernel
+is bound by reading the weight. Each program quantizes its token row itself (the
+row is tiny and L2-resident): absmax, IEEE division, half-to-even rounding --
+bit-identical to the reference int8 activations. Under TRITON_INTERPRET the dp4a
+is emulated with shifts (same integers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels import interpreter_enabled
+
+DP4A_MAX_M = 4
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        acc = c
+        for i in tl.static_range(4):
+            ua = (a >> (8 * i)) & 0xFF
+            sb = (b << (24 - 8 * i)) >> 24
+            acc += ua * sb
+        return acc
+
+
+@triton.jit
+def _pack4(q):
+    """(T, 4) int32 values in [-128, 127] -> (T,) int32 words, element i in byte i."""
+    q2 = tl.reshape(q & 0xFF, (q.shape[0], 2, 2))
+    even, odd = tl.split(q2)  # elements (0, 2) and (1, 3)
+    e0, e2 = tl.split(even)
+    e1, e3 = tl.split(odd)
+    return e0 | (e1 << 8) | (e2 << 16) | (e3 << 24)
+
+
+@triton.jit
+def _w4a8_dp4a_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    N, K, stride_xm, stride_wn, stride_sn, stride_om,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # -- tile mapping: axis 0 = BLOCK_N weight rows, axis 1 = token ------------------------
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    rows_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrap: no masks in the K loop
+    x_row = x_ptr + m * stride_xm
+    w_rows = w_ptr + rows_n[:, None] * stride_wn  # int32 words
+    T: tl.constexpr = BLOCK_K // 8  # words per row per step
+    G: tl.constexpr = GROUP if GROUP != 0 else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // G
+    # -- prologue: this token's scale ----------------------------------------------------
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)))
+    sa = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1.1754943508222875e-38)
+    acc_f = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_N, T], dtype=tl.int32)
+    xsum_all = tl.zeros([NG], dtype=tl.int32)
+    # -- K loop --------------------------------------------------------------------------
+    for k0 in range(0, K, BLOCK_K):
+        # quantize this K step of the token (bit-identical to the reference)
+        v = tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+        q = (tl.math.div_rn(v, sa) + 12582912.0) - 12582912.0
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+        qe, qo = tl.split(tl.reshape(q, (T, 4, 2)))  # even / odd k of each 8-wide word
+        xe = _pack4(qe)
+        xo = _pack4(qo)
+        xsum = tl.sum(tl.reshape(q, (NG, G)), axis=1)  # per group, for the -8 correction
+        word = tl.load(w_rows + (k0 // 8 + tl.arange(0, T))[None, :])
+        lo = (word & 0x0F0F0F0F) ^ 0x08080808
+        hi = ((word >> 4) & 0x0F0F0F0F) ^ 0x08080808
+        acc_i = _dp4a(lo, tl.broadcast_to(xe[None, :], (BLOCK_N, T)), acc_i, USE_ASM)
+        acc_i = _dp4a(hi, tl.broadcast_to(xo[None, :], (BLOCK_N, T)), acc_i, USE_ASM)
+        if GROUP != 0:
+            dg = tl.sum(tl.reshape(acc_i, (BLOCK_N, NG, G // 8)), axis=2) - 8 * xsum[None, :]
+            sw = tl.load(s_ptr + rows_n[:, None] * stride_sn + (k0 // G + tl.arange(0, NG))[None, :])
+            acc_f += tl.sum(dg.to(tl.float32) * sw.to(tl.float32), axis=1)
+            acc_i = tl.zeros([BLOCK_N, T], dtype=tl.int32)
+        else:
+            xsum_all += xsum
+    # -- epilogue ------------------------------------------------------------------------
+    if GROUP == 0:
+        d = tl.sum(acc_i, axis=1) - 8 * tl.sum(xsum_all, axis=0)
+        acc_f = d.to(tl.float32) * tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)
+    y = acc_f * sa
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def dp4a_config(n: int, k: int, group: int) -> dict:
+    """Config used under the interpreter and as the fallback when K rules out the tuned set."""
+    block_k = next(b for b in (512, 256, 128, 64, 32) if k % b == 0 and (not group or b % group == 0))
+    return dict(BLOCK_N=32, BLOCK_K=block_k, num_warps=4, num_stages=1)
+
+
+# NOTE: candidates from the H100 sweep (benchmarks/tune_w4a8.py --sections dp4a); the autotuner
+# picks per (N, K, GROUP) on first use, outside any CUDA-graph capture (warm-up runs first).
+_TUNED_SET = [(16, 512, 4), (32, 512, 4), (64, 256, 4), (32, 1024, 8), (64, 512, 8), (16, 1024, 4),
+              (128, 256, 8), (8, 1024, 4)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel():
+    cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1) for bn, bk, w in _TUNED_SET]
+    return triton.autotune(configs=cfgs, key=["N", "K", "GROUP"])(_w4a8_dp4a_kernel)
+
+
+def dp4a_unsupported(k: int, group_size: int) -> str | None:
+    if k % 32:
+        return f"K={k} is not a multiple of 32"
+    if group_size < k and (group_size % 8 or 512 % group_size):
+        return f"group_size={group_size} must divide 512"
+    return None
+
+
+def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x (M <= 4, K) fp16/bf16/fp32, packed (N, K/2) uint8 symmetric int4, scale (N, G) -> (M, N)."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if m > DP4A_MAX_M:
+        raise ValueError(f"the dp4a GEMV takes at most {DP4A_MAX_M} tokens, got {m}")
+    if packed.shape[1] * 2 != k:
+        raise ValueError(f"packed weight K={packed.shape[1] * 2} does not match activation K={k}")
+    reason = dp4a_unsupported(k, group_size)
+    if reason:
+        raise ValueError(f"dp4a GEMV: {reason}")
+    group = 0 if group_size >= k else group_size
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    words = packed.contiguous().view(torch.int32)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    args = (x, words, scale, bias if bias is not None else scale, out, n, k, x.stride(0), words.stride(0),
+            scale.stride(0), out.stride(0))
+    flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled())
+    if config is None and not interpreter_enabled() and k % 1024 == 0 and (not group or 256 % group == 0):
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
+        _tuned_kernel()[grid](*args, **flags)
+        return out
+    cfg = dict(config or dp4a_config(n, k, group))
+    if k % cfg["BLOCK_K"] or (group and cfg["BLOCK_K"] % group):
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide K={k} and be a multiple of the group")
+    _w4a8_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
+    return out
