@@ -9,8 +9,8 @@ from lowbit.core.kernel_choice import KernelChoice
 from lowbit.core.primitives import ScaleSearch
 from lowbit.core.qtype import Mapping, ZeroPointDomain
 from lowbit.formats.configs import (
-    Float8DynamicActivationFloat8WeightConfig,
     Float8Dtype,
+    Float8DynamicActivationFloat8WeightConfig,
     Float8Granularity,
     Float8WeightOnlyConfig,
     Int4WeightOnlyConfig,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import warnings
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn

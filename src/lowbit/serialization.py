@@ -158,7 +158,7 @@ def _rebuild_state(flat: dict[str, torch.Tensor], meta: dict) -> dict[str, torch
         cls = TENSOR_CLASSES.get(desc.get("class"))
         if cls is None:
             raise LoadError(f"{key}: unknown tensor class {desc.get('class')!r}")
-        tensors = []
+        tensors: list[torch.Tensor | None] = []
         for n in cls.tensor_data_names:
             fk = f"{key}.{n}"
             if n in desc["tensors"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class PerGroup:
         return (1,) * (len(shape) - 1) + (self.group_size,)
 
 
-Granularity = Union[PerTensor, PerRow, PerToken, PerGroup]
+Granularity = PerTensor | PerRow | PerToken | PerGroup
 
 
 def granularity_to_dict(g: Granularity) -> dict:

@@ -10,7 +10,8 @@ subclass's `_linear`. Any other op raises NotImplementedError naming the op.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -19,6 +20,15 @@ aten = torch.ops.aten
 
 
 class QuantizedTensor(torch.Tensor):
+    # Fields every format declares (DESIGN: fixed field names); set by __init__.
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    block_size: tuple[int, ...]
+    act_quant: Any
+    kernel: Any
+    zero_point_domain: Any
+
     tensor_data_names: ClassVar[tuple[str, ...]] = ("qdata", "scale", "zero_point")
     tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
     _aten_table: ClassVar[dict[Any, Callable[..., Any]]] = {}
@@ -65,11 +75,15 @@ class QuantizedTensor(torch.Tensor):
         tensors = [inner.get(n) for n in cls.tensor_data_names]
         return cls(*tensors, shape=shape, dtype=dtype, **dict(attrs))
 
-    def __repr__(self) -> str:
+    def _stable_hash_for_caching(self) -> str:
+        """Lets torch.compile's AOT cache key graphs on this weight's format, not its data."""
+        return f"{type(self).__name__}:{tuple(self.shape)}:{self.dtype}:{sorted(self.attributes().items())!r}"
+
+    def __repr__(self, **kwargs: Any) -> str:  # type: ignore[override]
         attrs = ", ".join(f"{k}={v}" for k, v in self.attributes().items())
         return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, {attrs})"
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
         # A plain (constructor, args) pair: weights_only loading only needs the class
         # and its attribute types to be allow-listed (lowbit does that at import).
         tensors = tuple(self.inner_tensors())

@@ -9,7 +9,11 @@ from lowbit.core.primitives import choose_qparams, dequantize, quantize, quantiz
 from lowbit.core.qtype import Mapping, QType, ZeroPointDomain, qtype_by_name
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.formats.common import (
-    ActGranularity, ActQuant, check_activation, resolve_kernel, uses_act_quant,
+    ActGranularity,
+    ActQuant,
+    check_activation,
+    resolve_kernel,
+    uses_act_quant,
 )
 
 

@@ -16,12 +16,21 @@ import torch
 from lowbit.core.kernel_choice import KernelChoice
 from lowbit.core.packing import pack_int4, unpack_int4
 from lowbit.core.primitives import (
-    ScaleSearch, choose_qparams, dequantize, quantize, quantize_per_token_sym,
+    ScaleSearch,
+    choose_qparams,
+    dequantize,
+    quantize,
+    quantize_per_token_sym,
 )
 from lowbit.core.qtype import INT4, INT8_SYM, Mapping, ZeroPointDomain
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.formats.common import (
-    ActQuant, check_activation, int_group_dot, resolve_kernel, token_count, uses_act_quant,
+    ActQuant,
+    check_activation,
+    int_group_dot,
+    resolve_kernel,
+    token_count,
+    uses_act_quant,
 )
 
 
@@ -61,11 +70,12 @@ class Int4Tensor(QuantizedTensor):
 
     def zero_correction(self) -> torch.Tensor | None:
         """c[n, g] of the W4A8 formula (float32), None for symmetric weights."""
+        zp = self.zero_point
+        if zp is None:
+            return None
         if self.zero_point_domain is ZeroPointDomain.FLOAT:
-            return self.zero_point.to(torch.float32)
-        if self.zero_point_domain is ZeroPointDomain.INT:
-            return -self.zero_point.to(torch.float32) * self.scale.to(torch.float32)
-        return None
+            return zp.to(torch.float32)
+        return -zp.to(torch.float32) * self.scale.to(torch.float32)
 
     # -- execution -----------------------------------------------------------
     def _available(self, x: torch.Tensor, dynamic: bool) -> dict[KernelChoice, str | None]:

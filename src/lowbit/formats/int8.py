@@ -9,7 +9,11 @@ from lowbit.core.primitives import choose_qparams, dequantize, quantize, quantiz
 from lowbit.core.qtype import INT8, INT8_SYM, Mapping, ZeroPointDomain
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.formats.common import (
-    ActQuant, check_activation, int_group_dot, resolve_kernel, uses_act_quant,
+    ActQuant,
+    check_activation,
+    int_group_dot,
+    resolve_kernel,
+    uses_act_quant,
 )
 
 

@@ -109,7 +109,8 @@ def _w4_gemv_kernel(
 def gemv_config(m: int, n: int, k: int, group: int) -> dict:
     # NOTE: swept on H100 (benchmarks/tune_w4a8.py, results/tune_w4a8_h100.json): 8 rows x 1024-2048
     # K per step won on every Llama shape; narrower tiles starve the loop of bytes in flight.
-    block_k = next(b for b in (2048, 1024, 512, 256, 128, 64, 32) if k % b == 0 and (not group or b % group == 0))
+    sizes = (2048, 1024, 512, 256, 128, 64, 32)
+    block_k = next(b for b in sizes if k % b == 0 and (not group or b % group == 0))
     return dict(BLOCK_N=8, BLOCK_K=block_k, num_warps=4, num_stages=1)
 
 

@@ -128,7 +128,7 @@ _TUNED_SET = [(16, 512, 4), (32, 512, 4), (64, 256, 4), (32, 1024, 8), (64, 512,
               (4, 256, 4), (32, 256, 4)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned_kernel(block_k_divides: int):
     cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
             for bn, bk, w in _TUNED_SET if block_k_divides % bk == 0]

@@ -50,9 +50,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
                       int_zero: bool, quantize_activations: bool, path: str) -> torch.Tensor:
     from lowbit.kernels.w4a8.act_quant import act_quant
     from lowbit.kernels.w4a8.decode import w4_decode
-    from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
-
     from lowbit.kernels.w4a8.gemv import w4_gemv
+    from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
 
     m, n = x.shape[0], packed.shape[0]
     zf = _zero_as_float(zero, scale, int_zero)

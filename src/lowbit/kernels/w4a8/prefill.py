@@ -130,7 +130,7 @@ def _int8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned_kernel(group: int):
     cfgs = _gemm_configs()
     if group:  # group-wise: BLOCK_K must equal the group
@@ -180,8 +180,8 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         return c
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    kernel[grid](qa, sa, qw, sw, bias if bias is not None else dummy, c, m, n, k, bucket, *strides,
+    tuned_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[tuned_grid](qa, sa, qw, sw, bias if bias is not None else dummy, c, m, n, k, bucket, *strides,
                  **flags)
     return c
 

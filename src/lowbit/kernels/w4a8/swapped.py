@@ -98,7 +98,7 @@ def _configs() -> list:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned():
     return triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "GROUP"])(_bucketed)
 
@@ -141,7 +141,7 @@ def w4a8_gemm_swapped(qx_perm: torch.Tensor, sa: torch.Tensor, packed: torch.Ten
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _w4a8_swapped_kernel[grid](*args, *strides, GROUP=group, HAS_BIAS=bias is not None, **cfg)
         return c
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _tuned()[grid](*args, min(triton.next_power_of_2(m), 8192), *strides, GROUP=group,
+    tuned_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _tuned()[tuned_grid](*args, min(triton.next_power_of_2(m), 8192), *strides, GROUP=group,
                    HAS_BIAS=bias is not None)
     return c
