@@ -100,6 +100,11 @@ def test_decode_vs_reference(m, n, k, group, dtype, act_int8):
     x = torch.randn(m, k, device=DEV).to(dtype)
     bias = torch.randn(n, device=DEV).to(dtype)
     ref = w4_decode_ref(x, packed, scale, None, bias, group or k, act_int8)
+    if act_int8 and group is not None and group < 64:
+        qa, sa = act_quant_ref(x)
+        with pytest.raises(ValueError, match="group_size >= 64"):
+            w4_decode(qa, sa, packed, scale, None, bias, group, dtype)
+        return
     if act_int8:
         qa, sa = act_quant_ref(x)
         out = w4_decode(qa, sa, packed, scale, None, bias, group or k, dtype)

@@ -169,6 +169,9 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
         raise ValueError(f"SUB_K={cfg['SUB_K']} must equal group_size={group}")
     if k % 32:
         raise ValueError(f"the int4 decode kernel needs K divisible by 32, got K={k}")
+    if a_int8 and group and group < 64:
+        # NOTE: int8 tensor-core MMAs take K >= 32 per instruction; a 32-wide group gives 16-wide dots.
+        raise ValueError(f"the int8 decode kernel needs group_size >= 64, got {group} (use the GEMM path)")
     if not group and cfg["SUB_K"] > k:
         cfg["SUB_K"] = cfg["BLOCK_K"] = 32
     if max(m, n) * k >= 2**31:

@@ -68,7 +68,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     if quantize_activations:
         if zf is not None:
             raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
-        use_prefill = path == "prefill" or (path == "auto" and m >= W4A8_PREFILL_MIN_M)
+        small_group = group_size < 64 and group_size < x.shape[1]  # decode kernel needs >= 64
+        use_prefill = path == "prefill" or (path == "auto" and (m >= W4A8_PREFILL_MIN_M or small_group))
         qa, sa = act_quant(x)
         if use_prefill:
             w8 = unpack_int4_triton(packed)  # one-layer workspace, freed on return
