@@ -1,0 +1,165 @@
+"""Bodies run on every rank by the distributed tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lowbit
+from lowbit.formats import configs as C
+
+LINEAR_CONFIGS = {
+    "int8dq": C.Int8DynamicActivationInt8WeightConfig(),
+    "w4a8": C.Int8DynamicActivationInt4WeightConfig(group_size=32),
+    "w4a8_asym": C.Int8DynamicActivationInt4WeightConfig(
+        group_size=32, mapping=C.Mapping.ASYMMETRIC, zero_point_domain=C.ZeroPointDomain.INT
+    ),
+    "int8wo": C.Int8WeightOnlyConfig(),
+    "int4wo": C.Int4WeightOnlyConfig(group_size=32),
+    "fp8dq": C.Float8DynamicActivationFloat8WeightConfig(),
+    "fp8wo": C.Float8WeightOnlyConfig(),
+}
+
+BF16_CASES = ("int8dq", "w4a8", "fp8dq")
+TP_LINEAR_CASES = list(LINEAR_CONFIGS) + [f"{n}_bf16" for n in BF16_CASES]
+
+
+def tp_linear(rank: int, world: int) -> dict:
+    from lowbit.distributed import ColwiseQuantLinear, RowwiseQuantLinear
+
+    out = {}
+    cases = [(n, torch.float32) for n in LINEAR_CONFIGS] + [(n, torch.bfloat16) for n in BF16_CASES]
+    for name, dtype in cases:
+        torch.manual_seed(1)  # same weights and inputs on every rank
+        lin = nn.Linear(128, 96).to(dtype)
+        x = torch.randn(2, 7, 128, dtype=dtype)
+        lowbit.quantize_(lin, LINEAR_CONFIGS[name])
+        with torch.no_grad():
+            ref = lin(x)
+            col = ColwiseQuantLinear(lin.weight, lin.bias, gather_output=True)(x)
+            row = RowwiseQuantLinear(lin.weight, lin.bias, input_is_sharded=False, exact=True)(x)
+            row_fast = RowwiseQuantLinear(lin.weight, lin.bias, input_is_sharded=False)(x)
+        key = name if dtype == torch.float32 else f"{name}_bf16"
+        out[key] = {"ref": ref, "col": col, "row": row, "row_fast": row_fast}
+    return out
+
+
+def _init_(module: nn.Module) -> None:
+    g = torch.Generator().manual_seed(2)
+    for n, p in module.named_parameters():
+        with torch.no_grad():
+            p.copy_(
+                1 + 0.1 * torch.randn(p.shape, generator=g)
+                if "norm" in n
+                else torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5
+            )
+
+
+BLOCK_CONFIGS = ("int8dq", "w4a8", "fp8dq", "int4wo")
+
+
+def tp_llama(rank: int, world: int) -> dict:
+    from lowbit.distributed.llama import parallelize_llama, parallelize_llama_block, setup_tp_caches
+    from lowbit.llm.config import ModelArgs
+    from lowbit.llm.model import Block, Transformer, rope_tables
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
+    cos, sin = rope_tables(args, 6, torch.device("cpu"))
+    out: dict = {}
+    for name in BLOCK_CONFIGS:
+        torch.manual_seed(3)
+        block = Block(args)
+        _init_(block)
+        lowbit.quantize_(block, LINEAR_CONFIGS[name])
+        x = torch.randn(2, 6, args.dim)
+        tp = parallelize_llama_block(copy.deepcopy(block), exact=True)
+        with torch.no_grad():
+            out[name] = {"ref": block(x, cos, sin, None, False), "tp": tp(x, cos, sin, None, False)}
+    # A split that does not fit (ffn 96 over 2 ranks = 48: not whole groups of 32) raises and
+    # leaves the block as it was.
+    bad = Block(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97))
+    lowbit.quantize_(bad, LINEAR_CONFIGS["w4a8"])
+    before = {n: type(m) for n, m in bad.named_modules()}
+    try:
+        parallelize_llama_block(bad)
+        out["bad_split"] = {"raised": "", "untouched": False}
+    except ValueError as e:
+        after = {n: type(m) for n, m in bad.named_modules()}
+        out["bad_split"] = {"raised": str(e), "untouched": after == before and bad.attention.n_heads == 4}
+    # Greedy decoding through the KV cache: W4A8 TP tokens == single-process tokens.
+    with torch.device("cpu"):
+        model = Transformer(args)
+    _init_(model)
+    lowbit.quantize_(model, LINEAR_CONFIGS["w4a8"], filter_fn=lambda m, fqn: "layers" in fqn)
+    tp_model = parallelize_llama(copy.deepcopy(model), exact=True)
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    out["tokens"] = {
+        "ref": _greedy(model, prompt, 6, setup=Transformer.setup_caches),
+        "tp": _greedy(tp_model, prompt, 6, setup=setup_tp_caches),
+    }
+    return out
+
+
+@torch.no_grad()
+def _greedy(model, prompt: torch.Tensor, steps: int, setup) -> torch.Tensor:
+    t = prompt.shape[1]
+    setup(model, 1, t + steps)
+    logits = model(prompt, torch.arange(t), prefill=True, last_only=True)
+    toks = [logits.argmax(-1)]
+    for i in range(steps - 1):
+        logits = model(toks[-1], torch.tensor([t + i]))
+        toks.append(logits[:, -1:].argmax(-1))
+    return torch.cat(toks, 1)
+
+
+def fsdp_float8(rank: int, world: int) -> dict:
+    """One float8 training step (emulated on CPU) under FSDP2 vs the same step in one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lowbit.float8_training import Float8TrainingConfig, convert_to_float8_training
+
+    out = {}
+    for recipe, same_batch in (("tensorwise", False), ("rowwise", False), ("tensorwise", True)):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64))
+        convert_to_float8_training(model, Float8TrainingConfig.from_recipe(recipe))
+        x, target = torch.randn(16, 64), torch.randn(16, 64)
+        ref = copy.deepcopy(model)
+        ref_loss = nn.functional.mse_loss(ref(x), target)
+        ref_loss.backward()
+        torch.optim.SGD(ref.parameters(), lr=0.5).step()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        # Data parallel: each rank takes its half of the batch; FSDP2 averages the gradients.
+        # same_batch: every rank takes the whole batch, so FSDP2's sharding, all-gathers and
+        # gradient reduce-scatter are the only difference from one process.
+        xs, ts = (x, target) if same_batch else (x.chunk(world)[rank], target.chunk(world)[rank])
+        loss = nn.functional.mse_loss(model(xs), ts)
+        loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.5).step()  # updates each rank's shard
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+        out[recipe + ("_same_batch" if same_batch else "")] = {
+            "ref_loss": ref_loss.detach(),
+            "loss": mean_loss,
+            "ref_grads": {n: p.grad for n, p in ref.named_parameters()},
+            "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters()},
+            "ref_params": {n: p.detach() for n, p in ref.named_parameters()},
+            "params": {n: p.detach().full_tensor() for n, p in model.named_parameters()},
+            "sharded": all(p.to_local().numel() < p.numel() for p in model.parameters()),
+        }
+    return out
+
+
+def hang_on_rank1(rank: int, world: int) -> None:
+    """Rank 1 never joins the collective: the launcher must kill both and fail, not hang."""
+    if rank == 1:
+        import time
+
+        time.sleep(3600)
+    dist.all_reduce(torch.ones(1))
