@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             quantizer = make_quantizer(
-                fmt, group_size=(args.group_size or None) if fmt == "w4a8" else ((args.group_size or 128) if "int4" in fmt else None)
+                fmt, group_size=args.group_size if fmt == "w4a8" else ((args.group_size or 128) if "int4" in fmt else None)
             )
         except ImportError as e:
             notes.append(f"{fmt} skipped on {model}: {e}")

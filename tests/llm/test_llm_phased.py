@@ -79,3 +79,12 @@ def test_compiled_decode_step_matches_eager():
     gen.warmup(ids)
     compiled = gen.generate(ids, 6).tokens
     assert torch.equal(compiled, eager)
+
+
+def test_group_size_zero_means_per_row():
+    from lowbit.llm.loading import make_quantizer
+
+    q = make_quantizer("w4a8", group_size=0)
+    assert q.describe()["group_size"] is None
+    assert make_quantizer("w4a8", group_size=64).describe()["group_size"] == 64
+    assert make_quantizer("w4a8").describe()["group_size"] == 128

@@ -44,7 +44,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a second format used only for decode (stores two weights per linear); "
         "--quant is then the prefill format",
     )
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128; 0 = per row)")
     p.add_argument(
         "--decode-threshold",
         type=int,

@@ -78,7 +78,7 @@ def _config(name: str, group_size: int | None, decode_threshold: int | None) -> 
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     if group_size is not None and "group_size" in fields:
-        kwargs["group_size"] = group_size
+        kwargs["group_size"] = group_size or None  # 0 = one scale per row
     if decode_threshold is not None and "decode_threshold" in fields:
         kwargs["decode_threshold"] = decode_threshold
     return config_from_short_name(name, **kwargs)
