@@ -169,7 +169,7 @@ def test_gemv_vs_reference(m, n, k, group, quant_a):
 
 @pytest.mark.parametrize("m,k", [(3, 256), (33, 1024)])
 def test_act_quant_permuted_layout(m, k):
-    from lowbit.kernels.w4a8.act_quant import permute_k
+    from lowbit.kernels.w4a8.reference import permute_k
 
     x = torch.randn(m, k, device=DEV, dtype=torch.float16)
     q, s = act_quant(x, permute=True)

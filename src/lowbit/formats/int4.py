@@ -29,7 +29,6 @@ from lowbit.formats.common import (
     check_activation,
     int_group_dot,
     resolve_kernel,
-    token_count,
     uses_act_quant,
 )
 
@@ -127,4 +126,4 @@ def w4a8_from_quantized_reference(qx: torch.Tensor, sx: torch.Tensor, w: Int4Ten
     return y.to(out_dtype)
 
 
-__all__ = ["Int4Tensor", "w4a8_linear_reference", "token_count"]
+__all__ = ["Int4Tensor", "w4a8_linear_reference"]

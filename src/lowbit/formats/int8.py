@@ -38,9 +38,8 @@ class Int8Tensor(QuantizedTensor):
                           output_dtype=dtype or self.dtype)
 
     def _available(self, dynamic: bool) -> dict[KernelChoice, str | None]:
-        if not dynamic:
-            return {KernelChoice.TORCH: None if self.qdata.is_cuda else "needs CUDA"}
-        return {KernelChoice.TORCH: None if self.qdata.is_cuda else "torch._int_mm needs CUDA"}
+        needs = "torch._int_mm needs CUDA" if dynamic else "the int8 -> bf16/fp16 cuBLAS path needs CUDA"
+        return {KernelChoice.TORCH: None if self.qdata.is_cuda else needs}
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         check_activation(x, self.shape[1], "int8")

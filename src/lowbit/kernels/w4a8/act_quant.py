@@ -85,8 +85,3 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
                             PERMUTE=permute, num_warps=num_warps)
     return q, s
 
-
-def permute_k(q: torch.Tensor) -> torch.Tensor:
-    """Reference for the permuted layout: (.., K) -> per 128-chunk evens then odds."""
-    *lead, k = q.shape
-    return q.reshape(*lead, k // 128, 64, 2).transpose(-1, -2).reshape(*lead, k)

@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import interpreter_enabled
-
 
 @triton.jit
 def _w4_decode_kernel(
@@ -200,4 +198,4 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
     return out
 
 
-__all__ = ["w4_decode", "decode_config", "interpreter_enabled"]
+__all__ = ["w4_decode", "decode_config"]

@@ -27,9 +27,9 @@ import torch
 # weight per 16-row tile (12288x4096: 186 us) while unpack + int8 GEMM takes 73 us.
 W4A8_PREFILL_MIN_M = 64
 WO_PREFILL_MIN_M = 64
-# CUDA-core GEMV for one or two tokens on narrow layers: 4096x4096 W4A8 18.3 us vs 25.5 us
-# (act quant + decode kernel); on N >= 16384 the tensor-core decode kernel wins (22016x4096:
-# 57 vs 66 us).
+# Weight-only: CUDA-core GEMV for one or two tokens on narrow layers: 4096x4096 M=1 15.0 us vs
+# 17.2 us for the tensor-core decode kernel; at 22016x4096 they tie (48.8 vs 49.9 us), so wide
+# layers keep the decode kernel (results/tune_w4a8_h100.json, tune_w4a8_first_h100.json).
 GEMV_MAX_M = 2
 GEMV_MAX_N = 12288
 

@@ -18,6 +18,12 @@ def act_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_sym(x, INT8_SYM)
 
 
+def permute_k(q: torch.Tensor) -> torch.Tensor:
+    """Reference for act_quant(permute=True)'s layout: per 128-chunk, evens then odds."""
+    *lead, k = q.shape
+    return q.reshape(*lead, k // 128, 64, 2).transpose(-1, -2).reshape(*lead, k)
+
+
 def unpack_ref(packed: torch.Tensor) -> torch.Tensor:
     """(N, K // 2) uint8 -> (N, K) int8."""
     return unpack_int4(packed)
