@@ -94,6 +94,42 @@ def main() -> None:
                     print(f"   -> {wb / best[0] / 1e3:.0f} GB/s weight read; autotuned "
                           f"{t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g), graph=True):.1f} us; "
                           f"bf16 {t_us(lambda: x @ w16.t(), graph=True):.1f} us", flush=True)
+            if "stream" in sections:
+                import importlib.util
+                import sys
+
+                from lowbit.kernels.w4a8.gemv_dp4a import _STREAM_SET, w4a8_gemv_dp4a
+
+                if "bench_linear" not in sys.modules:
+                    spec = importlib.util.spec_from_file_location("bench_linear", __file__.replace(
+                        "tune_w4a8.py", "bench_linear.py"))
+                    sys.modules["bench_linear"] = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(sys.modules["bench_linear"])
+                bl = sys.modules["bench_linear"]
+                copy = res.setdefault("copy_gbps", bl.ceilings()["copy_gbps"])
+                if "floor_us" not in res:  # one tiny kernel, timed the same way: the fixed cost
+                    tiny = torch.zeros(1, device="cuda")
+                    res["floor_us"] = t_us(lambda: tiny.add_(1), graph=True)
+                    print(f"floor (one 1-element kernel, graph-timed): {res['floor_us']:.1f} us")
+                for m in (1, 4) if (n, k) == (4096, 4096) else (1,):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    cands = [dict(BLOCK_N=bn, PPS=pps, DEPTH=d, num_warps=8) for bn, pps, d in _STREAM_SET]
+                    label = f"stream {n}x{k} M={m} g={group}"
+                    best = sweep(label, rows, cands,
+                                 lambda c: w4a8_gemv_dp4a(x, packed, scale, None, g, config=c, kernel="stream"),
+                                 True)
+                    wp, sz, _ = bl.tinygemm_weight(w16)
+                    t = {"blocked": t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g, kernel="blocked"),
+                                         graph=True),
+                         "bf16": t_us(lambda: x @ w16.t(), graph=True),
+                         "tinygemm_g128": t_us(lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz),
+                                               graph=True)}
+                    if best:
+                        t.update(stream=best[0], stream_cfg=best[1], gbps=wb / best[0] / 1e3,
+                                 pct_copy=100 * wb / best[0] / 1e3 / copy,
+                                 x_bf16=t["bf16"] / best[0], x_tinygemm=t["tinygemm_g128"] / best[0])
+                    rows.append({"label": f"summary {label}", **t})
+                    print(f"   -> {t}", flush=True)
             if "swapdec" in sections:
                 for m in (16, 64):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

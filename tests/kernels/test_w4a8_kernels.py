@@ -194,9 +194,11 @@ def test_swapped_gemm_vs_reference(m, n, k, group):
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 64), (3, 40, 512, 128), (4, 64, 512, None),
                                          (2, 32, 256, 32), (1, 40, 1024, 256)]
-                         + ([(1, 22016, 4096, 128), (1, 4096, 11008, None)] if ON_GPU else []))
+                         + ([(1, 22016, 4096, 128), (1, 4096, 11008, None), (4, 4096, 4096, 128),
+                              (3, 12288, 4096, None)] if ON_GPU else []))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dp4a_gemv_vs_reference(m, n, k, group, dtype):
+@pytest.mark.parametrize("kernel", ["stream", "blocked"])
+def test_dp4a_gemv_vs_reference(m, n, k, group, dtype, kernel):
     from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
 
     q, packed, scale = _weights(n, k, group)
@@ -206,7 +208,11 @@ def test_dp4a_gemv_vs_reference(m, n, k, group, dtype):
     bias = torch.randn(n, device=DEV).to(dtype)
     ref = w4_decode_ref(x, packed, scale, None, bias, group or k, True)
     small = dict(BLOCK_N=16, BLOCK_K=256 if (group or 0) <= 256 and k % 256 == 0 else 128, num_warps=4)
-    out = w4a8_gemv_dp4a(x, packed, scale, bias, group or k, config=None if ON_GPU else small)
+    if kernel == "stream":
+        # few programs, so each walks several row tiles; one or two tiles in flight
+        small = dict(BLOCK_N=4, PPS=1, DEPTH=1 + m % 2, num_warps=4)
+    cfg = None if n >= 4096 else small
+    out = w4a8_gemv_dp4a(x, packed, scale, bias, group or k, config=cfg, kernel=kernel)
     assert sqnr_db(ref.float(), out.float()) >= MIN_DB[dtype]
 
 
@@ -219,5 +225,8 @@ def test_dp4a_integer_part_exact():
     qx = torch.randint(-127, 128, (1, k), device=DEV).float()
     qx[0, 0] = 127
     out = w4a8_gemv_dp4a(qx, packed, torch.ones(n, 1, device=DEV), None, k,
-                         config=dict(BLOCK_N=16, BLOCK_K=128, num_warps=4))
+                         config=dict(BLOCK_N=16, BLOCK_K=128, num_warps=4), kernel="blocked")
+    assert torch.equal(out, (qx.double() @ q.double().t()).float())
+    out = w4a8_gemv_dp4a(qx, packed, torch.ones(n, 1, device=DEV), None, k,
+                         config=dict(BLOCK_N=2, PPS=1, DEPTH=2, num_warps=4), kernel="stream")
     assert torch.equal(out, (qx.double() @ q.double().t()).float())
