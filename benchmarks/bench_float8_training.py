@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.bench import git_sha
 from lowbit.float8_training import Float8TrainingConfig, convert_to_float8_training
 from lowbit.float8_training.tiny_lm import TinyLM, TinyLMConfig, load_text_bytes, train
 from lowbit.testing.sqnr import sqnr_db
@@ -42,9 +42,7 @@ SPEED_DEADLINE_S = 270  # stay under 5 minutes: later variants are skipped (and 
 
 
 def meta() -> dict[str, Any]:
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
+    sha = git_sha(str(Path(__file__).parent))
     out: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),

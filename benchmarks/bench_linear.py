@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 import triton
 
 import lowbit
+from lowbit.bench import git_sha
 from lowbit.testing.shapes import BENCH_M, MODEL_SHAPES
 from lowbit.testing.sqnr import sqnr_db
 
@@ -193,7 +193,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     peers = load_peers()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = git_sha()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "git_sha": sha or "unknown",
             "torchao": peers.get("torchao_version"), "ceilings": ceilings()}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.bench import git_sha
 from lowbit.llm.harness import LoadOptions, RunOptions, format_row, load, run
 from lowbit.llm.loading import make_quantizer
 
@@ -129,19 +129,6 @@ def run_options(kind: str, args: argparse.Namespace) -> RunOptions:
         extra={"run": kind},
     )
 
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _free() -> None:

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import QATConfig  # noqa: E402
+from lowbit.bench import git_sha  # noqa: E402
 from lowbit.formats.configs import QuantConfig  # noqa: E402
 from lowbit.testing.distill import (  # noqa: E402
     embed,
@@ -126,19 +126,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except Exception:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

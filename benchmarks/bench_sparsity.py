@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -39,6 +38,7 @@ from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import Int8DynamicActivationInt8WeightConfig, QATConfig, SemiSparseConfig  # noqa: E402
+from lowbit.bench import git_sha
 from lowbit.sparsity import Int8DynamicActivationSemiSparseInt8WeightConfig as Int8DQ24  # noqa: E402
 from lowbit.sparsity import SemiSparseMasks, sparsify_  # noqa: E402
 from lowbit.testing.distill import (  # noqa: E402
@@ -56,18 +56,6 @@ MLP_SHAPES = [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # (N,
 SPEED_M = (1, 16, 128, 2048, 8192)
 GRAPH_MAX_M = 128
 
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except Exception:
-        return None
 
 
 def write_json(result: dict, out: Path) -> int:

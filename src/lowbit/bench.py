@@ -7,7 +7,9 @@ torch.utils.benchmark. benchmarks/bench_linear.py is the full study with peer co
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 from typing import Any
 
 import torch
@@ -15,6 +17,18 @@ import torch.nn.functional as F
 
 from lowbit.formats.configs import config_from_short_name
 from lowbit.testing.shapes import MODEL_SHAPES
+
+
+def git_sha(repo: str | None = None) -> str | None:
+    """The checkout's commit, or $LOWBIT_GIT_SHA where the tree was copied without .git (GPU runs)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=repo or os.path.dirname(os.path.abspath(__file__)))
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("LOWBIT_GIT_SHA") or None
 
 CPU_SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096)]
 GPU_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
