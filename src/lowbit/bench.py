@@ -20,7 +20,9 @@ from lowbit.testing.shapes import MODEL_SHAPES
 
 
 def git_sha(repo: str | None = None) -> str | None:
-    """The checkout's commit, or $LOWBIT_GIT_SHA where the tree was copied without .git (GPU runs)."""
+    """$LOWBIT_GIT_SHA when set (GPU runs copy the tree; a .git there may be stale), else the checkout's."""
+    if os.environ.get("LOWBIT_GIT_SHA"):
+        return os.environ["LOWBIT_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=repo or os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ def git_sha(repo: str | None = None) -> str | None:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("LOWBIT_GIT_SHA") or None
+    return None
 
 CPU_SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096)]
 GPU_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")

@@ -67,8 +67,10 @@ def test_int8_kernels_match_the_reference(kernel, n, k, m):
     x32 = torch.randn(m, k, device="cuda")
     fast = Int8DynamicActivationSemiSparseInt8WeightConfig(kernel=kernel).quantize_weight(w)
     ref = Int8DynamicActivationSemiSparseInt8WeightConfig(kernel="reference").quantize_weight(w)
-    # fp32 activations: int32 accumulation + the reference's float epilogue -> identical bits.
-    assert torch.equal(F.linear(x32, fast), F.linear(x32, ref))
+    # fp32 activations: exact int32 accumulation; cuSPARSELt applies the row scale as its alpha
+    # vector, so only the order of the two float multiplies differs: fp32 rounding, >= 120 dB
+    # (a wrong integer or a misplaced scale is below 60 dB).
+    assert sqnr_db(F.linear(x32, ref), F.linear(x32, fast)) > 120
     xb = x32.to(torch.bfloat16)
     got, want = F.linear(xb, fast).float(), F.linear(xb, ref).float()
     assert sqnr_db(want, got) > 40  # bf16 output with the fused row scale: two roundings
