@@ -3,7 +3,7 @@
 Importing lowbit initialises no CUDA context and does not import triton.
 """
 
-from lowbit.api import OnUnsupported, quantize_
+from lowbit.api import FlatQuantizedLinear, OnUnsupported, flatten_quantized_linears, quantize_
 from lowbit.core.granularity import PerGroup, PerRow, PerTensor, PerToken
 from lowbit.core.kernel_choice import KernelChoice
 from lowbit.core.primitives import ScaleSearch
@@ -35,6 +35,8 @@ W4A8Config = Int8DynamicActivationInt4WeightConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlatQuantizedLinear",
+    "flatten_quantized_linears",
     "Float8DynamicActivationFloat8WeightConfig", "Float8Dtype", "Float8Granularity",
     "Float8WeightOnlyConfig", "Int4WeightOnlyConfig", "Int8DynamicActivationInt4WeightConfig",
     "Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig", "KernelChoice", "LoadError",

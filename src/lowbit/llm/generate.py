@@ -100,6 +100,13 @@ class Generator:
         compile: bool = False,
         compile_mode: str | None = None,
     ) -> None:
+        if compile:
+            # NOTE: plain inner tensors instead of weight subclasses at the compiled call: the
+            # per-call subclass flattening cost ~3 ms per decode step on Llama-2-7B (H100, W4A8:
+            # 2.5 ms of GPU work per step, 5.4 ms wall; benchmarks/profile_decode.py).
+            from lowbit.api import flatten_quantized_linears
+
+            flatten_quantized_linears(model)
         self.model = model
         self.sampling = sampling
         self.compiled = compile
