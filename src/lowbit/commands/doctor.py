@@ -217,7 +217,7 @@ def report() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {
-            "lowbit": _version("lowbit"),
+            "lowbit": _version("lowbit") or _imported_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "triton": _version("triton"),
@@ -229,6 +229,14 @@ def report() -> dict[str, Any]:
         "kernels": kernel_paths(device),
         "optional": optional_deps(),
     }
+
+
+def _imported_version() -> str | None:
+    """lowbit imported from a source tree without install metadata (e.g. PYTHONPATH=src)."""
+    import lowbit
+
+    v = getattr(lowbit, "__version__", None)
+    return f"{v} (from {os.path.dirname(lowbit.__file__)}, not pip-installed)" if v else None
 
 
 def format_report(r: dict[str, Any]) -> str:
