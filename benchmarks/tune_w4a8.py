@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import torch
 import triton
@@ -95,17 +96,13 @@ def main() -> None:
                           f"{t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g), graph=True):.1f} us; "
                           f"bf16 {t_us(lambda: x @ w16.t(), graph=True):.1f} us", flush=True)
             if "stream" in sections:
-                import importlib.util
                 import sys
 
                 from lowbit.kernels.w4a8.gemv_dp4a import _STREAM_SET, w4a8_gemv_dp4a
 
-                if "bench_linear" not in sys.modules:
-                    spec = importlib.util.spec_from_file_location("bench_linear", __file__.replace(
-                        "tune_w4a8.py", "bench_linear.py"))
-                    sys.modules["bench_linear"] = importlib.util.module_from_spec(spec)
-                    spec.loader.exec_module(sys.modules["bench_linear"])
-                bl = sys.modules["bench_linear"]
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                import bench_linear as bl  # ceilings() and torch's tinygemm weight layout
+
                 copy = res.setdefault("copy_gbps", bl.ceilings()["copy_gbps"])
                 if "floor_us" not in res:  # one tiny kernel, timed the same way: the fixed cost
                     tiny = torch.zeros(1, device="cuda")

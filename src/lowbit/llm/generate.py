@@ -103,7 +103,7 @@ class Generator:
         if compile:
             # NOTE: plain inner tensors instead of weight subclasses at the compiled call: the
             # per-call subclass flattening cost ~3 ms per decode step on Llama-2-7B (H100, W4A8:
-            # 2.5 ms of GPU work per step, 5.4 ms wall; benchmarks/profile_decode.py).
+            # 2.5 ms of GPU work per step, 5.4 ms wall; results/profile_decode_w4a8_subclass_h100.txt).
             from lowbit.api import flatten_quantized_linears
 
             flatten_quantized_linears(model)

@@ -327,12 +327,12 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     x = x if x.stride(-1) == 1 else x.contiguous()
     words = packed.contiguous().view(torch.int32)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    args = (x, words, scale, bias if bias is not None else scale, out, n, k, x.stride(0), words.stride(0),
-            scale.stride(0), out.stride(0))
     if kernel == "stream" or (kernel == "auto" and stream_supported(m, k, group)):
         if not stream_supported(m, k, group):
             raise ValueError(f"the streaming dp4a GEMV does not take M={m}, K={k}, group={group_size}")
         return _stream(x, words, scale, bias, out, group, config)
+    args = (x, words, scale, bias if bias is not None else scale, out, n, k, x.stride(0), words.stride(0),
+            scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled())
     if config is None and not interpreter_enabled() and k % 256 == 0 and (not group or 256 % group == 0):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)
