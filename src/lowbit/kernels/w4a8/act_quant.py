@@ -14,11 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
-# 1.5 * 2**23: adding and subtracting it rounds an fp32 |v| < 2**22 to the nearest even integer.
-ROUND_MAGIC = 12582912.0
-
-
 PERM_CHUNK = 128  # K chunk of the permuted layout (see act_quant(permute=True))
+
+
+@triton.jit
+def _int8_scale(amax):
+    """Per-token scale amax / 127 (IEEE division), floored at FLT_MIN so all-zero rows stay finite."""
+    return tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+
+
+@triton.jit
+def _int8_round_clamp(v, scale):
+    """round_half_even(v / scale) clamped to [-127, 127], in fp32: bit-identical to the reference.
+
+    Adding and subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to the nearest even integer.
+    """
+    r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(r, -127.0), 127.0)
 
 
 @triton.jit
@@ -31,10 +43,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
         # -- the whole row lives in registers: one HBM read, one write ---------------------
         offs = tl.arange(0, BLOCK_K)
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), 127.0), 1.1754943508222875e-38)
+        scale = _int8_scale(tl.max(tl.abs(v), axis=0))
         tl.store(s_ptr + row, scale)
-        r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+        r = _int8_round_clamp(v, scale).to(tl.int8)
         if PERMUTE:  # per 128-chunk: the 64 even columns, then the 64 odd ones
             r = tl.reshape(tl.permute(tl.reshape(r, (BLOCK_K // 128, 64, 2)), (0, 2, 1)), (BLOCK_K,))
         tl.store(q_row + offs, r, mask=offs < K)
@@ -45,13 +56,12 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
             offs = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1.1754943508222875e-38)
+        scale = _int8_scale(tl.max(amax, axis=0))
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
-            r = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+            r = _int8_round_clamp(v, scale).to(tl.int8)
             if PERMUTE:
                 r = tl.reshape(tl.permute(tl.reshape(r, (BLOCK_K // 128, 64, 2)), (0, 2, 1)), (BLOCK_K,))
             tl.store(q_row + offs, r, mask=offs < K)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
+
 GEMV_MAX_M = 4
 
 
@@ -47,7 +49,7 @@ def _w4_gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             v = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :]).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        sa = tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), 127.0), 1.1754943508222875e-38)
+        sa = _int8_scale(tl.max(amax, axis=1))
     if GROUP == 0:
         s_row = tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)
         if HAS_ZERO:
@@ -60,8 +62,7 @@ def _w4_gemv_kernel(
         hi = (p >> 4).to(tl.float32)
         xx = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :]).to(tl.float32)
         if QUANT_A:
-            xx = (tl.math.div_rn(xx, sa[:, None]) + 12582912.0) - 12582912.0
-            xx = tl.minimum(tl.maximum(xx, -127.0), 127.0)
+            xx = _int8_round_clamp(xx, sa[:, None])
         xe, xo = tl.split(tl.reshape(xx, (BLOCK_M, BLOCK_K // 2, 2)))  # even / odd columns
         if GROUP != 0:  # scale (and zero) per group: view the tile as (BN, NG, GH)
             sw = tl.load(s_ptr + rows_n[:, None] * stride_sn + (k0 // GROUP + tl.arange(0, NG))[None, :])

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
+from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 DP4A_MAX_M = 4
 
@@ -82,7 +83,7 @@ def _w4a8_dp4a_kernel(
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)))
-    sa = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1.1754943508222875e-38)
+    sa = _int8_scale(tl.max(amax, axis=0))
     acc_f = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_i = tl.zeros([BLOCK_N, T], dtype=tl.int32)
     xsum_all = tl.zeros([NG], dtype=tl.int32)
@@ -90,8 +91,7 @@ def _w4a8_dp4a_kernel(
     for k0 in range(0, K, BLOCK_K):
         # quantize this K step of the token (bit-identical to the reference)
         v = tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
-        q = (tl.math.div_rn(v, sa) + 12582912.0) - 12582912.0
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+        q = _int8_round_clamp(v, sa).to(tl.int32)
         qe, qo = tl.split(tl.reshape(q, (T, 4, 2)))  # even / odd k of each 8-wide word
         xe = _pack4(qe)
         xo = _pack4(qo)
@@ -140,9 +140,8 @@ def _quant_rows(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, K_PAD: tl.constex
     offs_k = tl.arange(0, K_PAD)
     xm = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     v = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)
-    sa = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=1), 127.0), 1.1754943508222875e-38)
-    q = (tl.math.div_rn(v, sa[:, None]) + 12582912.0) - 12582912.0
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+    sa = _int8_scale(tl.max(tl.abs(v), axis=1))
+    q = _int8_round_clamp(v, sa[:, None]).to(tl.int32)
     qe, qo = tl.split(tl.reshape(q, (BLOCK_M, T, 4, 2)))
     xsum = tl.sum(tl.reshape(q, (BLOCK_M, NG, K_PAD // NG)), axis=2)
     return _pack4_3d(qe), _pack4_3d(qo), xsum, sa
