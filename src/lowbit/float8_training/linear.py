@@ -142,9 +142,7 @@ def convert_to_float8_training(
         if not config.emulate and float8_unsupported_reason(config, device) is not None:
             resolve_emulate(config, device)  # raises the error naming the requirement
     for fqn, module in targets:
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Float8Linear.from_linear(module, config))
+        model.set_submodule(fqn, Float8Linear.from_linear(module, config))
         report.converted.append(fqn)
     if report.skipped:
         first = "; ".join(f"{fqn} ({why})" for fqn, why in list(report.skipped.items())[:4])

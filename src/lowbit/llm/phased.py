@@ -128,7 +128,7 @@ def quantize_phased_(
     if not isinstance(config, PrefillDecodeConfig):
         raise TypeError(f"config must be a PrefillDecodeConfig, got {type(config).__name__}")
     accept = filter_fn or (lambda m, fqn: True)
-    plans: list[tuple[nn.Module, str, PhasedLinear]] = []
+    plans: list[tuple[str, PhasedLinear]] = []
     skipped: list[str] = []
     for fqn, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not fqn or not accept(module, fqn):
@@ -145,10 +145,9 @@ def quantize_phased_(
             wd = wp if config.decode == config.prefill else _quantize_or_keep(config.decode, w)
         except Exception as e:
             raise RuntimeError(f"quantizing layer {fqn!r} failed (model unchanged): {e}") from e
-        parent_name, _, leaf = fqn.rpartition(".")
-        plans.append((model.get_submodule(parent_name), leaf, PhasedLinear(wp, wd, module.bias)))
-    for parent, leaf, new in plans:
-        setattr(parent, leaf, new)
+        plans.append((fqn, PhasedLinear(wp, wd, module.bias)))
+    for fqn, new in plans:
+        model.set_submodule(fqn, new)
     if skipped:
         warnings.warn(
             f"PrefillDecodeConfig: kept {len(skipped)} layer(s) in high precision: " + "; ".join(skipped),

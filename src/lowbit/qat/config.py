@@ -116,12 +116,6 @@ class QATConfig:
         return _convert(model, self, accept, device)
 
 
-def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _prepare(model: nn.Module, cfg: QATConfig, accept: FilterFn, device: Any, strict: bool) -> nn.Module:
     name = type(cfg.base_config).__name__
     targets: list[tuple[str, nn.Linear]] = []
@@ -161,7 +155,7 @@ def _prepare(model: nn.Module, cfg: QATConfig, accept: FilterFn, device: Any, st
             raise RuntimeError(f"preparing layer {fqn!r} for QAT failed (model unchanged): {e}") from e
         new_layers.append((fqn, new))
     for fqn, new in new_layers:
-        _swap(model, fqn, new)
+        model.set_submodule(fqn, new)
     if unsupported:
         warnings.warn(
             f"QAT {name}: skipped {len(unsupported)} layer(s) it cannot take: " + "; ".join(unsupported),
@@ -193,7 +187,7 @@ def _convert(model: nn.Module, cfg: QATConfig, accept: FilterFn, device: Any) ->
         except Exception as e:
             raise RuntimeError(f"converting layer {fqn!r} failed (model unchanged): {e}") from e
     for fqn, new in new_layers:
-        _swap(model, fqn, new)
+        model.set_submodule(fqn, new)
     record = dict(getattr(model, CONFIG_ATTR, {}))
     for fqn, _ in targets:
         record[fqn] = cfg.base_config.to_dict()

@@ -105,11 +105,6 @@ def _new_layer(module: nn.Linear, weight: QuantizedTensor) -> nn.Linear:
     return new
 
 
-def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def sparsify_(
     model: nn.Module, config: SparsifyConfig, filter_fn: FilterFn | None = None, on_unsupported: str = "skip"
 ) -> SparsifyReport:
@@ -172,7 +167,7 @@ def sparsify_(
         prepared.append((fqn, module, new))
     for fqn, module, new in prepared:
         if isinstance(new, QuantizedTensor):
-            _swap(model, fqn, _new_layer(module, new))
+            model.set_submodule(fqn, _new_layer(module, new))
         else:
             with torch.no_grad():
                 module.weight.copy_(new)
