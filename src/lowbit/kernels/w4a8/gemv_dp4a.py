@@ -250,7 +250,7 @@ def _tuned_stream_kernel():
 
 
 @functools.cache
-def _num_sms(index: int) -> int:
+def num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -261,7 +261,7 @@ def _stream(x, words, scale, bias, out, group, config):
             scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
                  BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32))
-    sms = _num_sms(x.device.index or 0) if x.is_cuda else 4
+    sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
         return (min(triton.cdiv(n, meta["BLOCK_N"]), sms * meta["PPS"]),)
@@ -311,8 +311,8 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     kernel: "stream" (persistent row streamer, activations quantized once per program),
     "blocked" (one program per BLOCK_N rows, K loop), or "auto" (stream when it fits).
     """
-    if kernel not in ("auto", "stream", "blocked"):
-        raise ValueError(f"kernel={kernel!r}; allowed: auto, stream, blocked")
+    if kernel not in ("auto", "stream", "stream2", "blocked"):
+        raise ValueError(f"kernel={kernel!r}; allowed: auto, stream, stream2, blocked")
     m, k = x.shape
     n = packed.shape[0]
     if m > DP4A_MAX_M:
@@ -326,9 +326,13 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     x = x if x.stride(-1) == 1 else x.contiguous()
     words = packed.contiguous().view(torch.int32)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if kernel == "stream" or (kernel == "auto" and stream_supported(m, k, group)):
+    if kernel in ("stream", "stream2") or (kernel == "auto" and stream_supported(m, k, group)):
         if not stream_supported(m, k, group):
             raise ValueError(f"the streaming dp4a GEMV does not take M={m}, K={k}, group={group_size}")
+        if kernel == "stream2":
+            from lowbit.kernels.w4a8.gemv_stream import stream2
+
+            return stream2(x, words, scale, bias, out, group, config)
         return _stream(x, words, scale, bias, out, group, config)
     args = (x, words, scale, bias if bias is not None else scale, out, n, k, x.stride(0), words.stride(0),
             scale.stride(0), out.stride(0))

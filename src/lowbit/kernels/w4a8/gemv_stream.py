@@ -1,0 +1,148 @@
+"""Persistent W4A8 GEMV for 1-4 tokens (dp4a), activation quantization fused; layout-stable variant.
+
+Same math as the streaming kernel in gemv_dp4a.py. The token rows are read straight into
+the word layout of the weight tile (eight strided loads, one per nibble position) so that the
+packed activation words, the weight words and the dp4a results share one register layout: the
+loop over weight tiles has no shared-memory layout conversions, only the row reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels import interpreter_enabled
+from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
+from lowbit.kernels.w4a8.gemv_dp4a import _dp4a, num_sms
+
+
+@triton.jit
+def _byte(q, i: tl.constexpr):
+    return (q & 0xFF) << (8 * i)
+
+
+@triton.jit
+def _w4a8_stream2_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
+    DEPTH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    T: tl.constexpr = K_PAD // 8
+    G: tl.constexpr = GROUP if GROUP != 0 else K_PAD
+    NG: tl.constexpr = K_PAD // G
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    offs_t = tl.arange(0, T)[None, None, :]
+    t_ok = offs_t < K32 * 4  # K32 = K // 32: the mask is constant over 4 words -> 16-byte loads
+    offs_bn = tl.arange(0, BLOCK_N)[None, :, None]
+    # -- first weight tiles in flight before the activation work -------------------------
+    rows = (pid * BLOCK_N + offs_bn) % N
+    w = tl.load(w_ptr + rows * stride_wn + offs_t, mask=t_ok, other=0)
+    rows2 = ((pid + nprog) * BLOCK_N + offs_bn) % N
+    if DEPTH == 2:
+        w2 = tl.load(w_ptr + rows2 * stride_wn + offs_t, mask=t_ok, other=0)
+    else:
+        w2 = w
+    # -- token rows -> packed int8 words (even k, odd k) in the weight tile's layout ------
+    offs_m = tl.arange(0, BLOCK_M)[:, None, None]
+    x_ok = (offs_m < M) & t_ok
+    xp = x_ptr + offs_m * stride_xm + offs_t * 8
+    v0 = tl.load(xp + 0, mask=x_ok, other=0.0).to(tl.float32)
+    v1 = tl.load(xp + 1, mask=x_ok, other=0.0).to(tl.float32)
+    v2 = tl.load(xp + 2, mask=x_ok, other=0.0).to(tl.float32)
+    v3 = tl.load(xp + 3, mask=x_ok, other=0.0).to(tl.float32)
+    v4 = tl.load(xp + 4, mask=x_ok, other=0.0).to(tl.float32)
+    v5 = tl.load(xp + 5, mask=x_ok, other=0.0).to(tl.float32)
+    v6 = tl.load(xp + 6, mask=x_ok, other=0.0).to(tl.float32)
+    v7 = tl.load(xp + 7, mask=x_ok, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
+                      tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
+    sa = _int8_scale(tl.max(amax, axis=2, keep_dims=True))  # (BLOCK_M, 1, 1)
+    q0 = _int8_round_clamp(v0, sa).to(tl.int32)
+    q1 = _int8_round_clamp(v1, sa).to(tl.int32)
+    q2 = _int8_round_clamp(v2, sa).to(tl.int32)
+    q3 = _int8_round_clamp(v3, sa).to(tl.int32)
+    q4 = _int8_round_clamp(v4, sa).to(tl.int32)
+    q5 = _int8_round_clamp(v5, sa).to(tl.int32)
+    q6 = _int8_round_clamp(v6, sa).to(tl.int32)
+    q7 = _int8_round_clamp(v7, sa).to(tl.int32)
+    xe = _byte(q0, 0) | _byte(q2, 1) | _byte(q4, 2) | _byte(q6, 3)  # (BLOCK_M, 1, T)
+    xo = _byte(q1, 0) | _byte(q3, 1) | _byte(q5, 2) | _byte(q7, 3)
+    qsum = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+    offs_g = tl.arange(0, NG)
+    if GROUP != 0:
+        xsum = tl.sum(tl.reshape(qsum, (BLOCK_M, NG, G // 8)), axis=2)  # (BLOCK_M, NG)
+    else:
+        xsum1 = tl.sum(qsum, axis=2)  # (BLOCK_M, 1)
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, T)
+    out_m = tl.arange(0, BLOCK_M)[:, None]
+    out_bn = tl.arange(0, BLOCK_N)
+    # -- stream the weight ---------------------------------------------------------------
+    for tile in range(pid, n_tiles, nprog):
+        nxt = tile + DEPTH * nprog
+        rows_next = (nxt * BLOCK_N + offs_bn) % N
+        w_next = tl.load(w_ptr + rows_next * stride_wn + offs_t,
+                         mask=t_ok & ((nxt * BLOCK_N + offs_bn) < n_tiles * BLOCK_N), other=0)
+        lo = (w & 0x0F0F0F0F) ^ 0x08080808
+        hi = ((w >> 4) & 0x0F0F0F0F) ^ 0x08080808
+        zero = tl.zeros(shape, tl.int32)
+        acc = _dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(xe, shape), zero, USE_ASM)
+        acc = _dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(xo, shape), acc, USE_ASM)
+        rows_n = (tile * BLOCK_N + out_bn) % N
+        if GROUP != 0:
+            dg = tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_N, NG, G // 8)), axis=3) - 8 * xsum[:, None, :]
+            sw = tl.load(s_ptr + rows_n[:, None] * stride_sn + offs_g[None, :],
+                         mask=(offs_g < K // G)[None, :], other=0.0).to(tl.float32)
+            y = tl.sum(dg.to(tl.float32) * sw[None, :, :], axis=2)
+        else:
+            d = tl.sum(acc, axis=2) - 8 * xsum1
+            y = d.to(tl.float32) * tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)[None, :]
+        y = y * tl.reshape(sa, (BLOCK_M, 1))
+        offs_n = tile * BLOCK_N + out_bn
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_m * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(out_m < M) & (offs_n < N)[None, :])
+        if DEPTH == 2:
+            w = w2
+            w2 = w_next
+        else:
+            w = w_next
+
+
+_STREAM2_SET = [(bn, pps, d, nw) for bn in (2, 4, 8) for pps in (2, 4) for d in (1, 2) for nw in (4, 8)]
+
+
+@functools.cache
+def _tuned_stream2_kernel():
+    cfgs = [triton.Config({"BLOCK_N": bn, "PPS": pps, "DEPTH": d}, num_warps=nw, num_stages=1)
+            for bn, pps, d, nw in _STREAM2_SET]
+    return triton.autotune(configs=cfgs, key=["N", "K", "GROUP", "BLOCK_M"])(_w4a8_stream2_kernel)
+
+
+def stream2(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor, group: int, config: dict | None) -> torch.Tensor:
+    """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row."""
+    m, k = x.shape
+    n = words.shape[0]
+    args = (x, words, scale, bias if bias is not None else scale, out, m, n, k, k // 32, x.stride(0),
+            words.stride(0), scale.stride(0), out.stride(0))
+    flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
+                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32))
+    sms = num_sms(x.device.index or 0) if x.is_cuda else 4
+
+    def grid(meta):
+        return (min(triton.cdiv(n, meta["BLOCK_N"]), sms * meta["PPS"]),)
+
+    if config is None and not interpreter_enabled():
+        _tuned_stream2_kernel()[grid](*args, **flags)
+    else:
+        cfg = dict(config or dict(BLOCK_N=4, PPS=2, DEPTH=1, num_warps=4))
+        _w4a8_stream2_kernel[grid(cfg)](*args, **flags, **cfg)
+    return out
