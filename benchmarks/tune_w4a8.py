@@ -98,8 +98,8 @@ def main() -> None:
             if "stream" in sections:
                 import sys
 
-                from lowbit.kernels.w4a8.gemv_dp4a import _STREAM_SET, w4a8_gemv_dp4a
-                from lowbit.kernels.w4a8.gemv_stream import _STREAM2_SET
+                from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
+                from lowbit.kernels.w4a8.gemv_stream import STREAM_SET, stream_config
 
                 sys.path.insert(0, str(Path(__file__).resolve().parent))
                 import bench_linear as bl  # ceilings() and torch's tinygemm weight layout
@@ -112,30 +112,19 @@ def main() -> None:
                 for m in (1, 4) if (n, k) == (4096, 4096) else (1,):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     label = f"stream {n}x{k} M={m} g={group}"
-                    if "stream_sweep" in sections:  # every config of the first streaming kernel
-                        cands = [dict(BLOCK_N=bn, PPS=pps, DEPTH=d, num_warps=8) for bn, pps, d in _STREAM_SET]
-                        best = sweep(label, rows, cands,
-                                     lambda c: w4a8_gemv_dp4a(x, packed, scale, None, g, config=c, kernel="stream"),
-                                     True)
-                    else:
-                        best = (t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g, kernel="stream"),
-                                     graph=True), "autotuned")
-                    cands2 = [dict(BLOCK_N=bn, PPS=pps, DEPTH=d, num_warps=nw) for bn, pps, d, nw in _STREAM2_SET]
-                    best2 = sweep(f"stream2 {n}x{k} M={m} g={group}", rows, cands2,
-                                  lambda c: w4a8_gemv_dp4a(x, packed, scale, None, g, config=c, kernel="stream2"),
-                                  True)
+                    cands = [dict(BLOCK_N=bn, PPS=pps, DEPTH=d, num_warps=nw) for bn, pps, d, nw in STREAM_SET]
+                    best = sweep(label, rows, cands,
+                                 lambda c: w4a8_gemv_dp4a(x, packed, scale, None, g, config=c, kernel="stream"),
+                                 True)
+                    rule = t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g, kernel="stream"), graph=True)
                     wp, sz, _ = bl.tinygemm_weight(w16)
                     t = {"blocked": t_us(lambda: w4a8_gemv_dp4a(x, packed, scale, None, g, kernel="blocked"),
                                          graph=True),
                          "bf16": t_us(lambda: x @ w16.t(), graph=True),
                          "tinygemm_g128": t_us(lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz),
                                                graph=True)}
-                    if best2:
-                        t.update(stream2=best2[0], stream2_cfg=best2[1], stream2_gbps=wb / best2[0] / 1e3,
-                                 stream2_pct_copy=100 * wb / best2[0] / 1e3 / copy,
-                                 stream2_x_bf16=t["bf16"] / best2[0], stream2_x_tinygemm=t["tinygemm_g128"] / best2[0])
                     if best:
-                        t.update(stream=best[0], stream_cfg=best[1], gbps=wb / best[0] / 1e3,
+                        t.update(stream=best[0], stream_cfg=best[1], rule_us=rule, rule_cfg=stream_config(m, n, k), gbps=wb / best[0] / 1e3,
                                  pct_copy=100 * wb / best[0] / 1e3 / copy,
                                  x_bf16=t["bf16"] / best[0], x_tinygemm=t["tinygemm_g128"] / best[0])
                     rows.append({"label": f"summary {label}", **t})

@@ -14,12 +14,10 @@ and accumulates in int32:
 
 About 0.3 instructions per weight instead of ~6 for a float unpack. Two kernels:
 
-  stream (default): a persistent grid (a few programs per SM); each program quantizes
-    the token rows once (absmax, IEEE division, half-to-even rounding -- bit-identical
-    to the reference int8 activations), keeps them packed in registers and walks full-K
-    row tiles of the weight with the next tile's load in flight. Needs
+  stream (default, gemv_stream.py): a persistent grid; each program quantizes the token rows
+    once, keeps them packed in registers and walks full-K row tiles of the weight. Needs
     next_pow2(M) * next_pow2(K) <= 16384 (every Llama layer at M=1; K <= 4096 at M <= 4).
-  blocked: one program per BLOCK_N rows with a K loop, quantizing its K step of the
+  blocked (here): one program per BLOCK_N rows with a K loop, quantizing its K step of the
     token each step -- the quantization is repeated per program; kept for the rest.
 
 Under TRITON_INTERPRET the dp4a is emulated with shifts (same integers).
@@ -119,105 +117,6 @@ def _w4a8_dp4a_kernel(
     tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-@triton.jit
-def _pack4_3d(q):
-    """(A, T, 4) int32 values in [-128, 127] -> (A, T) int32 words, element i in byte i."""
-    q2 = tl.reshape(q & 0xFF, (q.shape[0], q.shape[1], 2, 2))
-    even, odd = tl.split(q2)
-    e0, e2 = tl.split(even)
-    e1, e3 = tl.split(odd)
-    return e0 | (e1 << 8) | (e2 << 16) | (e3 << 24)
-
-
-@triton.jit
-def _quant_rows(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, NG: tl.constexpr):
-    """Token rows -> (even-k words, odd-k words (BLOCK_M, K_PAD/8), group sums (BLOCK_M, NG), scales).
-
-    Bit-identical to the reference: absmax / 127 and x / s by IEEE division, half-to-even.
-    """
-    T: tl.constexpr = K_PAD // 8
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, K_PAD)
-    xm = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    v = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=xm, other=0.0).to(tl.float32)
-    sa = _int8_scale(tl.max(tl.abs(v), axis=1))
-    q = _int8_round_clamp(v, sa[:, None]).to(tl.int32)
-    qe, qo = tl.split(tl.reshape(q, (BLOCK_M, T, 4, 2)))
-    xsum = tl.sum(tl.reshape(q, (BLOCK_M, NG, K_PAD // NG)), axis=2)
-    return _pack4_3d(qe), _pack4_3d(qo), xsum, sa
-
-
-@triton.jit
-def _w4a8_dp4a_stream_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
-    DEPTH: tl.constexpr,
-):
-    # Persistent row streamer: the (<= 4) token rows are quantized once per program and
-    # kept packed in registers; the program then walks row tiles pid, pid + P, ... of the weight, each
-    # tile a full K row in one request, DEPTH tiles in flight ahead of the one being
-    # multiplied. PPS (programs per SM) only sizes the grid.
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    T: tl.constexpr = K_PAD // 8
-    G: tl.constexpr = GROUP if GROUP != 0 else K_PAD
-    NG: tl.constexpr = K_PAD // G
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    offs_t = tl.arange(0, T)
-    t_ok = offs_t < K // 8
-    offs_bn = tl.arange(0, BLOCK_N)
-    # -- first weight tiles in flight before the activation work -------------------------
-    rows = (pid * BLOCK_N + offs_bn) % N
-    w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_t[None, :], mask=t_ok[None, :], other=0)
-    rows2 = ((pid + nprog) * BLOCK_N + offs_bn) % N
-    if DEPTH == 2:
-        w2 = tl.load(w_ptr + rows2[:, None] * stride_wn + offs_t[None, :], mask=t_ok[None, :], other=0)
-    else:
-        w2 = w
-    offs_m = tl.arange(0, BLOCK_M)
-    xe, xo, xsum, sa = _quant_rows(x_ptr, M, K, stride_xm, BLOCK_M, K_PAD, NG)
-    xe = xe[:, None, :]  # (BLOCK_M, 1, T)
-    xo = xo[:, None, :]
-    offs_g = tl.arange(0, NG)
-    shape: tl.constexpr = (BLOCK_M, BLOCK_N, T)
-    # -- stream the weight ---------------------------------------------------------------
-    for tile in range(pid, n_tiles, nprog):
-        nxt = tile + DEPTH * nprog
-        rows_next = (nxt * BLOCK_N + offs_bn) % N
-        w_next = tl.load(w_ptr + rows_next[:, None] * stride_wn + offs_t[None, :],
-                         mask=t_ok[None, :] & ((offs_bn + nxt * BLOCK_N) < n_tiles * BLOCK_N)[:, None],
-                         other=0)
-        lo = ((w & 0x0F0F0F0F) ^ 0x08080808)[None, :, :]
-        hi = (((w >> 4) & 0x0F0F0F0F) ^ 0x08080808)[None, :, :]
-        zero = tl.zeros(shape, tl.int32)
-        acc = _dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(xe, shape), zero, USE_ASM)
-        acc = _dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(xo, shape), acc, USE_ASM)
-        if GROUP != 0:
-            dg = tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_N, NG, G // 8)), axis=3) - 8 * xsum[:, None, :]
-            sw = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :],
-                         mask=(offs_g < K // G)[None, :], other=0.0).to(tl.float32)
-            y = tl.sum(dg.to(tl.float32) * sw[None, :, :], axis=2)
-        else:
-            d = tl.sum(acc, axis=2) - 8 * tl.sum(xsum, axis=1)[:, None]
-            y = d.to(tl.float32) * tl.load(s_ptr + rows * stride_sn).to(tl.float32)[None, :]
-        y = y * sa[:, None]
-        offs_n = tile * BLOCK_N + offs_bn
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-        if DEPTH == 2:
-            w = w2
-            rows = rows2
-            w2 = w_next
-            rows2 = rows_next
-        else:
-            w = w_next
-            rows = rows_next
-
-
 # NOTE: the streamer keeps BLOCK_M x K_PAD fp32 activations live while quantizing; above this
 # many elements per program it would spill, and the blocked kernel above takes over.
 STREAM_MAX_ELEMS = 16384
@@ -230,48 +129,9 @@ def stream_supported(m: int, k: int, group: int) -> bool:
                                                                               k_pad % group == 0))
 
 
-def stream_config() -> dict:
-    """Config used under the interpreter and when no tuning is wanted."""
-    return dict(BLOCK_N=4, PPS=2, DEPTH=1, num_warps=4)
-
-
-# NOTE: H100 sweeps (results/tune_w4a8_stream_h100.json): 4 programs per SM of 4-row tiles win on
-# K=4096 layers, 2 per SM of 2-row tiles on K=11008 (the padded activation quantization per program
-# costs more there); a workspace pre-quantization kernel (one more launch) never won, nor did
-# programs of 4 warps.
-_STREAM_SET = [(bn, pps, d) for bn in (2, 4, 8) for pps in (2, 4, 8) for d in (1, 2)]
-
-
-@functools.cache
-def _tuned_stream_kernel():
-    cfgs = [triton.Config({"BLOCK_N": bn, "PPS": pps, "DEPTH": d}, num_warps=8, num_stages=1)
-            for bn, pps, d in _STREAM_SET]
-    return triton.autotune(configs=cfgs, key=["N", "K", "GROUP", "BLOCK_M"])(_w4a8_dp4a_stream_kernel)
-
-
 @functools.cache
 def num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _stream(x, words, scale, bias, out, group, config):
-    m, k = x.shape
-    n = words.shape[0]
-    args = (x, words, scale, bias if bias is not None else scale, out, m, n, k, x.stride(0), words.stride(0),
-            scale.stride(0), out.stride(0))
-    flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32))
-    sms = num_sms(x.device.index or 0) if x.is_cuda else 4
-
-    def grid(meta):
-        return (min(triton.cdiv(n, meta["BLOCK_N"]), sms * meta["PPS"]),)
-
-    if config is None and not interpreter_enabled():
-        _tuned_stream_kernel()[grid](*args, **flags)
-    else:
-        cfg = dict(config or stream_config())
-        _w4a8_dp4a_stream_kernel[grid(cfg)](*args, **flags, **cfg)
-    return out
 
 
 def dp4a_config(n: int, k: int, group: int) -> dict:
@@ -311,8 +171,8 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     kernel: "stream" (persistent row streamer, activations quantized once per program),
     "blocked" (one program per BLOCK_N rows, K loop), or "auto" (stream when it fits).
     """
-    if kernel not in ("auto", "stream", "stream2", "blocked"):
-        raise ValueError(f"kernel={kernel!r}; allowed: auto, stream, stream2, blocked")
+    if kernel not in ("auto", "stream", "blocked"):
+        raise ValueError(f"kernel={kernel!r}; allowed: auto, stream, blocked")
     m, k = x.shape
     n = packed.shape[0]
     if m > DP4A_MAX_M:
@@ -326,14 +186,12 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     x = x if x.stride(-1) == 1 else x.contiguous()
     words = packed.contiguous().view(torch.int32)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if kernel in ("stream", "stream2") or (kernel == "auto" and stream_supported(m, k, group)):
+    if kernel == "stream" or (kernel == "auto" and stream_supported(m, k, group)):
         if not stream_supported(m, k, group):
             raise ValueError(f"the streaming dp4a GEMV does not take M={m}, K={k}, group={group_size}")
-        if kernel == "stream2":
-            from lowbit.kernels.w4a8.gemv_stream import stream2
+        from lowbit.kernels.w4a8.gemv_stream import stream
 
-            return stream2(x, words, scale, bias, out, group, config)
-        return _stream(x, words, scale, bias, out, group, config)
+        return stream(x, words, scale, bias, out, group, config)
     args = (x, words, scale, bias if bias is not None else scale, out, n, k, x.stride(0), words.stride(0),
             scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled())

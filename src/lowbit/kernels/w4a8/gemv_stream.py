@@ -1,14 +1,19 @@
-"""Persistent W4A8 GEMV for 1-4 tokens (dp4a), activation quantization fused; layout-stable variant.
+"""Persistent W4A8 GEMV for 1-4 tokens (dp4a), activation quantization fused: the `stream` kernel.
 
-Same math as the streaming kernel in gemv_dp4a.py. The token rows are read straight into
-the word layout of the weight tile (eight strided loads, one per nibble position) so that the
-packed activation words, the weight words and the dp4a results share one register layout: the
-loop over weight tiles has no shared-memory layout conversions, only the row reduction.
+Math as in gemv_dp4a.py. A persistent grid (a few programs per SM): each program quantizes the
+token rows once (absmax, IEEE division, half-to-even -- bit-identical to the reference int8
+activations), keeps them packed in registers and walks full-K row tiles of the weight with the
+next tile's load in flight. The token rows are read straight into the word layout of the weight
+tile (eight strided loads, one per nibble position), so the activation words, the weight words
+and the dp4a results share one register layout: the tile loop has no shared-memory layout
+conversions (an earlier version converted every weight tile: 4 -> 15 barriers per tile, 8-byte
+loads; 22016x4096 g128 ran 33.0 us against 27.9 us here, results/tune_w4a8_stream_h100.json).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -25,7 +30,7 @@ def _byte(q, i: tl.constexpr):
 
 
 @triton.jit
-def _w4a8_stream2_kernel(
+def _w4a8_stream_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
@@ -116,18 +121,35 @@ def _w4a8_stream2_kernel(
             w = w_next
 
 
-_STREAM2_SET = [(bn, pps, d, nw) for bn in (2, 4, 8) for pps in (2, 4) for d in (1, 2) for nw in (4, 8)]
+# NOTE: H100 sweep of this kernel (results/tune_w4a8_stream_h100.json, 24 configs per shape): the
+# rule below is within 1.5% of each shape's best on the Llama layers at M=1 (4% on 1024x4096 and
+# 4096x4096 per row); 2-4 token rows want 8 warps (the 4-warp config ran 1.57x slower at M=4), and
+# K=11008 (padded to 16384 words in registers) wants 4-row tiles, 2 programs per SM. A fixed rule
+# instead of Triton's autotuner: no benchmarking at first call (no 256 MB L2-flush buffer inside a
+# user's memory budget, no per-shape compile sweep); LOWBIT_AUTOTUNE=1 turns the sweep back on.
+STREAM_SET = [(bn, pps, d, nw) for bn in (2, 4, 8) for pps in (2, 4) for d in (1, 2) for nw in (4, 8)]
+
+
+def stream_config(m: int, n: int, k: int) -> dict:
+    """Launch config (BLOCK_N rows per tile, PPS programs per SM, DEPTH tiles in flight, warps)."""
+    if interpreter_enabled():
+        return dict(BLOCK_N=4, PPS=2, DEPTH=1, num_warps=4)
+    if triton.next_power_of_2(k) > 4096:
+        return dict(BLOCK_N=4, PPS=2, DEPTH=1, num_warps=8)
+    if m > 1:
+        return dict(BLOCK_N=8, PPS=2, DEPTH=1, num_warps=8)
+    return dict(BLOCK_N=8, PPS=4, DEPTH=1, num_warps=4)
 
 
 @functools.cache
-def _tuned_stream2_kernel():
+def _tuned_kernel():
     cfgs = [triton.Config({"BLOCK_N": bn, "PPS": pps, "DEPTH": d}, num_warps=nw, num_stages=1)
-            for bn, pps, d, nw in _STREAM2_SET]
-    return triton.autotune(configs=cfgs, key=["N", "K", "GROUP", "BLOCK_M"])(_w4a8_stream2_kernel)
+            for bn, pps, d, nw in STREAM_SET]
+    return triton.autotune(configs=cfgs, key=["N", "K", "GROUP", "BLOCK_M"])(_w4a8_stream_kernel)
 
 
-def stream2(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor, group: int, config: dict | None) -> torch.Tensor:
+def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor, group: int, config: dict | None) -> torch.Tensor:
     """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row."""
     m, k = x.shape
     n = words.shape[0]
@@ -140,9 +162,9 @@ def stream2(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: tor
     def grid(meta):
         return (min(triton.cdiv(n, meta["BLOCK_N"]), sms * meta["PPS"]),)
 
-    if config is None and not interpreter_enabled():
-        _tuned_stream2_kernel()[grid](*args, **flags)
+    if config is None and os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled():
+        _tuned_kernel()[grid](*args, **flags)
     else:
-        cfg = dict(config or dict(BLOCK_N=4, PPS=2, DEPTH=1, num_warps=4))
-        _w4a8_stream2_kernel[grid(cfg)](*args, **flags, **cfg)
+        cfg = dict(config or stream_config(m, n, k))
+        _w4a8_stream_kernel[grid(cfg)](*args, **flags, **cfg)
     return out
