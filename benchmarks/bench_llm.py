@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none,w4a8,torch-int4,int4wo,int8dq,fp8dq",
         help="formats that also run the long-prompt TTFT",
     )
+    p.add_argument(
+        "--kinds",
+        default="decode-b1,ttft,decode-b16",
+        help="run kinds to keep (a subset of decode-b1, ttft, decode-b16), e.g. to split a study over runs",
+    )
     p.add_argument("--batch-large", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the decode runs")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -107,7 +112,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     stage1 = [(m, f, first_kinds(f)) for m in models for f in formats if f in ACCEPTANCE_FORMATS]
     stage2 = [(m, f, ["decode-b16"]) for m in models for f in formats if f in b16]
     stage3 = [(m, f, first_kinds(f)) for m in models for f in formats if f not in ACCEPTANCE_FORMATS]
-    return stage1 + stage2 + stage3
+    keep = set(_split(args.kinds))
+    bad = keep - {"decode-b1", "ttft", "decode-b16"}
+    if bad:
+        raise SystemExit(f"bench_llm: unknown run kind(s) {sorted(bad)}; allowed: decode-b1, ttft, decode-b16")
+    runs = [(m, f, [k for k in kinds if k in keep]) for m, f, kinds in stage1 + stage2 + stage3]
+    return [r for r in runs if r[2]]
 
 
 def run_options(kind: str, args: argparse.Namespace) -> RunOptions:

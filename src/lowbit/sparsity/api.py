@@ -4,6 +4,8 @@
     report = sparsify_(model, SemiSparseConfig())              # prune + store as 2:4 bf16/fp16
     report = sparsify_(model, Int8DynamicActivationSemiSparseInt8WeightConfig())   # prune + W8A8 2:4
     print(report)   # which layers were pruned, which were already 2:4, which were skipped and why
+    report = sparsify_(model, Int8DynamicActivationSemiSparseInt8WeightConfig(), faster_at=2048)
+    # ... only the layers the measured H100 table says run faster than dense int8dq at 2048 tokens
 
 It also converts layers prepared for QAT (lowbit.QATConfig with the matching dense format,
 e.g. int8dq for the int8 2:4 format) after sparse fine-tuning (see SemiSparseMasks): the
@@ -25,7 +27,7 @@ from torch import nn
 
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.formats.configs import Int8DynamicActivationInt8WeightConfig, QuantConfig
-from lowbit.sparsity import backends
+from lowbit.sparsity import backends, speed
 from lowbit.sparsity.configs import Int8DynamicActivationSemiSparseInt8WeightConfig, SemiSparseConfig
 from lowbit.sparsity.pattern import is_24, prune_24
 
@@ -56,6 +58,9 @@ class SparsifyReport:
     pruned: list[str] = field(default_factory=list)  # magnitude-pruned to 2:4
     already_sparse: list[str] = field(default_factory=list)  # already 2:4: kept as is
     skipped: list[str] = field(default_factory=list)  # "name (reason)"
+    # With a format config: from which token count the 2:4 kernel beats the dense format on the
+    # layer's shape, per the measured table (lowbit.sparsity.speed; None: never in the measured range).
+    faster_from: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def sparsified(self) -> list[str]:
@@ -66,10 +71,16 @@ class SparsifyReport:
             f"2:4: {len(self.pruned)} layer(s) pruned, {len(self.already_sparse)} already 2:4, "
             f"{len(self.skipped)} skipped"
         ]
-        lines += [f"  pruned   {n}" for n in self.pruned]
-        lines += [f"  as is    {n}" for n in self.already_sparse]
+        lines += [f"  pruned   {n}{self._speed(n)}" for n in self.pruned]
+        lines += [f"  as is    {n}{self._speed(n)}" for n in self.already_sparse]
         lines += [f"  skipped  {s}" for s in self.skipped]
         return "\n".join(lines)
+
+    def _speed(self, name: str) -> str:
+        if name not in self.faster_from:
+            return ""
+        m = self.faster_from[name]
+        return "  (2:4 slower than dense at every measured M)" if m is None else f"  (2:4 faster from M={m})"
 
 
 def _qat_layer() -> type:
@@ -105,12 +116,34 @@ def _new_layer(module: nn.Linear, weight: QuantizedTensor) -> nn.Linear:
     return new
 
 
+def _table_fmt(config: QuantConfig) -> str:
+    return "int8dq" if isinstance(config, Int8DynamicActivationSemiSparseInt8WeightConfig) else "bf16"
+
+
+def _slower_reason(config: QuantConfig, n: int, k: int, faster_at: int) -> str | None:
+    """Why the measured table says this layer would run slower as 2:4 than dense (None: it won't)."""
+    est = speed.speedup_vs_dense(n, k, faster_at, _table_fmt(config))
+    if est.pays():
+        return None
+    shown = "unknown" if est.speedup is None else f"{est.speedup:.2f}x"
+    where = "" if est.measured else ", shape not measured: worst measured shape"
+    return f"2:4 {est.fmt} is {shown} dense at M={faster_at} on {est.device}{where}"
+
+
 def sparsify_(
-    model: nn.Module, config: SparsifyConfig, filter_fn: FilterFn | None = None, on_unsupported: str = "skip"
+    model: nn.Module,
+    config: SparsifyConfig,
+    filter_fn: FilterFn | None = None,
+    on_unsupported: str = "skip",
+    faster_at: int | None = None,
 ) -> SparsifyReport:
     """2:4-prune (and with a format config, convert) every nn.Linear that `filter_fn(module, fqn)`
     accepts. Layers whose shape the config cannot take are skipped and listed (one warning), or
-    with on_unsupported="error" raise before anything changes. Returns a SparsifyReport."""
+    with on_unsupported="error" raise before anything changes. Returns a SparsifyReport.
+
+    `faster_at=M` (format configs only): also skip, and list, the layers that the measured speed
+    table (lowbit.sparsity.speed) says run slower as 2:4 than as the dense format at M tokens per
+    call; not an error with on_unsupported="error" (nothing is wrong with them)."""
     if not isinstance(
         config, (SemiSparsePruneConfig, SemiSparseConfig, Int8DynamicActivationSemiSparseInt8WeightConfig)
     ):
@@ -120,11 +153,22 @@ def sparsify_(
         )
     if on_unsupported not in ("skip", "error"):
         raise ValueError(f"on_unsupported={on_unsupported!r}; allowed: ['skip', 'error']")
+    if faster_at is not None and (
+        not isinstance(config, QuantConfig)
+        or isinstance(faster_at, bool)
+        or not isinstance(faster_at, int)
+        or faster_at < 1
+    ):
+        raise ValueError(
+            f"faster_at={faster_at!r} must be a token count >= 1 with a 2:4 format config (SemiSparseConfig "
+            f"or Int8DynamicActivationSemiSparseInt8WeightConfig), got {type(config).__name__}"
+        )
     accept = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
     qat_cls = _qat_layer()
     fmt = config if isinstance(config, QuantConfig) else None
     report = SparsifyReport()
     targets: list[tuple[str, nn.Linear]] = []
+    slower: list[str] = []
     for fqn, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not accept(module, fqn):
             continue
@@ -139,6 +183,11 @@ def sparsify_(
             reason = _qat_reason(module, fmt)
         if reason is not None:
             report.skipped.append(f"{fqn} ({reason})")
+            continue
+        n, k = module.weight.shape
+        slow = None if fmt is None or faster_at is None else _slower_reason(fmt, n, k, faster_at)
+        if slow is not None:
+            slower.append(f"{fqn} ({slow})")
         else:
             targets.append((fqn, module))
     if report.skipped and on_unsupported == "error":
@@ -146,6 +195,7 @@ def sparsify_(
             f"{type(config).__name__} cannot take {len(report.skipped)} layer(s): "
             + "; ".join(report.skipped)
         )
+    report.skipped += slower
     if fmt is not None and any(fqn == "" for fqn, _ in targets):
         raise ValueError(
             "sparsify_ with a 2:4 format needs a model that contains the nn.Linear layers, "
@@ -155,6 +205,8 @@ def sparsify_(
     for fqn, module in targets:
         w = module.weight.detach()
         (report.already_sparse if is_24(w) else report.pruned).append(fqn)
+        if fmt is not None:
+            report.faster_from[fqn] = speed.crossover_tokens(w.shape[0], w.shape[1], _table_fmt(fmt))
         try:
             if fmt is None:
                 new: torch.Tensor | QuantizedTensor = prune_24(w)

@@ -20,12 +20,18 @@ cuSPARSELt layout is opaque and may change with the library version or GPU.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from lowbit.core.kernel_choice import KernelChoice
+from lowbit.formats.common import warn_once
 
 CUSPARSELT = "cusparselt"
 CUTLASS = "cutlass"
@@ -41,10 +47,11 @@ PAD_FLOOR = {16: 16, 8: 32}
 
 # NOTE: below these token counts (product of x's leading dims) AUTO on CUDA runs the dense path
 # (the weight decompressed per call, then cuBLAS bf16 / torch._int_mm) instead of the 2:4 kernel.
-# Provisional 0 = always the 2:4 kernel: by bytes moved, the 2:4 kernel reads ~0.56x of the dense
-# weight while the dense path reads and writes ~2.6x, so the dense path should lose at every M. Set from
-# `python benchmarks/bench_sparsity.py --speed` on H100 (it prints the crossover per format):
-# bf16 2:4 vs dense path at M=1/16/128: ... us vs ... us (fill in); int8: ... us vs ... us.
+# They are the M from which `python benchmarks/bench_sparsity.py --speed` measures the 2:4 kernel
+# beating that dense path (it prints them). H100, cuSPARSELt alg 0 (before the algorithm search):
+# 11008x4096 bf16 2:4 vs dense path 112 vs 586 us at M=1, 81 vs 594 at M=128, 834 vs 828 at M=2048
+# (alg 0's worst case; the search is expected to fix it); int8 55 vs 626 us at M=1. So 0: always
+# the 2:4 kernel. Whether 2:4 beats a dense *model* is decided at conversion (speed.py, faster_at).
 SEMI_SPARSE_MIN_TOKENS = 0
 INT8_SEMI_SPARSE_MIN_TOKENS = 0
 
@@ -141,21 +148,209 @@ def pad_tokens(x2: torch.Tensor) -> torch.Tensor:
     return F.pad(x2, (0, 0, 0, target - m)) if target != m else x2
 
 
+# ---------------------------------------------------------------------------------------------
+# cuSPARSELt algorithm selection
+# ---------------------------------------------------------------------------------------------
+# NOTE: with cuSPARSELt's default algorithm (alg_id 0) 2:4 bf16 lost to dense cuBLAS on H100 even
+# where it has half the work: 11008x4096, M=1: 112 vs 47 us; M=2048: 834 vs 250 us (the alg-0 run
+# of benchmarks/results/sparsity_speed_h100.json). cuSPARSELt's own search
+# (cusparseLtMatmulSearch: times every algorithm and split-K setting on the real operands) picks
+# per problem, so lowbit searches once per (device, N, K, token bucket, dtypes, epilogue, layout),
+# lazily on the first eager GPU call, and caches the result for the process.
+SEARCH_ENV = "LOWBIT_CUSPARSELT_SEARCH"  # "0": never search, always cuSPARSELt's default algorithm
+MAX_TOKEN_BUCKET = 1 << 16
+
+
+class CsltAlgo(NamedTuple):
+    """One cuSPARSELt plan choice (the arguments `torch._cslt_sparse_mm` takes)."""
+
+    alg_id: int = 0
+    split_k: int = 1
+    split_k_mode: int = -1
+
+
+class AlgoKey(NamedTuple):
+    device: int
+    n: int
+    k: int
+    tokens: int  # the token bucket (see token_bucket)
+    dtype: torch.dtype
+    out_dtype: torch.dtype | None
+    alpha: bool
+    bias: bool
+    transpose_result: bool
+    dense_contiguous: bool
+
+
+DEFAULT_ALGO = CsltAlgo()
+_ALGOS: dict[AlgoKey, CsltAlgo] = {}
+
+
+def env_enabled(value: str | None) -> bool:
+    """The search setting $LOWBIT_CUSPARSELT_SEARCH asks for (unset: on)."""
+    return (value or "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_search_enabled = env_enabled(os.environ.get(SEARCH_ENV))
+
+
+def set_algorithm_search(enabled: bool) -> bool:
+    """Turn the cuSPARSELt algorithm search on or off (default on; env LOWBIT_CUSPARSELT_SEARCH=0
+    turns it off). Off: every call runs cuSPARSELt's default algorithm. Returns the old setting."""
+    global _search_enabled
+    old, _search_enabled = _search_enabled, bool(enabled)
+    return old
+
+
+@contextlib.contextmanager
+def algorithm_search(enabled: bool) -> Iterator[None]:
+    """`with algorithm_search(False): ...` runs the block with the search on or off."""
+    old = set_algorithm_search(enabled)
+    try:
+        yield
+    finally:
+        set_algorithm_search(old)
+
+
+def algorithm_cache() -> dict[AlgoKey, CsltAlgo]:
+    """A copy of the algorithms found so far."""
+    return dict(_ALGOS)
+
+
+def clear_algorithm_cache() -> None:
+    _ALGOS.clear()
+
+
+def token_bucket(m: int) -> int:
+    """Token counts that share one searched algorithm: the next power of two (at most 2**16)."""
+    return min(MAX_TOKEN_BUCKET, 1 << max(0, m - 1).bit_length())
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _can_search(dense_b: torch.Tensor) -> bool:
+    """Searching times kernels and synchronizes: never while torch.compile traces or a CUDA
+    graph captures (the caller then runs a cached choice or the default)."""
+    if torch.compiler.is_compiling() or not _on_gpu(dense_b):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -> CsltAlgo:
+    """cuSPARSELt's search through whichever entry point this torch has: torch._C._cusparselt.
+    mm_search -> (alg_id, split_k, split_k_mode, max_alg_id); torch._cslt_sparse_mm_search -> an
+    int (older builds: a tuple whose first item is the alg id)."""
+    mod = getattr(torch._C, "_cusparselt", None)
+    fn = getattr(mod, "mm_search", None)
+    if fn is not None:
+        found = fn(packed, dense_b, bias, alpha, out_dtype, transpose_result)
+    else:
+        found = torch._cslt_sparse_mm_search(
+            packed, dense_b, bias=bias, alpha=alpha, out_dtype=out_dtype, transpose_result=transpose_result
+        )
+    if isinstance(found, (tuple, list)):
+        if fn is not None and len(found) >= 3:
+            return CsltAlgo(int(found[0]), int(found[1]), int(found[2]))
+        return CsltAlgo(int(found[0]))
+    return CsltAlgo(int(found))
+
+
+def _mm_kwargs(algo: CsltAlgo) -> dict[str, int]:
+    """The plan arguments this torch's `_cslt_sparse_mm` takes (alg 0 passes none: the defaults)."""
+    if algo == DEFAULT_ALGO:
+        return {}
+    names = _mm_arg_names()
+    out = {"alg_id": algo.alg_id}
+    if algo.split_k != 1 and "split_k" in names:
+        out["split_k"] = algo.split_k
+        if "split_k_mode" in names:
+            out["split_k_mode"] = algo.split_k_mode
+    return out
+
+
+@functools.cache
+def _mm_arg_names() -> frozenset[str]:
+    try:
+        return frozenset(a.name for a in torch.ops.aten._cslt_sparse_mm.default._schema.arguments)
+    except (AttributeError, RuntimeError):
+        return frozenset({"alg_id"})
+
+
+def choose_algorithm(
+    packed: torch.Tensor,
+    dense_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    alpha: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    transpose_result: bool,
+) -> CsltAlgo:
+    """The algorithm for this call: cached, else searched now (eager GPU calls only), else alg 0.
+    A failed search is cached as alg 0 (warned once) so it is not retried every call."""
+    if not _search_enabled:
+        return DEFAULT_ALGO
+    tokens = dense_b.shape[1]
+    if not isinstance(tokens, int):  # a symbolic size under torch.compile: no bucket to look up
+        return DEFAULT_ALGO
+    key = AlgoKey(
+        (dense_b.device.index or 0) if _on_gpu(dense_b) else -1,
+        packed.shape[0],
+        dense_b.shape[0],
+        token_bucket(tokens),
+        dense_b.dtype,
+        out_dtype,
+        alpha is not None,
+        bias is not None,
+        transpose_result,
+        dense_b.is_contiguous(),
+    )
+    algo = _ALGOS.get(key)
+    if algo is not None or not _can_search(dense_b):
+        return algo or DEFAULT_ALGO
+    try:
+        algo = _search(packed, dense_b, bias, alpha, out_dtype, transpose_result)
+    except RuntimeError as e:  # e.g. a cuSPARSELt without search support for this problem
+        warn_once(
+            f"cslt-search-{e}",
+            f"cuSPARSELt algorithm search failed ({str(e).splitlines()[0]}); using the default algorithm",
+        )
+        algo = DEFAULT_ALGO
+    _ALGOS[key] = algo
+    return algo
+
+
 def cusparselt_mm(
     packed: torch.Tensor,
     x2: torch.Tensor,
     bias: torch.Tensor | None = None,
     alpha: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    *,
+    transpose_result: bool = True,
+    contiguous_dense: bool = False,
 ) -> torch.Tensor:
-    """x2 (M, K) @ W^T -> (M, N). The dense operand is x^T as a transposed (column-major) view
-    and the result is asked for transposed, so no copy is made of either."""
+    """x2 (M, K) @ W^T -> (M, N), with the cached/searched cuSPARSELt algorithm.
+
+    Defaults (the copy-free layout): the dense operand is x^T as a transposed view (cuSPARSELt
+    reads it as a transposed row-major matrix) and the result is asked for transposed, so it
+    comes out as (M, N) row-major. `transpose_result=False` (an (N, M) result, returned as a
+    transposed view) and `contiguous_dense=True` (x^T copied first) exist for the benchmark.
+    """
     m = x2.shape[0]
     xp = pad_tokens(x2)
+    dense_b = xp.t().contiguous() if contiguous_dense else xp.t()
+    algo = choose_algorithm(packed, dense_b, bias, alpha, out_dtype, transpose_result)
     y = torch._cslt_sparse_mm(
-        packed, xp.t(), bias=bias, alpha=alpha, out_dtype=out_dtype, transpose_result=True
+        packed,
+        dense_b,
+        bias=bias,
+        alpha=alpha,
+        out_dtype=out_dtype,
+        transpose_result=transpose_result,
+        **_mm_kwargs(algo),
     )
-    return y[:m]
+    return y[:m] if transpose_result else y.t()[:m]
 
 
 def cutlass_mm(
