@@ -10,6 +10,7 @@ Every column includes its own activation quantization where it has one
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -145,6 +146,10 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
                 impls[f"{name}_{path}"] = (lambda q, p: (lambda x: torch.ops.lowbit.int4_linear(
                     x, q.qdata, q.scale, None, None, q.group_size, False, True, p)))(qw, path)
                 wbytes[f"{name}_{path}"] = qw.nbytes_stored()
+    if cutlass_available():
+        qw = lowbit.W4A8Config(group_size=None, kernel=lowbit.KernelChoice.CUTLASS).quantize_weight(w)
+        impls["lowbit_w4a8_row_cutlass"] = lambda x: F.linear(x, qw)
+        wbytes["lowbit_w4a8_row_cutlass"] = qw.nbytes_stored()
     if "torchao" in peers:
         try:
             lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -155,6 +160,22 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
         except Exception as e:  # report, keep going
             print(f"torchao int4wo unavailable for {n}x{k}: {type(e).__name__}: {e}")
     return impls, wbytes
+
+
+@functools.cache
+def cutlass_available() -> bool:
+    """The CUTLASS W4A8 column runs only where the extension builds (or is cached) on a CC 9.0 GPU."""
+    from lowbit.kernels.cutlass import build
+
+    reason = build.device_blocker(torch.device("cuda")) or build.build_blocker()
+    if reason is None:
+        try:
+            build.load()
+        except build.BuildError as e:
+            reason = str(e)[-500:]
+    if reason is not None:
+        print(f"CUTLASS column skipped: {reason}")
+    return reason is None
 
 
 def check_correctness(impls: dict, n: int, k: int) -> dict:
@@ -234,6 +255,8 @@ def print_table(rows: list[dict]) -> None:
             "fp8_rowwise_scaled_mm_eager_quant", "torchao_int4wo_g128", "lowbit_int4wo_g128",
             "lowbit_w4a8_row", "lowbit_w4a8_g128"]
     short = ["bf16", "tiny", "intmm", "w8a8e", "fp8e", "ao_i4", "lb_i4", "w4a8r", "w4a8g"]
+    if any(r["impl"] == "lowbit_w4a8_row_cutlass" for r in rows):
+        cols, short = cols + ["lowbit_w4a8_row_cutlass"], short + ["w4a8rC"]
     by = {(r["N"], r["K"], r["M"], r["impl"]): r["us"] for r in rows}
     print("NxK M | " + " ".join(f"{s:>7}" for s in short) + " | g128 vs bf16, vs tiny; row vs bf16")
     for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in rows}):

@@ -228,7 +228,18 @@ def report() -> dict[str, Any]:
         "kernel_device": device,
         "kernels": kernel_paths(device),
         "optional": optional_deps(),
+        "cutlass": cutlass_backend(),
     }
+
+
+def cutlass_backend() -> dict[str, Any]:
+    """State of the CUTLASS W4A8 backend: headers, nvcc, build cache, GPU. Compiles nothing."""
+    try:
+        from lowbit.kernels.cutlass.build import status
+
+        return status()
+    except Exception as e:  # report, do not fail the whole doctor
+        return {"blocker": f"{type(e).__name__}: {e}"}
 
 
 def _imported_version() -> str | None:
@@ -261,6 +272,17 @@ def format_report(r: dict[str, Any]) -> str:
         state = f"present {o.get('version') or ''}".strip() if o["present"] else "absent"
         fix = f"  -> {o['fix']}" if o["fix"] else ""
         lines.append(f"  {o['name']:<20} {state:<16} {o['for']}{fix}")
+    c = r.get("cutlass", {})
+    lines.append("\nCUTLASS W4A8 backend (kernel=KernelChoice.CUTLASS; AUTO does not pick it):")
+    if "headers" in c:
+        gpu = c["gpu_cc"] and f"CC {c['gpu_cc']}" + ("" if c["sm90a_gpu"] else " (needs 9.0)")
+        lines += [
+            f"  {'headers':<13} {c['headers']} ({c['cutlass_dir']}, CUTLASS {c['cutlass_version']})",
+            f"  {'nvcc':<13} {c['nvcc'] or 'not found'}; ninja {'found' if c['ninja'] else 'not found'}",
+            f"  {'build cache':<13} {c['built'] or 'not built (compiles on first use)'} [{c['cache_dir']}]",
+            f"  {'GPU':<13} {gpu or 'none'}",
+        ]
+    lines.append(f"  {'state':<13} {'usable' if not c.get('blocker') else c['blocker']}")
     return "\n".join(lines)
 
 

@@ -85,7 +85,26 @@ class Int4Tensor(QuantizedTensor):
             reason = "the Triton W4A8 kernels take symmetric weights (zero_point_domain='none')"
         if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
             reason = f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
-        return {KernelChoice.TRITON: reason}
+        available = {KernelChoice.TRITON: reason}
+        if dynamic and (self.kernel is KernelChoice.CUTLASS or self._auto_cutlass(x)):
+            from lowbit.kernels.cutlass import w4a8 as cutlass_w4a8
+
+            cutlass = {KernelChoice.CUTLASS: cutlass_w4a8.unavailable_reason(
+                x, self.shape[0], self.shape[1], self.group_size,
+                self.zero_point_domain is ZeroPointDomain.NONE)}
+            available = cutlass | available  # AUTO tries the first usable entry
+        elif self.kernel is KernelChoice.CUTLASS:
+            available[KernelChoice.CUTLASS] = "the CUTLASS kernel is W4A8 only (int8 activations)"
+        return available
+
+    def _auto_cutlass(self, x: torch.Tensor) -> bool:
+        """AUTO consults CUTLASS_AUTO_SHAPES (empty for now: AUTO never picks CUTLASS)."""
+        if self.kernel is not KernelChoice.AUTO or not x.is_cuda:
+            return False
+        from lowbit.kernels.cutlass.w4a8 import auto_prefers_cutlass
+
+        tokens = x.numel() // max(x.shape[-1], 1)
+        return auto_prefers_cutlass(self.shape[0], self.shape[1], tokens)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         fmt = "w4a8" if self.act_quant is not None else "int4"
@@ -97,6 +116,10 @@ class Int4Tensor(QuantizedTensor):
             from lowbit.kernels.w4a8 import op
 
             y = op.int4_linear(x2, self, bias, quantize_activations=dynamic)
+        elif path is KernelChoice.CUTLASS:
+            from lowbit.kernels.cutlass.w4a8 import w4a8_linear
+
+            y = w4a8_linear(x2, self, bias)
         elif dynamic:
             y = w4a8_linear_reference(x2, self, bias)
         else:

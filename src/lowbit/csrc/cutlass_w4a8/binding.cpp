@@ -1,0 +1,57 @@
+// torch binding of the CUTLASS W4A8 GEMM: tensor checks, stream, workspace; the kernel itself
+// lives in w4a8_gemm.cu behind a plain C++ launcher (raw pointers + cudaStream_t).
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "w4a8_gemm.h"
+
+namespace {
+
+void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "lowbit CUTLASS W4A8: ", what); }
+
+// qa int8 (M, K), sa float32 (M,) or (M, 1), packed uint8 (N, K/2), sw float32 (N,) or (N, 1),
+// bias (N,) in out_dtype or None -> (M, N) in out_dtype.
+torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
+                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias,
+                        at::ScalarType out_dtype) {
+  check(qa.is_cuda() && sa.is_cuda() && packed.is_cuda() && sw.is_cuda(), "all inputs must be CUDA tensors");
+  check(qa.scalar_type() == at::kChar && qa.dim() == 2 && qa.is_contiguous(),
+        "activations must be contiguous int8 (M, K)");
+  check(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+        "weights must be contiguous uint8 (N, K/2)");
+  check(sa.scalar_type() == at::kFloat && sa.is_contiguous(), "activation scale must be contiguous float32");
+  check(sw.scalar_type() == at::kFloat && sw.is_contiguous(), "weight scale must be contiguous float32");
+  check(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output dtype must be bfloat16 or float16");
+  const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
+  check(packed.size(1) * 2 == k, "weight K/2 does not match activation K");
+  check(sa.numel() == m && sw.numel() == n, "scale sizes must be (M,) and (N,)");
+  check(k % 32 == 0 && n % 8 == 0, "needs K % 32 == 0 and N % 8 == 0 (16-byte TMA rows)");
+  if (bias) {
+    check(bias->is_cuda() && bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == out_dtype,
+          "bias must be a contiguous (N,) CUDA tensor in the output dtype");
+  }
+  c10::cuda::CUDAGuard guard(qa.device());
+  auto out = torch::empty({m, n}, qa.options().dtype(out_dtype));
+  if (m == 0) return out;
+  W4A8Problem p{packed.data_ptr(), qa.data_ptr(), sw.data_ptr<float>(), sa.data_ptr<float>(),
+                bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
+                static_cast<int>(n), static_cast<int>(k),
+                out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
+  const size_t ws_bytes = lowbit_w4a8_workspace_size(p);
+  torch::Tensor ws;
+  if (ws_bytes > 0) ws = torch::empty({static_cast<int64_t>(ws_bytes)}, qa.options().dtype(at::kByte));
+  char err[512] = {0};
+  const int rc = lowbit_w4a8_gemm(p, ws_bytes ? ws.data_ptr() : nullptr,
+                                  c10::cuda::getCurrentCUDAStream().stream(), err, sizeof(err));
+  check(rc == 0, err);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4a8_gemm", &w4a8_gemm, "CUTLASS sm90 W4A8 GEMM: int8 (M,K) x packed int4 (N,K) -> (M,N)",
+        py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
+}

@@ -1,0 +1,26 @@
+// Plain C++ interface of the CUTLASS W4A8 GEMM (no torch, no CUTLASS types).
+#pragma once
+#include <cstddef>
+
+#include <cuda_runtime.h>
+
+enum W4A8OutDtype { W4A8_OUT_BF16 = 0, W4A8_OUT_FP16 = 1 };
+
+struct W4A8Problem {
+  const void* w;        // packed int4 weights, uint8 (n_out, k / 2), low nibble = even k
+  const void* x;        // int8 activations (tokens, k), row-major
+  const float* w_scale;  // (n_out,) float32 per-row weight scale
+  const float* a_scale;  // (tokens,) float32 per-token activation scale
+  const void* bias;     // (n_out,) in the output dtype, or nullptr
+  void* out;            // (tokens, n_out) row-major, bf16 or fp16
+  int tokens;
+  int n_out;
+  int k;
+  int out_dtype;        // W4A8OutDtype
+};
+
+// Bytes of device workspace lowbit_w4a8_gemm needs for this problem.
+size_t lowbit_w4a8_workspace_size(const W4A8Problem& p);
+
+// Launches on `stream`; 0 on success, else a non-zero code with a message written into err.
+int lowbit_w4a8_gemm(const W4A8Problem& p, void* workspace, cudaStream_t stream, char* err, int err_len);

@@ -1,0 +1,123 @@
+"""W4A8 linear on the CUTLASS sm_90a kernel (src/lowbit/csrc/cutlass_w4a8/w4a8_gemm.cu).
+
+Same stored weight as the Triton path: packed uint8 (N, K // 2), low nibble = even k, which is
+byte for byte a row-major (N, K) cutlass::int4b_t tensor, so no repack. Activations go through
+the same per-token int8 quantization (act_quant); the kernel converts int4 -> int8 in registers,
+runs int8 tensor cores with int32 accumulation and applies weight scale, activation scale and
+bias in its epilogue.
+
+Per-row weight scales only (group_size == K): the CUTLASS mixed-input collective applies
+group scales to the converted operand before the MMA, which cannot work when that operand is
+int8; see the .cu header. The float32 copy of the scale the epilogue reads is cached per scale
+tensor (refreshed when the tensor is modified in place).
+
+AUTO never picks this kernel unless a shape is listed in CUTLASS_AUTO_SHAPES (empty until it is
+measured against the Triton kernels on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+# (N, K, min_tokens) entries on which AUTO prefers the CUTLASS kernel to Triton. Empty: AUTO
+# never picks it; filled from benchmarks/check_cutlass.py results once measured on H100.
+CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int], ...] = ()
+
+_SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def shape_unsupported(n: int, k: int, group_size: int) -> str | None:
+    """Why the kernel cannot take this weight (None: it can)."""
+    if group_size != k:
+        return (
+            f"the CUTLASS kernel takes per-row weight scales only (group_size=None), "
+            f"got group_size={group_size}"
+        )
+    if k % 32 or n % 8:
+        return f"the CUTLASS kernel needs K % 32 == 0 and N % 8 == 0, got N={n}, K={k}"
+    return None
+
+
+def unavailable_reason(x: torch.Tensor, n: int, k: int, group_size: int, symmetric: bool) -> str | None:
+    """None when kernel=CUTLASS can run this W4A8 linear here, else a one-line reason."""
+    from lowbit.kernels.cutlass import build
+
+    if not symmetric:
+        return "the CUTLASS W4A8 kernel takes symmetric weights (zero_point_domain='none')"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUTLASS kernel takes fp16/bf16 activations, got {x.dtype}"
+    reason = shape_unsupported(n, k, group_size) or build.device_blocker(x.device)
+    return reason or (None if build.ready() else build.build_blocker())
+
+
+def auto_prefers_cutlass(n: int, k: int, tokens: int) -> bool:
+    return any(n == sn and k == sk and tokens >= sm for sn, sk, sm in CUTLASS_AUTO_SHAPES)
+
+
+def _scale_f32(scale: torch.Tensor) -> torch.Tensor:
+    hit = _SCALE_F32.get(scale)
+    if hit is not None and hit[0] == scale._version:
+        return hit[1]
+    f32 = scale.reshape(-1).to(torch.float32).contiguous()
+    _SCALE_F32[scale] = (scale._version, f32)
+    return f32
+
+
+def _quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowbit.kernels import _triton_installed
+
+    if _triton_installed():
+        from lowbit.kernels.w4a8.act_quant import act_quant
+
+        return act_quant(x2)
+    from lowbit.kernels.w4a8.reference import act_quant_ref
+
+    return act_quant_ref(x2)
+
+
+def gemm(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int8 (M, K) x packed int4 (N, K//2) -> (M, N): (acc * scale) * sa (+ bias), one rounding."""
+    from lowbit.kernels.cutlass.build import load
+
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    return load().w4a8_gemm(
+        qa.contiguous(),
+        sa.reshape(-1).contiguous(),
+        packed.contiguous(),
+        _scale_f32(scale),
+        None if bias is None else bias.contiguous(),
+        out_dtype,
+    )
+
+
+def _linear_impl(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    qa, sa = _quantize(x)
+    return gemm(qa, sa, packed, scale, bias, x.dtype)
+
+
+w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_linear", mutates_args=())(_linear_impl)
+
+
+@w4a8_cutlass_op.register_fake
+def _(x, packed, scale, bias):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
+    """Entry point used by Int4Tensor: x2 (M, K) fp16/bf16 -> (M, N). Inference only."""
+    traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
+    if torch.compiler.is_compiling() or traced:
+        return w4a8_cutlass_op(x2, w.qdata, w.scale, bias)
+    # NOTE: eager calls skip the custom-op dispatcher (tens of microseconds per call).
+    return _linear_impl(x2, w.qdata, w.scale, bias)

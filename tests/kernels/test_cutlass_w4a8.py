@@ -1,0 +1,226 @@
+"""CUTLASS W4A8 backend: build plumbing on any machine, numerics on a Hopper GPU.
+
+CPU twins check what a CI machine can: lazy import, one-line errors that name the reason,
+header detection with the fix command, the cache key. The GPU tests build (or load from cache)
+the extension and compare it with the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.core.kernel_choice import KernelChoice
+from lowbit.core.packing import unpack_int4
+from lowbit.formats.configs import Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig
+from lowbit.formats.int4 import w4a8_linear_reference
+from lowbit.kernels.cutlass import build, w4a8
+
+REPO_SRC = str(Path(lowbit.__file__).resolve().parents[1])
+
+
+def _sm90_blocker() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return build.device_blocker(torch.device("cuda")) or build.build_blocker()
+
+
+GPU_SKIP = _sm90_blocker()
+needs_sm90 = pytest.mark.skipif(GPU_SKIP is not None, reason=f"CUTLASS kernel cannot run: {GPU_SKIP}")
+
+
+def _w4a8_weight(
+    n: int,
+    k: int,
+    kernel: KernelChoice = KernelChoice.CUTLASS,
+    group_size: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+):
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=group_size, kernel=kernel)
+    return cfg.quantize_weight(torch.randn(n, k, dtype=dtype, device=device))
+
+
+# -- CPU twins --------------------------------------------------------------------------------
+def test_import_builds_nothing():
+    code = (
+        "import lowbit, lowbit.formats.int4, lowbit.kernels.cutlass.w4a8 as w, sys; "
+        "from lowbit.kernels.cutlass import build; "
+        "print(build.load.cache_info().currsize, 'torch.utils.cpp_extension' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO_SRC},
+    ).stdout.split()
+    assert out == ["0", "False"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU twin of the GPU tests")
+def test_explicit_cutlass_on_cpu_names_reason():
+    w = _w4a8_weight(64, 128)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError) as e:
+        torch.nn.functional.linear(x, w)
+    msg = str(e.value)
+    assert "\n" not in msg and "'cutlass'" in msg and "w4a8" in msg
+    assert "CUDA tensor" in msg and "cpu" in msg
+
+
+def test_group_wise_scales_rejected():
+    reason = w4a8.unavailable_reason(torch.empty(2, 256, dtype=torch.bfloat16), 64, 256, 128, True)
+    assert reason is not None and "per-row" in reason and "group_size=128" in reason
+    assert w4a8.shape_unsupported(64, 256, 256) is None
+    assert "K % 32" in w4a8.shape_unsupported(64, 48, 48)
+    assert "N % 8" in w4a8.shape_unsupported(60, 64, 64)
+
+
+def test_weight_only_and_asymmetric_rejected():
+    cfg = Int4WeightOnlyConfig(group_size=None, kernel=KernelChoice.CUTLASS)
+    w = cfg.quantize_weight(torch.randn(64, 128))
+    with pytest.raises(RuntimeError, match="W4A8 only"):
+        torch.nn.functional.linear(torch.randn(2, 128), w)
+    x = torch.empty(2, 128, dtype=torch.bfloat16)
+    assert "symmetric" in w4a8.unavailable_reason(x, 64, 128, 128, False)
+    assert "fp16/bf16" in w4a8.unavailable_reason(x.float(), 64, 128, 128, True)
+
+
+def test_missing_headers_gives_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CUTLASS_DIR", str(tmp_path))
+    reason = build.missing_headers()
+    assert reason is not None and build.FIX in reason and str(tmp_path) in reason
+    assert build.build_blocker() is not None  # CPU torch or missing headers: both block
+    for h in build.REQUIRED_HEADERS:  # a complete (fake) tree passes the check
+        (tmp_path / h).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / h).write_text("")
+    assert build.missing_headers() is None
+    (tmp_path / build.REQUIRED_HEADERS[-1]).unlink()
+    assert build.REQUIRED_HEADERS[-1] in build.missing_headers()
+
+
+def test_cutlass_version_parsed(tmp_path):
+    v = tmp_path / "include" / "cutlass" / "version.h"
+    v.parent.mkdir(parents=True)
+    v.write_text("#define CUTLASS_MAJOR 4\n#define CUTLASS_MINOR 2\n#define CUTLASS_PATCH 1\n")
+    assert build.cutlass_version(tmp_path) == "4.2.1"
+    assert build.cutlass_version(tmp_path / "nowhere") == "unknown"
+
+
+def test_cache_key_changes_with_inputs(tmp_path, monkeypatch):
+    base = ("2.11.0+cu130", "13.0", "sm_90a", "4.2.0", "abc")
+    keys = {build.cache_key(*base)}
+    for i, other in enumerate(("2.12.0", "12.8", "sm_100a", "3.8.0", "abd")):
+        keys.add(build.cache_key(*base[:i], other, *base[i + 1 :]))
+    assert len(keys) == 6 and build.cache_key(*base) == build.cache_key(*base)
+    # the source hash covers every source file's bytes
+    for name in build.SOURCES:
+        (tmp_path / name).write_bytes((build.SOURCE_DIR / name).read_bytes())
+    h0 = build.source_hash(tmp_path)
+    assert h0 == build.source_hash()
+    (tmp_path / "w4a8_gemm.h").write_bytes(b"// changed\n")
+    assert build.source_hash(tmp_path) != h0
+    monkeypatch.setenv("LOWBIT_CUTLASS_CACHE", str(tmp_path / "cache"))
+    assert build.cache_dir("k1") == tmp_path / "cache" / "k1"
+    assert build.built_library("k1") is None
+    (tmp_path / "cache" / "k1").mkdir(parents=True)
+    (tmp_path / "cache" / "k1" / (build.module_name("k1") + ".so")).write_bytes(b"")
+    assert build.built_library("k1") is not None
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="CPU-build twin")
+def test_load_on_cpu_torch_fails_fast():
+    t0 = time.perf_counter()
+    with pytest.raises(build.BuildError, match="CPU-only build"):
+        build.load()
+    assert time.perf_counter() - t0 < 1.0
+    assert build.status()["blocker"] == "torch is a CPU-only build (torch.version.cuda is None)"
+
+
+def test_auto_never_picks_cutlass_yet(monkeypatch):
+    assert w4a8.CUTLASS_AUTO_SHAPES == ()
+    assert not w4a8.auto_prefers_cutlass(4096, 4096, 2048)
+    monkeypatch.setattr(w4a8, "CUTLASS_AUTO_SHAPES", ((4096, 4096, 128),))
+    assert w4a8.auto_prefers_cutlass(4096, 4096, 2048) and not w4a8.auto_prefers_cutlass(4096, 4096, 16)
+    w = _w4a8_weight(64, 128, kernel=KernelChoice.AUTO)
+    assert KernelChoice.CUTLASS not in w._available(torch.empty(4, 128, dtype=torch.bfloat16), True)
+
+
+# -- GPU -------------------------------------------------------------------------------------
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nk", [(256, 512), (4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("m", [1, 7, 33, 300, 2048])
+def test_matches_reference(m, nk, dtype):
+    n, k = nk
+    w = _w4a8_weight(n, k, device="cuda", dtype=dtype)  # quantized on the GPU: fast for 11008x4096
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    bias = torch.randn(n, dtype=dtype, device="cuda") if m % 2 else None
+    y = torch.nn.functional.linear(x, w, bias)
+    ref = w4a8_linear_reference(x, w, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    tol = ref.float().abs().max().item() * 1e-3
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=tol)
+
+
+@needs_sm90
+@pytest.mark.parametrize("m", [1, 33, 300])
+def test_integer_accumulation_exact(m):
+    """Power-of-two scales make the epilogue exact, so y is the int32 sum rounded once to bf16."""
+    n, k = 256, 4096
+    qa = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    sa = torch.full((m, 1), 2.0**-3, device="cuda")
+    sw = torch.full((n, 1), 2.0**-5, dtype=torch.bfloat16, device="cuda")
+    y = w4a8.gemm(qa, sa, packed, sw, None, torch.bfloat16)
+    acc = qa.cpu().to(torch.int64) @ unpack_int4(packed.cpu()).to(torch.int64).t()
+    assert acc.abs().max() < 2**24  # float32 holds it exactly, as the kernel's epilogue does
+    expect = (acc.to(torch.float32) * 2.0**-8).to(torch.bfloat16)
+    assert torch.equal(y.cpu(), expect)
+
+
+@needs_sm90
+def test_cached_load_in_new_process_is_fast():
+    build.load()  # builds once if needed
+    code = (
+        "import time; t = time.perf_counter(); from lowbit.kernels.cutlass import build; "
+        "build.load(); print(time.perf_counter() - t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": REPO_SRC},
+    ).stdout
+    assert float(out.split()[-1]) < 5.0
+
+
+def test_build_blocker_chain(tmp_path, monkeypatch):
+    """With a CUDA torch and complete headers, each missing piece is named in turn."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("LOWBIT_CUTLASS_DIR", str(tmp_path / "cutlass"))
+    monkeypatch.setenv("LOWBIT_CUTLASS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOWBIT_CUTLASS_LIB", raising=False)
+    for h in build.REQUIRED_HEADERS:
+        (tmp_path / "cutlass" / h).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cutlass" / h).write_text("")
+    monkeypatch.setattr(build, "nvcc_path", lambda: None)
+    assert "nvcc not found" in build.build_blocker()
+    monkeypatch.setattr(build, "nvcc_path", lambda: "/usr/bin/true")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert "ninja" in build.build_blocker() and build.FIX in build.build_blocker()
+    monkeypatch.setattr(build.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert build.build_blocker() is None
+    monkeypatch.setitem(build._FAILED, build.current_cache_key(), "CUTLASS W4A8 build failed in X: err\nmore")
+    assert build.build_blocker().startswith("CUTLASS W4A8 build failed in X: err (full log")
+    monkeypatch.setenv("LOWBIT_CUTLASS_LIB", str(tmp_path / "absent.so"))
+    assert "does not exist" in build.build_blocker()
