@@ -145,13 +145,32 @@ def test_load_on_cpu_torch_fails_fast():
     assert build.status()["blocker"] == "torch is a CPU-only build (torch.version.cuda is None)"
 
 
-def test_auto_never_picks_cutlass_yet(monkeypatch):
-    assert w4a8.CUTLASS_AUTO_SHAPES == ()
-    assert not w4a8.auto_prefers_cutlass(4096, 4096, 2048)
-    monkeypatch.setattr(w4a8, "CUTLASS_AUTO_SHAPES", ((4096, 4096, 128),))
-    assert w4a8.auto_prefers_cutlass(4096, 4096, 2048) and not w4a8.auto_prefers_cutlass(4096, 4096, 16)
+def test_auto_table_and_never_compiles(monkeypatch):
+    # the measured table: CUTLASS for 5 <= M < 2048 on the listed shapes, nowhere else
+    monkeypatch.setattr(build, "compiled", lambda: True)
+    assert w4a8.auto_prefers_cutlass(22016, 4096, 16) and w4a8.auto_prefers_cutlass(4096, 11008, 2047)
+    assert not w4a8.auto_prefers_cutlass(22016, 4096, 1)  # Triton's GEMV wins at M=1
+    assert not w4a8.auto_prefers_cutlass(22016, 4096, 2048)
+    assert not w4a8.auto_prefers_cutlass(4096, 4096, 128)  # not listed: measured slower
+    # without a compiled extension AUTO never picks it (it would mean a compile inside a forward)
+    monkeypatch.setattr(build, "compiled", lambda: False)
+    assert not w4a8.auto_prefers_cutlass(22016, 4096, 16)
+    monkeypatch.setattr(w4a8, "CUTLASS_AUTO_SHAPES", ((64, 128, 1, 64),))
     w = _w4a8_weight(64, 128, kernel=KernelChoice.AUTO)
     assert KernelChoice.CUTLASS not in w._available(torch.empty(4, 128, dtype=torch.bfloat16), True)
+
+
+def test_compiled_needs_a_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "_compiled_on_disk", build._compiled_on_disk.__wrapped__)
+    monkeypatch.setattr(build, "ready", lambda: False)
+    monkeypatch.setattr(build, "build_blocker", lambda: None)
+    monkeypatch.setattr(build, "prebuilt_library", lambda: None)
+    monkeypatch.setattr(build, "built_library", lambda key=None: None)
+    assert not build.compiled()  # buildable, but AUTO must not be the one to build it
+    monkeypatch.setattr(build, "built_library", lambda key=None: tmp_path / "x.so")
+    assert build.compiled()
+    monkeypatch.setattr(build, "build_blocker", lambda: "headers missing")
+    assert not build.compiled()
 
 
 # -- GPU -------------------------------------------------------------------------------------

@@ -183,6 +183,19 @@ def build_blocker() -> str | None:
     return None
 
 
+def compiled() -> bool:
+    """True when load() would not compile: loaded already, a cached build for this key, or a
+    prebuilt library (LOWBIT_CUTLASS_LIB). Checks files only; what AUTO requires."""
+    return ready() or _compiled_on_disk()
+
+
+@functools.cache
+def _compiled_on_disk() -> bool:  # once per process: AUTO asks on every linear call
+    if build_blocker() is not None:
+        return False
+    return prebuilt_library() is not None or built_library() is not None
+
+
 def ready() -> bool:
     """True once load() has returned the extension in this process (no more checks needed)."""
     return load.cache_info().currsize > 0

@@ -11,8 +11,9 @@ group scales to the converted operand before the MMA, which cannot work when tha
 int8; see the .cu header. The float32 copy of the scale the epilogue reads is cached per scale
 tensor (refreshed when the tensor is modified in place).
 
-AUTO never picks this kernel unless a shape is listed in CUTLASS_AUTO_SHAPES (empty until it is
-measured against the Triton kernels on a GPU).
+AUTO picks this kernel only on the (N, K, token range) entries of CUTLASS_AUTO_SHAPES, where the
+committed H100 run measured it faster than the Triton path, and only once the extension is
+compiled (cached build, LOWBIT_CUTLASS_LIB, or already loaded): AUTO never starts a compile.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-# (N, K, min_tokens) entries on which AUTO prefers the CUTLASS kernel to Triton. Empty: AUTO
-# never picks it; filled from benchmarks/check_cutlass.py results once measured on H100.
-CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int], ...] = ()
+# NOTE: H100, benchmarks/results/cutlass_h100.json (python benchmarks/check_cutlass.py, one run):
+# CUTLASS vs the Triton AUTO path, per-row W4A8 incl. activation quantization, at M = 16 / 128 / 2048:
+#   22016x4096 1.24x / 2.28x / 1.05x;  12288x4096 1.22x / 2.01x / 1.00x;  4096x11008 1.76x / 1.65x / 0.98x;
+#   4096x4096 0.97x / 0.92x / 0.99x.  Triton wins at M=1 (0.50-0.70x) and M=8192 (0.82-0.92x) on all four.
+# Entries are (N, K, first token count, end token count): CUTLASS for first <= M < end. M=5..15 runs
+# the same 128x32 CUTLASS tile and the same Triton decode kernel as M=16.
+CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (22016, 4096, 5, 2048),
+    (12288, 4096, 5, 2048),
+    (4096, 11008, 5, 2048),
+)
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -52,7 +61,12 @@ def unavailable_reason(x: torch.Tensor, n: int, k: int, group_size: int, symmetr
 
 
 def auto_prefers_cutlass(n: int, k: int, tokens: int) -> bool:
-    return any(n == sn and k == sk and tokens >= sm for sn, sk, sm in CUTLASS_AUTO_SHAPES)
+    """True where the measured table prefers CUTLASS and the extension needs no compile."""
+    from lowbit.kernels.cutlass import build
+
+    if not any(n == sn and k == sk and lo <= tokens < hi for sn, sk, lo, hi in CUTLASS_AUTO_SHAPES):
+        return False
+    return build.compiled()
 
 
 def _scale_f32(scale: torch.Tensor) -> torch.Tensor:
