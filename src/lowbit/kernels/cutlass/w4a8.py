@@ -25,12 +25,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 # CUTLASS vs the Triton AUTO path, per-row W4A8 incl. activation quantization, at M = 16 / 128 / 2048:
 #   22016x4096 1.24x / 2.28x / 1.05x;  12288x4096 1.22x / 2.01x / 1.00x;  4096x11008 1.76x / 1.65x / 0.98x;
 #   4096x4096 0.97x / 0.92x / 0.99x.  Triton wins at M=1 (0.50-0.70x) and M=8192 (0.82-0.92x) on all four.
+# Llama-3-8B shapes, benchmarks/results/linear_h100.json (bench_linear, w4a8rC vs Triton) at M = 16 / 128:
+#   14336x4096 1.38x / 2.20x; 28672x4096 1.34x / 2.53x; 4096x14336 1.13x / 1.88x; 11008x4096 1.26x / 1.83x;
+#   6144x4096 1.05x / 1.25x; 1024x4096 0.79x / 0.79x (not listed).
 # Entries are (N, K, first token count, end token count): CUTLASS for first <= M < end. M=5..15 runs
 # the same 128x32 CUTLASS tile and the same Triton decode kernel as M=16.
-CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
-    (22016, 4096, 5, 2048),
-    (12288, 4096, 5, 2048),
-    (4096, 11008, 5, 2048),
+CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
+    (n, k, 5, 2048)
+    for n, k in ((22016, 4096), (12288, 4096), (4096, 11008), (14336, 4096), (28672, 4096),
+                 (4096, 14336), (11008, 4096), (6144, 4096))
 )
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
