@@ -45,7 +45,6 @@ SHAPES = {
 CHECK_SHAPES = ((256, 512), (4096, 4096), (11008, 4096))
 CHECK_M = (1, 7, 33, 300, 2048)
 BENCH_M = (1, 16, 128, 2048, 8192)
-SRC = str(Path(lowbit.__file__).resolve().parents[1])
 
 
 def build_step() -> dict:
@@ -65,21 +64,11 @@ def build_step() -> dict:
 
 
 def cached_load_step() -> float:
-    code = (
-        "import time; t = time.perf_counter(); import torch; from lowbit.kernels.cutlass import build; "
-        "build.load(); print(time.perf_counter() - t)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": SRC},
-    )
-    if out.returncode:
-        print(out.stderr[-3000:], file=sys.stderr)
+    try:
+        secs = build.cached_load_seconds()
+    except RuntimeError as e:
+        print(str(e), file=sys.stderr)
         return float("nan")
-    secs = float(out.stdout.split()[-1])
     print(f"cached load in a new process (incl. import torch): {secs:.2f} s", flush=True)
     return secs
 

@@ -209,18 +209,7 @@ def test_integer_accumulation_exact(m):
 @needs_sm90
 def test_cached_load_in_new_process_is_fast():
     build.load()  # builds once if needed
-    code = (
-        "import time; t = time.perf_counter(); from lowbit.kernels.cutlass import build; "
-        "build.load(); print(time.perf_counter() - t)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": REPO_SRC},
-    ).stdout
-    assert float(out.split()[-1]) < 5.0
+    assert build.cached_load_seconds() < 5.0  # a fresh process, import torch included
 
 
 def test_build_blocker_chain(tmp_path, monkeypatch):

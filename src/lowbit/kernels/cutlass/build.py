@@ -277,6 +277,25 @@ def load(verbose: bool = False) -> ModuleType:
     return mod
 
 
+def cached_load_seconds() -> float:
+    """Seconds a fresh Python process takes to import torch and load the extension from the cache
+    (build it first with load()). Raises RuntimeError with the child's stderr if it fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time; t = time.perf_counter(); import torch; from lowbit.kernels.cutlass import build; "
+        "build.load(); print(time.perf_counter() - t)"
+    )
+    src = str(Path(__file__).resolve().parents[3])  # the directory holding the lowbit package
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": path})
+    if out.returncode:
+        raise RuntimeError(f"cached load in a new process failed: {out.stderr[-3000:]}")
+    return float(out.stdout.split()[-1])
+
+
 def status() -> dict[str, object]:
     """Backend state for `lowbit doctor`; compiles nothing and initialises CUDA only if present."""
     root = cutlass_root()
