@@ -273,7 +273,9 @@ def format_report(r: dict[str, Any]) -> str:
         fix = f"  -> {o['fix']}" if o["fix"] else ""
         lines.append(f"  {o['name']:<20} {state:<16} {o['for']}{fix}")
     c = r.get("cutlass", {})
-    lines.append("\nCUTLASS W4A8 backend (kernel=KernelChoice.CUTLASS; AUTO does not pick it):")
+    lines.append(
+        "\nCUTLASS W4A8 backend (kernel=KernelChoice.CUTLASS; AUTO: listed shapes, 5 <= M < 2048, if built):"
+    )
     if "headers" in c:
         gpu = c["gpu_cc"] and f"CC {c['gpu_cc']}" + ("" if c["sm90a_gpu"] else " (needs 9.0)")
         lines += [
