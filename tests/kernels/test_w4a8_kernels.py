@@ -149,6 +149,30 @@ def test_decode_rejects_bad_input():
         w4_decode(qa, None, packed, scale, None, None, 64, torch.float16)
 
 
+@pytest.mark.parametrize("act_int8", [False, True])
+def test_decode_reads_no_scale_past_the_end(act_int8):
+    # K (256) shorter than the kernel's K step (512): the sub tiles past K have no group. Their
+    # scale (and zero) must not be read: NaN right behind the tensors would poison the output.
+    n, k, group = 48, 256, 64
+    _, packed, scale = _weights(n, k, group)
+    buf = torch.full((n * k // group + 64,), float("nan"), device=DEV, dtype=torch.float16)
+    s = buf[: n * k // group].view(n, k // group)
+    s.copy_(scale)
+    zbuf = torch.full_like(buf, float("nan"))
+    z = zbuf[: n * k // group].view(n, k // group)
+    z.copy_(torch.randn(n, k // group) * 0.01)
+    x = torch.randn(1, k, device=DEV).to(torch.float16)
+    if act_int8:
+        qa, sa = act_quant_ref(x)
+        out = w4_decode(qa, sa, packed, s, None, None, group, torch.float16)
+        ref = w4_decode_ref(x, packed, s, None, None, group, True)
+    else:
+        out = w4_decode(x, None, packed, s, z, None, group, torch.float16)
+        ref = w4_decode_ref(x, packed, s, z, None, group, False)
+    assert torch.isfinite(out).all()
+    assert sqnr_db(ref.float(), out.float()) >= MIN_DB[torch.float16]
+
+
 @pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 64), (3, 40, 512, 128), (4, 64, 512, None),
                                          (2, 32, 256, 32)] + ([(1, 22016, 4096, 128), (1, 4096, 11008, None)]
                                                               if ON_GPU else []))

@@ -77,7 +77,11 @@ def _w4_decode_kernel(
             a_ev, a_od = tl.split(tl.reshape(a, (BLOCK_M, SUB_K // 2, 2)))
             if GROUP != 0:
                 g = kk // GROUP
-                s_g = tl.load(s_rows + g).to(tl.float32)
+                if EVEN_K:
+                    s_g = tl.load(s_rows + g).to(tl.float32)
+                else:  # a sub tile past k_end has no group: its scale would be read out of bounds
+                    g_ok = (rows_n * 0 + kk) < k_end
+                    s_g = tl.load(s_rows + g, mask=g_ok, other=0.0).to(tl.float32)
             if A_INT8:
                 d = tl.dot(a_ev, tl.trans(lo), out_dtype=tl.int32)
                 d = tl.dot(a_od, tl.trans(hi), acc=d, out_dtype=tl.int32)
@@ -89,7 +93,11 @@ def _w4_decode_kernel(
                 if GROUP != 0:
                     s_use = s_g
                     if HAS_ZERO:
-                        z_use = tl.load(z_ptr + rows_n * stride_sn + g).to(tl.float32)
+                        if EVEN_K:
+                            z_use = tl.load(z_ptr + rows_n * stride_sn + g).to(tl.float32)
+                        else:
+                            z_use = tl.load(z_ptr + rows_n * stride_sn + g, mask=g_ok, other=0.0)
+                            z_use = z_use.to(tl.float32)
                 else:
                     s_use = s_row
                     if HAS_ZERO:
