@@ -32,9 +32,9 @@ from bench_linear import timeit_graphed  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.bench import git_sha  # noqa: E402
-from lowbit.core.packing import unpack_int4  # noqa: E402
 from lowbit.formats.int4 import w4a8_linear_reference  # noqa: E402
 from lowbit.kernels.cutlass import build, w4a8  # noqa: E402
+from lowbit.testing.exact import power_of_two_case  # noqa: E402
 
 SHAPES = {
     "qkv_proj": (12288, 4096),
@@ -112,15 +112,10 @@ def correctness_step(quick: bool) -> tuple[list[dict], bool]:
                 if not row["ok"]:
                     print(f"MISMATCH {row}", flush=True)
     for m in (1, 33, 300):  # exact: power-of-two scales, y is the int32 sum rounded once
-        n, k = 256, 4096
-        qa = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
-        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-        sa = torch.full((m, 1), 2.0**-3, device="cuda")
-        sw = torch.full((n, 1), 2.0**-5, dtype=torch.bfloat16, device="cuda")
+        qa, sa, packed, sw, acc = power_of_two_case(m)
         y = w4a8.gemm(qa, sa, packed, sw, None, torch.bfloat16)
-        acc = qa.double() @ unpack_int4(packed).double().t()  # exact in float64
-        exact = torch.equal(y, (acc.float() * 2.0**-8).to(torch.bfloat16))
-        rows.append({"N": n, "K": k, "M": m, "check": "integer_exact", "ok": exact})
+        exact = torch.equal(y.cpu(), (acc.to(torch.float32) * 2.0**-8).to(torch.bfloat16))
+        rows.append({"N": packed.shape[0], "K": qa.shape[1], "M": m, "check": "integer_exact", "ok": exact})
         ok &= exact
     print(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} ok", flush=True)
     return rows, ok

@@ -18,10 +18,10 @@ import torch
 
 import lowbit
 from lowbit.core.kernel_choice import KernelChoice
-from lowbit.core.packing import unpack_int4
 from lowbit.formats.configs import Int4WeightOnlyConfig, Int8DynamicActivationInt4WeightConfig
 from lowbit.formats.int4 import w4a8_linear_reference
 from lowbit.kernels.cutlass import build, w4a8
+from lowbit.testing.exact import power_of_two_case
 
 REPO_SRC = str(Path(lowbit.__file__).resolve().parents[1])
 
@@ -194,13 +194,8 @@ def test_matches_reference(m, nk, dtype):
 @pytest.mark.parametrize("m", [1, 33, 300])
 def test_integer_accumulation_exact(m):
     """Power-of-two scales make the epilogue exact, so y is the int32 sum rounded once to bf16."""
-    n, k = 256, 4096
-    qa = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
-    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-    sa = torch.full((m, 1), 2.0**-3, device="cuda")
-    sw = torch.full((n, 1), 2.0**-5, dtype=torch.bfloat16, device="cuda")
+    qa, sa, packed, sw, acc = power_of_two_case(m)
     y = w4a8.gemm(qa, sa, packed, sw, None, torch.bfloat16)
-    acc = qa.cpu().to(torch.int64) @ unpack_int4(packed.cpu()).to(torch.int64).t()
     assert acc.abs().max() < 2**24  # float32 holds it exactly, as the kernel's epilogue does
     expect = (acc.to(torch.float32) * 2.0**-8).to(torch.bfloat16)
     assert torch.equal(y.cpu(), expect)
