@@ -88,6 +88,7 @@ class Loaded:
     load_time_s: float
     load_memory: dict[str, Any]
     options: LoadOptions
+    cuda_allocator: str | None = None  # the allocator setting load() applied (CUDA only)
 
 
 def configure_cuda_allocator() -> str:
@@ -110,8 +111,7 @@ def configure_cuda_allocator() -> str:
 
 def load(opts: LoadOptions, quantizer: Quantizer | None = None) -> Loaded:
     device = resolve_device(opts.device)
-    if device.type == "cuda":
-        configure_cuda_allocator()
+    allocator = configure_cuda_allocator() if device.type == "cuda" else None
     dtype = resolve_dtype(opts.dtype, device)
     quantizer = quantizer or make_quantizer(
         opts.quant, opts.decode_quant, opts.group_size, opts.decode_threshold
@@ -125,7 +125,8 @@ def load(opts: LoadOptions, quantizer: Quantizer | None = None) -> Loaded:
     load_time = time.perf_counter() - t0
     tokenizer = load_tokenizer(opts.model, args.vocab_size)
     return Loaded(
-        model, tokenizer, quantizer, source.describe(), device, dtype, load_time, meter.read(), opts
+        model, tokenizer, quantizer, source.describe(), device, dtype, load_time, meter.read(), opts,
+        allocator,
     )
 
 
@@ -227,7 +228,7 @@ def run(loaded: Loaded, opts: RunOptions) -> dict[str, Any]:
         "model_size_no_embedding_gb": size.read_per_step_bytes / GB,
         "kv_cache_gb": size.kv_cache_bytes / GB,
         "peak_memory_kind": mem["kind"],
-        "cuda_allocator": configure_cuda_allocator() if device.type == "cuda" else None,
+        "cuda_allocator": loaded.cuda_allocator,
         "peak_allocated_gb": mem.get("allocated_gb"),
         "peak_reserved_gb": mem.get("reserved_gb"),
         "peak_rss_gb": mem.get("rss_gb"),
