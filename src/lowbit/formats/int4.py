@@ -29,6 +29,7 @@ from lowbit.formats.common import (
     check_activation,
     int_group_dot,
     resolve_kernel,
+    token_count,
     uses_act_quant,
 )
 
@@ -125,6 +126,37 @@ class Int4Tensor(QuantizedTensor):
         else:
             y = torch.nn.functional.linear(x2, self.dequantize(x.dtype), bias)
         return y.reshape(*x.shape[:-1], self.shape[0])
+
+
+    # -- activations quantized by their producer (fused RMSNorm / SwiGLU at prefill) --------
+    def takes_prequantized(self, x: torch.Tensor) -> bool:
+        """True when this weight, called on x, would quantize x per token to int8 and run the
+        Triton int8 GEMM: a producer may then hand over (q, scale) instead of x
+        (linear_prequantized), skipping act_quant's pass over x. Same integers either way."""
+        from lowbit.kernels.w4a8.op import W4A8_PREFILL_MIN_M
+
+        act = self.act_quant
+        if act is None or act.qtype != "int8_sym" or act.granularity.value != "token":
+            return False
+        if self.kernel not in (KernelChoice.AUTO, KernelChoice.TRITON) or x.shape[-1] != self.shape[1]:
+            return False
+        if token_count(x) < max(W4A8_PREFILL_MIN_M, act.decode_threshold):
+            return False
+        try:  # the path _linear would take
+            path = resolve_kernel(self.kernel, x, self._available(x, dynamic=True), "w4a8")
+        except RuntimeError:
+            return False
+        return path is KernelChoice.TRITON
+
+    def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+        """q (M, K) int8 per-token quantized activations, s (M, 1) fp32 -> (M, N) out_dtype."""
+        from lowbit.kernels.w4a8.op import w4a8_prefill_quantized
+
+        if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != self.shape[1] or s.shape != (q.shape[0], 1):
+            raise ValueError(f"linear_prequantized: q must be (M, {self.shape[1]}) int8 and s (M, 1), got "
+                             f"{tuple(q.shape)} {q.dtype} and {tuple(s.shape)}")
+        return w4a8_prefill_quantized(q, s, self.qdata, self.scale, bias, self.group_size, out_dtype)
 
 
 def w4a8_linear_reference(x2: torch.Tensor, w: Int4Tensor, bias: torch.Tensor | None) -> torch.Tensor:

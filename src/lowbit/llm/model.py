@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.llm import fastpath
 from lowbit.llm.config import ModelArgs, RopeKind
 
 
@@ -72,6 +73,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fastpath.rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         # Normalise in float32, scale in the model dtype (the order HF Llama uses).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -114,12 +118,27 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None,
         prefill: bool,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
+        return self.attend(self.wqkv(x), cos, sin, input_pos, prefill)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        prefill: bool,
+    ) -> torch.Tensor:
+        """Attention from the fused q/k/v projection output (B, T, (H + 2 KV) * D)."""
+        b, t, _ = qkv.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.wqkv(x).split([h * d, kv * d, kv * d], dim=-1)
-        q = apply_rope(q.view(b, t, h, d).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(b, t, kv, d).transpose(1, 2), cos, sin)
+        q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
         v = v.view(b, t, kv, d).transpose(1, 2)
+        rotated = fastpath.rope_qk(qkv, h, kv, d, cos, sin)
+        if rotated is not None:
+            q, k = rotated
+        else:
+            q = apply_rope(q.view(b, t, h, d).transpose(1, 2), cos, sin)
+            k = apply_rope(k.view(b, t, kv, d).transpose(1, 2), cos, sin)
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("call Transformer.setup_caches(batch, max_seq_len) before prefill/decode")
@@ -156,8 +175,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return fastpath.swiglu_linear(self.w2, self.w13(x))
 
 
 class Block(nn.Module):
@@ -176,8 +194,12 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None,
         prefill: bool,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, prefill)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # norm_linear / swiglu_linear: linear(norm(x)) and w2(swiglu(.)), with fused kernels (and
+        # W4A8 activations quantized inside the norm / SwiGLU kernel) on the eager CUDA path.
+        att, ffn = self.attention, self.feed_forward
+        qkv = fastpath.norm_linear(self.attention_norm, att.wqkv, x)
+        h = x + att.attend(qkv, cos, sin, input_pos, prefill)
+        return h + fastpath.swiglu_linear(ffn.w2, fastpath.norm_linear(self.ffn_norm, ffn.w13, h))
 
 
 class Transformer(nn.Module):
@@ -242,9 +264,14 @@ class Transformer(nn.Module):
         self.cache_batch = self.cache_len = 0
 
     def hidden_states(
-        self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *, prefill: bool = False
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        *,
+        prefill: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim)."""
+        """Final-norm hidden states (B, T, dim); (B, 1, dim) of the last position with last_only."""
         if input_pos is not None and tokens.shape[0] != self.cache_batch:
             raise ValueError(f"batch {tokens.shape[0]} != KV cache batch {self.cache_batch}")
         x = self.tok_embeddings(tokens)
@@ -256,7 +283,7 @@ class Transformer(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, prefill)
-        return self.norm(x)
+        return self.norm(x[:, -1:] if last_only else x)  # the norm is per token
 
     def forward(
         self,
@@ -267,7 +294,4 @@ class Transformer(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in the model dtype; (B, 1, vocab) with last_only."""
-        h = self.hidden_states(tokens, input_pos, prefill=prefill)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(h)
+        return self.output(self.hidden_states(tokens, input_pos, prefill=prefill, last_only=last_only))

@@ -51,7 +51,7 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     from lowbit.kernels.w4a8.act_quant import act_quant
     from lowbit.kernels.w4a8.decode import w4_decode
     from lowbit.kernels.w4a8.gemv import w4_gemv
-    from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
+    from lowbit.kernels.w4a8.prefill import dequant_int4_triton
 
     m, n = x.shape[0], packed.shape[0]
     zf = _zero_as_float(zero, scale, int_zero)
@@ -72,14 +72,23 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
         use_prefill = path == "prefill" or (path == "auto" and (m >= W4A8_PREFILL_MIN_M or small_group))
         qa, sa = act_quant(x)
         if use_prefill:
-            w8 = unpack_int4_triton(packed)  # one-layer workspace, freed on return
-            return int8_gemm(qa, sa, w8, scale, bias, group_size, x.dtype)
+            return w4a8_prefill_quantized(qa, sa, packed, scale, bias, group_size, x.dtype)
         return w4_decode(qa, sa, packed, scale, None, bias, group_size, x.dtype)
     use_prefill = path == "prefill" or (path == "auto" and m >= WO_PREFILL_MIN_M)
     if use_prefill:
         w = dequant_int4_triton(packed, scale, zf, group_size, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     return w4_decode(x, None, packed, scale, zf, bias, group_size, x.dtype)
+
+
+def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                           bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype
+                           ) -> torch.Tensor:
+    """The W4A8 prefill path from activations already quantized per token (qa int8, sa fp32)."""
+    from lowbit.kernels.w4a8.prefill import int8_gemm, unpack_int4_triton
+
+    w8 = unpack_int4_triton(packed)  # one-layer workspace, freed on return
+    return int8_gemm(qa, sa, w8, scale, bias, group_size, out_dtype)
 
 
 int4_linear_op = torch.library.custom_op("lowbit::int4_linear", mutates_args=())(_int4_linear_impl)

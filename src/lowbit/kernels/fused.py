@@ -1,0 +1,226 @@
+"""One-pass kernels for the decoder's elementwise and row-wise steps at prefill.
+
+In eager mode RMSNorm, RoPE and SwiGLU are chains of small torch ops, each a full pass over an
+(tokens x dim) activation in HBM (RMSNorm alone: float cast, square, mean, multiply, cast,
+multiply). At an 8192-token prompt these passes cost as much as a large GEMM. Each kernel here
+reads its input once and writes its output once, with the same roundings as the eager chain:
+
+  rms_norm   y = w * bf(x * rsqrt(mean(x^2) + eps))       (fp32 statistics, as the eager module)
+  swiglu     h = bf(bf(silu(g)) * u)                        (F.silu rounds, then the product)
+  rope       out = bf(bf(x * cos) + bf(rot(x) * sin))       (rotate-half layout, q and k together)
+
+The `_quant` variants write what a W4A8 linear consumes instead of the bf16/fp16 tensor: the
+per-token int8 quantization of y (h) with its fp32 scale -- the same integers as act_quant(y)
+(absmax / 127, IEEE division, half-to-even), so quantizing inside the producer skips one write
+and one read of the activation and the act-quant launch.
+
+Pure-torch references: lowbit.llm.model (the eager modules) and act_quant's reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
+
+
+# -- RMSNorm (+ per-token int8 quantization) ----------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, stride_q, eps,
+                     BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / K + eps)
+    h = (x * r).to(w_ptr.dtype.element_ty).to(tl.float32)  # the eager module rounds before the weight
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (w * h).to(w_ptr.dtype.element_ty)
+    if QUANT:
+        yf = y.to(tl.float32)
+        scale = _int8_scale(tl.max(tl.abs(yf), axis=0))
+        tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(yf, scale).to(tl.int8), mask=mask)
+    else:
+        tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.shape[-1] != weight.numel() or weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm: x (..., {x.shape[-1]}) {x.dtype} needs a ({x.shape[-1]},) weight of "
+                         f"the same dtype, got {tuple(weight.shape)} {weight.dtype}")
+    if x.shape[-1] > 16384:
+        raise ValueError(f"rms_norm keeps a row in registers: dim <= 16384, got {x.shape[-1]}")
+
+
+def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y, q, s, quant: bool) -> None:
+    k = x2.shape[1]
+    block = max(triton.next_power_of_2(k), 128)
+    out = y if y is not None else q
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, weight, out, q if q is not None else out, s if s is not None else weight, k, x2.stride(0),
+        out.stride(0), out.stride(0), eps, BLOCK_K=block, QUANT=quant,
+        num_warps=4 if block <= 2048 else 8)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., K) -> (..., K) in x's dtype."""
+    _check_norm(x, weight)
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    if x2.shape[0]:
+        _norm_launch(x2, weight.contiguous(), eps, y, None, None, False)
+    return y.view(x.shape)
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) -> (q int8 (M, K), scale float32 (M, 1)) with M = tokens: act_quant(rms_norm(x))."""
+    _check_norm(x, weight)
+    x2 = _rows(x)
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+    if x2.shape[0]:
+        _norm_launch(x2, weight.contiguous(), eps, None, q, s, True)
+    return q, s
+
+
+# -- SwiGLU (+ per-token int8 quantization) -----------------------------------------------
+@triton.jit
+def _silu_mul(g, u, OUT_DTYPE: tl.constexpr):
+    gf = g.to(tl.float32)
+    a = (gf / (1.0 + tl.exp(-gf))).to(OUT_DTYPE)  # F.silu rounds to the tensor dtype
+    return (a.to(tl.float32) * u.to(tl.float32)).to(OUT_DTYPE)
+
+
+@triton.jit
+def _swiglu_kernel(gu_ptr, h_ptr, F, stride_gu, stride_h, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0)
+    u = tl.load(gu_ptr + row * stride_gu + F + offs, mask=mask, other=0.0)
+    tl.store(h_ptr + row * stride_h + offs, _silu_mul(g, u, h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_quant_kernel(gu_ptr, q_ptr, s_ptr, F, stride_gu, stride_q, OUT_DTYPE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # absmax pass, then quantize: the second read of the row (2 x F values) hits L2
+    row = tl.program_id(0).to(tl.int64)
+    base = gu_ptr + row * stride_gu
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK):
+        offs = f0 + tl.arange(0, BLOCK)
+        mask = offs < F
+        h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
+                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
+        amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
+    scale = _int8_scale(tl.max(amax, axis=0))
+    tl.store(s_ptr + row, scale)
+    for f0 in range(0, F, BLOCK):
+        offs = f0 + tl.arange(0, BLOCK)
+        mask = offs < F
+        h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
+                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
+        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h.to(tl.float32), scale).to(tl.int8),
+                 mask=mask)
+
+
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _check_gu(gu: torch.Tensor) -> int:
+    if gu.shape[-1] % 2 or gu.dtype not in _TL_DTYPE:
+        raise ValueError(f"swiglu takes (..., 2F) [gate; up] in fp16/bf16/fp32, got {tuple(gu.shape)} "
+                         f"{gu.dtype}")
+    return gu.shape[-1] // 2
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """(..., 2F) [gate; up] -> silu(gate) * up (..., F), rounded as the eager ops round."""
+    f = _check_gu(gu)
+    g2 = _rows(gu)
+    h = torch.empty((g2.shape[0], f), dtype=gu.dtype, device=gu.device)
+    if g2.shape[0]:
+        block = 1024
+        _swiglu_kernel[(g2.shape[0], triton.cdiv(f, block))](g2, h, f, g2.stride(0), h.stride(0),
+                                                             BLOCK=block, num_warps=4)
+    return h.view(*gu.shape[:-1], f)
+
+
+def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., 2F) -> (q int8 (M, F), scale float32 (M, 1)): act_quant(swiglu(gu)) in one kernel."""
+    f = _check_gu(gu)
+    g2 = _rows(gu)
+    q = torch.empty((g2.shape[0], f), dtype=torch.int8, device=gu.device)
+    s = torch.empty((g2.shape[0], 1), dtype=torch.float32, device=gu.device)
+    if g2.shape[0]:
+        block = min(max(triton.next_power_of_2(f), 128), 4096)
+        _swiglu_quant_kernel[(g2.shape[0],)](g2, q, s, f, g2.stride(0), q.stride(0),
+                                             OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block,
+                                             num_warps=8 if block >= 4096 else 4)
+    return q, s
+
+
+# -- RoPE on q and k, straight from the fused qkv projection -------------------------------
+@triton.jit
+def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_row, NQ, NK,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one program per token: all q heads and k heads (rows of HALF pairs)
+    row = tl.program_id(0).to(tl.int64)
+    t = row % T
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    ok = heads < NQ + NK
+    src = qkv_ptr + row * stride_row + heads * (2 * HALF) + d
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * (2 * HALF) + d).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * (2 * HALF) + d).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
+    dt = q_ptr.dtype.element_ty
+    o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    is_q = heads < NQ
+    qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
+    tl.store(qdst, o1, mask=is_q)
+    tl.store(qdst + HALF, o2, mask=is_q)
+    kdst = k_ptr + row * (NK * 2 * HALF) + (heads - NQ) * (2 * HALF) + d
+    is_k = ok & (heads >= NQ)
+    tl.store(kdst, o1, mask=is_k)
+    tl.store(kdst + HALF, o2, mask=is_k)
+
+
+def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, T, (n_q + 2 n_k) * D) -> rotated q (B, T, n_q, D), k (B, T, n_k, D), contiguous.
+
+    cos/sin (T, D) in qkv's dtype, rotate-half layout (lowbit.llm.model.rope_tables).
+    """
+    b, t, width = qkv.shape
+    if width != (n_q + 2 * n_k) * head_dim or head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"rope_qk: qkv width {width} != ({n_q} + 2*{n_k}) * {head_dim}, or head_dim not "
+                         "a power of two")
+    if cos.shape != (t, head_dim) or sin.shape != (t, head_dim) or cos.dtype != qkv.dtype:
+        raise ValueError(f"rope_qk: cos/sin must be ({t}, {head_dim}) {qkv.dtype}, got {tuple(cos.shape)} "
+                         f"{cos.dtype}")
+    if qkv.stride(-1) != 1 or qkv.stride(0) != t * qkv.stride(1):
+        qkv = qkv.contiguous()
+    q = torch.empty((b, t, n_q, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((b, t, n_k, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if b * t:
+        _rope_kernel[(b * t,)](qkv, cos.contiguous(), sin.contiguous(), q, k, t, qkv.stride(1), n_q, n_k,
+                               HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_q + n_k),
+                               num_warps=4)
+    return q, k
+
+
+__all__ = ["rms_norm", "rms_norm_quant", "swiglu", "swiglu_quant", "rope_qk"]

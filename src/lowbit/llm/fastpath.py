@@ -1,0 +1,110 @@
+"""Eager-mode fast path of the decoder: fused kernels for RMSNorm, RoPE and SwiGLU, and
+W4A8 activations quantized by the kernel that produces them.
+
+Prefill runs eagerly (one call per prompt, any length). There, the decoder's small torch ops
+are each a full pass over a (tokens x dim) activation; lowbit.kernels.fused does each step in
+one pass with the same roundings. When the next linear is a W4A8 weight that would quantize
+its input per token anyway (Int4Tensor.takes_prequantized), RMSNorm and SwiGLU emit the int8
+activations and scales directly and the linear starts at its int8 GEMM.
+
+Used when the activation is on CUDA, autograd is off and torch.compile is not tracing (the
+compiled decode step keeps the plain ops, which Inductor fuses itself). LOWBIT_FUSED=0 turns
+the fast path off; LOWBIT_FUSED=1 also takes it on CPU under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from lowbit.kernels import interpreter_enabled, triton_unavailable_reason
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def enabled(x: torch.Tensor) -> bool:
+    mode = os.environ.get("LOWBIT_FUSED", "auto")
+    if mode == "0" or x.dtype not in _DTYPES or torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    if not x.is_cuda and not (mode == "1" and interpreter_enabled()):
+        return False
+    return triton_unavailable_reason(x) is None
+
+
+def active_weight(linear: nn.Module) -> torch.Tensor | None:
+    """The weight F.linear will read: nn.Linear's, or a PhasedLinear's for its current phase."""
+    from lowbit.llm.phased import Phase, PhasedLinear
+
+    if isinstance(linear, PhasedLinear):
+        return linear.weight_decode if linear.phase is Phase.DECODE else linear.weight_prefill
+    if type(linear) is nn.Linear:
+        return linear.weight
+    return None
+
+
+def _prequantized_weight(linear: nn.Module, x: torch.Tensor):
+    from lowbit.formats.int4 import Int4Tensor
+
+    w = active_weight(linear)
+    return w if isinstance(w, Int4Tensor) and w.takes_prequantized(x) else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The fused RMSNorm, or None when the eager module should run."""
+    if not enabled(x) or weight.dtype != x.dtype:
+        return None
+    from lowbit.kernels.fused import rms_norm as kernel
+
+    return kernel(x, weight, eps)
+
+
+def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x)); a W4A8 linear gets the int8 activations from the norm kernel."""
+    w = _prequantized_weight(linear, x) if enabled(x) and norm.weight.dtype == x.dtype else None
+    if w is None:
+        return linear(norm(x))
+    from lowbit.kernels.fused import rms_norm_quant
+
+    q, s = rms_norm_quant(x, norm.weight, norm.eps)
+    return w.linear_prequantized(q, s, linear.bias, x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [gate; up] projection output."""
+    if enabled(gu):
+        from lowbit.kernels.fused import swiglu as kernel
+
+        return kernel(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_linear(linear: nn.Module, gu: torch.Tensor) -> torch.Tensor:
+    """linear(swiglu(gu)); a W4A8 linear gets the int8 activations from the SwiGLU kernel."""
+    f = gu.shape[-1] // 2
+    w = _prequantized_weight(linear, gu[..., :f]) if enabled(gu) else None
+    if w is None:
+        return linear(swiglu(gu))
+    from lowbit.kernels.fused import swiglu_quant
+
+    q, s = swiglu_quant(gu)
+    return w.linear_prequantized(q, s, linear.bias, gu.dtype).view(*gu.shape[:-1], w.shape[0])
+
+
+def rope_qk(
+    qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rotated q (B, H, T, D) and k (B, KV, T, D) views, or None when the eager ops should run."""
+    if not enabled(qkv) or head_dim & (head_dim - 1) or cos.dtype != qkv.dtype or cos.dim() != 2:
+        return None
+    from lowbit.kernels.fused import rope_qk as kernel
+
+    q, k = kernel(qkv, n_q, n_k, head_dim, cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+__all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk"]

@@ -1,0 +1,105 @@
+"""Fused decoder kernels (RMSNorm, SwiGLU, RoPE; + int8 quantization) vs the eager modules.
+
+CPU: TRITON_INTERPRET=1 (conftest), fp16 (the interpreter has no bf16); GPU: bf16 and fp16 at
+Llama widths as well.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels.fused import rms_norm, rms_norm_quant, rope_qk, swiglu, swiglu_quant
+from lowbit.kernels.w4a8.reference import act_quant_ref
+from lowbit.llm.model import RMSNorm, apply_rope
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEV == "cuda"
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of the dtype's spacing at b."""
+    eps = torch.finfo(a.dtype).eps
+    spacing = b.float().abs().clamp_min(torch.finfo(a.dtype).tiny) * eps
+    return (a.float() - b.float()).abs() / spacing
+
+
+def _eager_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = RMSNorm(x.shape[-1], eps).to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    return norm(x)  # autograd on: the eager module, never the fused path
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k", [(5, 64), (3, 300)] + ([(2048, 4096)] if ON_GPU else []))
+def test_rms_norm_matches_the_eager_module(dtype, t, k):
+    x = torch.randn(2, t, k, device=DEV).to(dtype)
+    w = (torch.rand(k, device=DEV) + 0.5).to(dtype)
+    want = _eager_norm(x, w, 1e-5).detach()
+    got = rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and got.dtype == dtype
+    # fp32 statistics summed in another order: at most one rounding step apart, almost always equal
+    assert _ulps_apart(got, want).max() <= 1.01
+    assert (got == want).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_quant_is_act_quant_of_the_norm(dtype):
+    x = torch.randn(37, 320, device=DEV).to(dtype) * 3
+    x[4] = 0  # an all-zero row keeps a finite scale
+    w = (torch.rand(320, device=DEV) + 0.5).to(dtype)
+    q, s = rms_norm_quant(x, w, 1e-6)
+    q_ref, s_ref = act_quant_ref(rms_norm(x, w, 1e-6))
+    assert q.dtype == torch.int8 and s.shape == (37, 1)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert torch.isfinite(s).all() and (q[4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("f", [96, 5000] + ([11008] if ON_GPU else []))
+def test_swiglu_matches_eager_and_quantizes_like_act_quant(dtype, f):
+    gu = (torch.randn(2, 9, 2 * f, device=DEV) * 2).to(dtype)
+    gate, up = gu.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = swiglu(gu)
+    assert got.shape == want.shape
+    # exp may differ by an ulp, so silu's rounding may differ by one step, then scaled by up
+    assert _ulps_apart(got, want).max() <= 2.01
+    assert (got == want).float().mean() > 0.97
+    q, s = swiglu_quant(gu)  # f = 5000: two 4096-wide chunks per row, the second one masked
+    q_ref, s_ref = act_quant_ref(got.reshape(-1, f))
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_q,n_k,d", [(4, 2, 16), (3, 3, 32)] + ([(32, 8, 128)] if ON_GPU else []))
+def test_rope_qk_is_bit_identical_to_the_eager_rotation(dtype, n_q, n_k, d):
+    b, t = 2, 7
+    qkv = torch.randn(b, t, (n_q + 2 * n_k) * d, device=DEV).to(dtype)
+    ang = torch.rand(t, d // 2, device=DEV) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+    q, k, _ = qkv.split([n_q * d, n_k * d, n_k * d], dim=-1)
+    q_ref = apply_rope(q.view(b, t, n_q, d).transpose(1, 2), cos, sin)
+    k_ref = apply_rope(k.view(b, t, n_k, d).transpose(1, 2), cos, sin)
+    q_out, k_out = rope_qk(qkv, n_q, n_k, d, cos, sin)
+    # products of two fp16/bf16 numbers are exact in fp32, so the three roundings are the same
+    assert torch.equal(q_out.transpose(1, 2), q_ref)
+    assert torch.equal(k_out.transpose(1, 2), k_ref)
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(4, 64, device=DEV).to(torch.float16)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(32, device=DEV, dtype=torch.float16), 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(64, device=DEV), 1e-5)  # fp32 weight for fp16 rows
+    with pytest.raises(ValueError, match="2F"):
+        swiglu(torch.randn(4, 63, device=DEV).to(torch.float16))
+    cs = torch.ones(3, 16, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match="qkv width"):
+        rope_qk(torch.randn(1, 3, 100, device=DEV).to(torch.float16), 2, 1, 16, cs, cs)
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_qk(torch.randn(1, 3, 64, device=DEV).to(torch.float16), 2, 1, 16, cs[:2], cs[:2])

@@ -1,0 +1,96 @@
+"""The decoder's eager fast path (fused RMSNorm / RoPE / SwiGLU, W4A8 activations quantized by
+the norm and SwiGLU kernels) against the plain eager ops, on the same model.
+
+CPU: Triton's interpreter with LOWBIT_FUSED=1 (fp16); on a GPU the fast path is the default.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats.configs import Int8DynamicActivationInt4WeightConfig
+from lowbit.formats.int4 import Int4Tensor
+from lowbit.kernels import fused
+from lowbit.llm import ModelArgs, RandomWeights, build_model
+from lowbit.llm.loading import ConfigQuantizer, NoQuantizer
+from lowbit.llm.phased import Phase, use_phase
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=300, head_dim=16)
+
+
+def _model(quantizer):
+    return build_model(ARGS, RandomWeights(ARGS, seed=3, std=0.2), quantizer, DEV, torch.float16)
+
+
+def _prefill_logits(model, ids, monkeypatch, fused_mode: str) -> torch.Tensor:
+    monkeypatch.setenv("LOWBIT_FUSED", fused_mode)
+    model.setup_caches(ids.shape[0], ids.shape[1] + 4)
+    with torch.no_grad(), use_phase(model, Phase.PREFILL):
+        return model(ids, torch.arange(ids.shape[1], device=DEV), prefill=True).float()
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list[int]:
+    calls = [0]
+    real = getattr(owner, name)
+
+    def spy(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def test_fused_bf16_path_matches_the_eager_ops(monkeypatch):
+    model = _model(NoQuantizer())
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
+    want = _prefill_logits(model, ids, monkeypatch, "0")
+    norms = _count_calls(monkeypatch, fused, "rms_norm")
+    ropes = _count_calls(monkeypatch, fused, "rope_qk")
+    glus = _count_calls(monkeypatch, fused, "swiglu")
+    got = _prefill_logits(model, ids, monkeypatch, "1")
+    assert norms[0] == 2 * ARGS.n_layers + 1 and ropes[0] == ARGS.n_layers and glus[0] == ARGS.n_layers
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_w4a8_prefill_takes_activations_quantized_by_norm_and_swiglu(monkeypatch):
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="triton")
+    model = _model(ConfigQuantizer(cfg))
+    assert isinstance(model.layers[0].feed_forward.w2.weight, Int4Tensor)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEV)  # 80 tokens
+    want = _prefill_logits(model, ids, monkeypatch, "0")
+    pre = _count_calls(monkeypatch, Int4Tensor, "linear_prequantized")
+    got = _prefill_logits(model, ids, monkeypatch, "1")
+    assert pre[0] == 3 * ARGS.n_layers  # wqkv and w13 from the norm kernel, w2 from SwiGLU
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    # below the prefill token count the linears quantize their own input (decode kernels)
+    pre[0] = 0
+    _prefill_logits(model, ids[:, :8], monkeypatch, "1")
+    assert pre[0] == 0
+
+
+def test_fast_path_stays_off_with_autograd_and_when_disabled(monkeypatch):
+    from lowbit.llm import fastpath
+
+    x = torch.randn(3, 64, device=DEV).to(torch.float16)
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    with torch.no_grad():
+        assert fastpath.enabled(x) == (torch.cuda.is_available() or fastpath.interpreter_enabled())
+        assert not fastpath.enabled(x.float())
+    assert not fastpath.enabled(x)  # autograd on: the eager ops (the kernels have no backward)
+    monkeypatch.setenv("LOWBIT_FUSED", "0")
+    with torch.no_grad():
+        assert not fastpath.enabled(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default (auto) mode is CUDA-only")
+def test_fast_path_is_the_cuda_default(monkeypatch):
+    from lowbit.llm import fastpath
+
+    monkeypatch.delenv("LOWBIT_FUSED", raising=False)
+    with torch.no_grad():
+        assert fastpath.enabled(torch.randn(2, 8, device="cuda", dtype=torch.bfloat16))
