@@ -57,9 +57,10 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for quant in a.quants.split(","):
-        quantizer = make_quantizer(quant, group_size=a.group_size)
+        group = None if quant == "none" else a.group_size
+        quantizer = make_quantizer(quant, group_size=group)
         loaded = load(LoadOptions(model=a.model, random_weights=True, quant=quant, device="cuda",
-                                  dtype="bfloat16", group_size=a.group_size), quantizer=quantizer)
+                                  dtype="bfloat16", group_size=group), quantizer=quantizer)
         model = loaded.model
         prompt = torch.randint(0, model.args.vocab_size, (1, a.prompt_len), device="cuda")
         model.setup_caches(1, a.prompt_len + 8)
