@@ -22,13 +22,14 @@ def main() -> None:
     ap.add_argument("--quant", default="w4a8")
     ap.add_argument("--group-size", type=int, default=0)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     quantizer = make_quantizer(args.quant, group_size=args.group_size)
     loaded = load(LoadOptions(model=args.model, random_weights=True, quant=args.quant, device="cuda",
                               dtype="bfloat16"), quantizer=quantizer)
     model = loaded.model
-    prompt = torch.randint(0, model.args.vocab_size, (1, 32), device="cuda")
-    model.setup_caches(1, 32 + 3 + 2 * args.steps + 8)
+    prompt = torch.randint(0, model.args.vocab_size, (args.batch, 32), device="cuda")
+    model.setup_caches(args.batch, 32 + 3 + 2 * args.steps + 8)
     gen = Generator(model, Sampling(), compile=True, compile_mode="reduce-overhead")
     gen.warmup(prompt)
     gen.generate(prompt, args.steps)

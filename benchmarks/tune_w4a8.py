@@ -59,15 +59,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune_w4a8.json")
     ap.add_argument("--sections", default="gemv,decode,prefill")
+    ap.add_argument("--groups", default="both", choices=["both", "row", "g128"])
+    ap.add_argument("--shapes", default=None, help="NxK comma list (default: the built-in five)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     res: dict = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": []}
     rows = res["rows"]
-    for n, k in SHAPES:
+    shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")] if args.shapes else SHAPES
+    for n, k in shapes:
         q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
         packed = pack_int4(q)
         w16 = q.to(torch.bfloat16)
-        for group in (128, None):
+        for group in (128, None) if args.groups == "both" else ((None,) if args.groups == "row" else (128,)):
             g = group or k
             scale = (torch.rand(n, k // g, device="cuda") * 0.01).to(torch.bfloat16)
             wb = n * k / 2 + scale.numel() * 2
@@ -158,6 +161,24 @@ def main() -> None:
                                                      config=c), True)
                     us_q = t_us(lambda: act_quant(x), graph=True)
                     print(f"   act_quant M={m}: {us_q:.1f} us")
+            if "decode16" in sections:  # the whole M=16 path: act quant + decode kernel (+ split-K sum)
+                x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+                cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SUB_K=group or 128, SPLIT_K=sp, num_warps=w,
+                              num_stages=st)
+                         for bn, bk, sp, st, w in itertools.product((16, 32, 64), (256, 512, 1024), (1, 2, 4, 8),
+                                                                    (2, 3, 4), (4,))
+                         if bk >= (group or 128) and k // sp >= bk]
+
+                def path(c):
+                    qa, sa = act_quant(x)
+                    return w4_decode(qa, sa, packed, scale, None, None, g, torch.bfloat16, config=c)
+
+                best = sweep(f"decode16 {n}x{k} g={group}", rows, cands, path, True)
+                rule = t_us(lambda: path(None), graph=True)
+                bf16 = t_us(lambda: x @ w16.t(), graph=True)
+                rows.append({"label": f"summary decode16 {n}x{k} g={group}", "rule_us": rule, "bf16_us": bf16,
+                             "best_us": best[0] if best else None, "best_cfg": best[1] if best else None})
+                print(f"   rule {rule:.1f} us, bf16 {bf16:.1f} us", flush=True)
             if "prefill" in sections:
                 for m in (128, 2048, 8192):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -3,7 +3,8 @@
 In eager mode RMSNorm, RoPE and SwiGLU are chains of small torch ops, each a full pass over an
 (tokens x dim) activation in HBM (RMSNorm alone: float cast, square, mean, multiply, cast,
 multiply). At an 8192-token prompt these passes cost as much as a large GEMM. Each kernel here
-reads its input once and writes its output once, with the same roundings as the eager chain:
+reads its input once and writes its output once, with the roundings of the eager chain (results
+agree with it to within one or two rounding steps on odd elements: reduction order, exp/rsqrt):
 
   rms_norm   y = w * bf(x * rsqrt(mean(x^2) + eps))       (fp32 statistics, as the eager module)
   swiglu     h = bf(bf(silu(g)) * u)                        (F.silu rounds, then the product)
