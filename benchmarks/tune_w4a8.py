@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune_w4a8.json")
     ap.add_argument("--sections", default="gemv,decode,prefill")
+    ap.add_argument("--rule-only", action="store_true", help="decode16: time the launch rule, no sweep")
     ap.add_argument("--groups", default="both", choices=["both", "row", "g128"])
     ap.add_argument("--shapes", default=None, help="NxK comma list (default: the built-in five)")
     args = ap.parse_args()
@@ -173,7 +174,7 @@ def main() -> None:
                     qa, sa = act_quant(x)
                     return w4_decode(qa, sa, packed, scale, None, None, g, torch.bfloat16, config=c)
 
-                best = sweep(f"decode16 {n}x{k} g={group}", rows, cands, path, True)
+                best = None if args.rule_only else sweep(f"decode16 {n}x{k} g={group}", rows, cands, path, True)
                 rule = t_us(lambda: path(None), graph=True)
                 bf16 = t_us(lambda: x @ w16.t(), graph=True)
                 rows.append({"label": f"summary decode16 {n}x{k} g={group}", "rule_us": rule, "bf16_us": bf16,

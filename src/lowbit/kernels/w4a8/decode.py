@@ -145,13 +145,18 @@ def decode_config(m: int, n: int, k: int, group: int) -> dict:
 
     NOTE: swept on H100 (benchmarks/tune_w4a8.py): BLOCK_N=32 with 512-wide K steps won at
     M=16 on every Llama shape (e.g. 12288x4096: 29.4 us vs 35-50 us for BLOCK_N 64/128);
-    split-K only pays when N is small (1024x4096: 12.6 us with 4 splits).
+    split-K only pays when N is small (1024x4096: 12.6 us with 4 splits). At N=4096 one split
+    wins (results/tune_decode16_h100.json, act quant included: 4096x4096 18.5 us vs 22.2 with
+    2 splits), and K must be a whole number of K steps: K=11008 takes 256-wide steps (40.0 us)
+    where 512-wide ones run the masked loop (100.3 us; 68.0 with 2 masked splits).
     """
     sub_k = group if group else 128
     block_k = max(sub_k, 512)
-    split_k = 4 if n <= 2048 else (2 if n <= 4096 else 1)
+    if k % block_k and k % 256 == 0 and sub_k <= 256:
+        block_k = 256
+    split_k = 4 if n <= 2048 else 1
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SUB_K=sub_k, SPLIT_K=split_k,
-                num_warps=4, num_stages=3)
+                num_warps=4, num_stages=4 if block_k == 256 else 3)
 
 
 def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, scale: torch.Tensor,
