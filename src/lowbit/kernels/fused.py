@@ -15,6 +15,10 @@ per-token int8 quantization of y (h) with its fp32 scale -- the same integers as
 (absmax / 127, IEEE division, half-to-even), so quantizing inside the producer skips one write
 and one read of the activation and the act-quant launch.
 
+Every launch passes enable_fp_fusion=False: Triton turns `(a * b).to(bf16)` followed by an add
+into one bf16 FMA (one rounding instead of the eager chain's two), which gives a different --
+in a cancellation, a very different -- result (seen on the H100 for RoPE before this flag).
+
 Pure-torch references: lowbit.llm.model (the eager modules) and act_quant's reference.
 """
 
@@ -68,7 +72,7 @@ def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y, q, s, qu
     _rms_norm_kernel[(x2.shape[0],)](
         x2, weight, out, q if q is not None else out, s if s is not None else weight, k, x2.stride(0),
         out.stride(0), out.stride(0), eps, BLOCK_K=block, QUANT=quant,
-        num_warps=4 if block <= 2048 else 8)
+        num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,7 +156,7 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     if g2.shape[0]:
         block = 1024
         _swiglu_kernel[(g2.shape[0], triton.cdiv(f, block))](g2, h, f, g2.stride(0), h.stride(0),
-                                                             BLOCK=block, num_warps=4)
+                                                             BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return h.view(*gu.shape[:-1], f)
 
 
@@ -166,7 +170,7 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = min(max(triton.next_power_of_2(f), 128), 4096)
         _swiglu_quant_kernel[(g2.shape[0],)](g2, q, s, f, g2.stride(0), q.stride(0),
                                              OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block,
-                                             num_warps=8 if block >= 4096 else 4)
+                                             num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
     return q, s
 
 
@@ -220,7 +224,7 @@ def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Ten
     if b * t:
         _rope_kernel[(b * t,)](qkv, cos.contiguous(), sin.contiguous(), q, k, t, qkv.stride(1), n_q, n_k,
                                HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_q + n_k),
-                               num_warps=4)
+                               num_warps=4, enable_fp_fusion=False)
     return q, k
 
 

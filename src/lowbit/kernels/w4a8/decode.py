@@ -200,7 +200,8 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
         zero if zero is not None else dummy, bias if bias is not None else dummy, target,
         m, n, k, k_per_split, x.stride(0), packed.stride(0), scale.stride(0), target.stride(0),
         GROUP=group, A_INT8=a_int8, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        ATOMIC_OUT=atomic, EVEN_K=k % k_per_split == 0 and k_per_split % cfg["BLOCK_K"] == 0, **cfg,
+        # every split (the last, shorter one too) is whole K steps when K and the split length are
+        ATOMIC_OUT=atomic, EVEN_K=k % cfg["BLOCK_K"] == 0 and k_per_split % cfg["BLOCK_K"] == 0, **cfg,
     )
     if atomic:
         block = 1024
