@@ -255,3 +255,19 @@ def test_dp4a_integer_part_exact():
                          config=dict(BLOCK_N=2, PPS=1, DEPTH=2, num_warps=4), kernel="stream")
     assert torch.equal(out, (qx.double() @ q.double().t()).float())
 
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_decode_split_k_with_a_shorter_last_split(group):
+    """K = 7 steps over 3 splits (3, 3, 1 steps): every split is whole K steps, so the unmasked
+    K loop runs; the partial sums must still add up to the reference."""
+    from lowbit.kernels.w4a8.reference import w4_decode_ref
+
+    n, k, m = 40, 448, 5
+    q, packed, scale = _weights(n, k, group)
+    x = torch.randn(m, k, device=DEV)
+    qa, sa = act_quant(x)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SUB_K=64, SPLIT_K=3, num_warps=4, num_stages=2)
+    y = w4_decode(qa, sa, packed, scale, None, None, group or k, torch.float32, config=cfg)
+    ref = w4_decode_ref(x, packed, scale, None, None, group or k, True).float()
+    assert sqnr_db(y, ref) >= MIN_DB[torch.float32]
