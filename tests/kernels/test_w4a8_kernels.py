@@ -271,3 +271,21 @@ def test_decode_split_k_with_a_shorter_last_split(group):
     y = w4_decode(qa, sa, packed, scale, None, None, group or k, torch.float32, config=cfg)
     ref = w4_decode_ref(x, packed, scale, None, None, group or k, True).float()
     assert sqnr_db(y, ref) >= MIN_DB[torch.float32]
+
+
+@pytest.mark.parametrize("k", [64, 96])
+def test_decode_int8_per_row_short_rows(k):
+    """Per-row W4A8 rows shorter than a default K step: 64-wide steps (int8 MMAs need K >= 32 per
+    dot, i.e. 64 columns split into even/odd halves); K < 64 is refused with a clear error."""
+    from lowbit.kernels.w4a8.reference import w4_decode_ref
+
+    q, packed, scale = _weights(48, k, None)
+    x = torch.randn(7, k, device=DEV)
+    qa, sa = act_quant(x)
+    y = w4_decode(qa, sa, packed, scale, None, None, k, torch.float32)
+    ref = w4_decode_ref(x, packed, scale, None, None, k, True).float()
+    assert sqnr_db(y, ref) >= MIN_DB[torch.float32]
+    q32, p32, s32 = _weights(48, 32, None)
+    qa32, sa32 = act_quant(torch.randn(7, 32, device=DEV))
+    with pytest.raises(ValueError, match="K >= 64"):
+        w4_decode(qa32, sa32, p32, s32, None, None, 32, torch.float32)

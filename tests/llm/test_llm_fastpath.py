@@ -71,6 +71,12 @@ def test_w4a8_prefill_takes_activations_quantized_by_norm_and_swiglu(monkeypatch
     pre[0] = 0
     _prefill_logits(model, ids[:, :8], monkeypatch, "1")
     assert pre[0] == 0
+    # the compiled decode loop flattens the linears: prefill keeps the fused quantization
+    from lowbit.api import flatten_quantized_linears
+
+    assert flatten_quantized_linears(model) > 0
+    torch.testing.assert_close(_prefill_logits(model, ids, monkeypatch, "1"), got, rtol=0, atol=0)
+    assert pre[0] == 3 * ARGS.n_layers
 
 
 def test_fast_path_stays_off_with_autograd_and_when_disabled(monkeypatch):

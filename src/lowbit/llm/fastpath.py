@@ -37,8 +37,11 @@ def enabled(x: torch.Tensor) -> bool:
 
 def active_weight(linear: nn.Module) -> torch.Tensor | None:
     """The weight F.linear will read: nn.Linear's, or a PhasedLinear's for its current phase."""
+    from lowbit.api import FlatQuantizedLinear
     from lowbit.llm.phased import Phase, PhasedLinear
 
+    if isinstance(linear, FlatQuantizedLinear):  # compiled decode flattens the linears; prefill is eager
+        return linear.weight
     if isinstance(linear, PhasedLinear):
         return linear.weight_decode if linear.phase is Phase.DECODE else linear.weight_prefill
     if type(linear) is nn.Linear:

@@ -183,8 +183,11 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
     if a_int8 and group and group < 64:
         # NOTE: int8 tensor-core MMAs take K >= 32 per instruction; a 32-wide group gives 16-wide dots.
         raise ValueError(f"the int8 decode kernel needs group_size >= 64, got {group} (use the GEMM path)")
+    if a_int8 and not group and k < 64:
+        raise ValueError(f"the int8 decode kernel needs K >= 64 per row, got K={k} (use the GEMM path)")
     if not group and cfg["SUB_K"] > k:
-        cfg["SUB_K"] = cfg["BLOCK_K"] = 32
+        # int8 MMAs take K >= 32 per instruction: the even/odd halves of a 64-wide step
+        cfg["SUB_K"] = cfg["BLOCK_K"] = 64 if a_int8 else 32
     if max(m, n) * k >= 2**31:
         raise ValueError(f"decode kernel offsets are int32: M*K and N*K must be < 2**31 (K={k})")
     split_k = cfg.pop("SPLIT_K")

@@ -68,7 +68,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     if quantize_activations:
         if zf is not None:
             raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
-        small_group = group_size < 64 and group_size < x.shape[1]  # decode kernel needs >= 64
+        # the int8 decode kernel's dots need >= 64 K per group (per row: K >= 64)
+        small_group = min(group_size, x.shape[1]) < 64
         use_prefill = path == "prefill" or (path == "auto" and (m >= W4A8_PREFILL_MIN_M or small_group))
         qa, sa = act_quant(x)
         if use_prefill:
