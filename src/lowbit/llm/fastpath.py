@@ -67,12 +67,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(norm(x)); a W4A8 linear gets the int8 activations from the norm kernel."""
-    w = _prequantized_weight(linear, x) if enabled(x) and norm.weight.dtype == x.dtype else None
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "eps", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, (int, float)) or weight.dtype != x.dtype:
+        return linear(norm(x))
+    w = _prequantized_weight(linear, x) if enabled(x) else None
     if w is None:
         return linear(norm(x))
     from lowbit.kernels.fused import rms_norm_quant
 
-    q, s = rms_norm_quant(x, norm.weight, norm.eps)
+    q, s = rms_norm_quant(x, weight, float(eps))
     return w.linear_prequantized(q, s, linear.bias, x.dtype).view(*x.shape[:-1], w.shape[0])
 
 
