@@ -127,7 +127,6 @@ class Int4Tensor(QuantizedTensor):
             y = torch.nn.functional.linear(x2, self.dequantize(x.dtype), bias)
         return y.reshape(*x.shape[:-1], self.shape[0])
 
-
     # -- activations quantized by their producer (fused RMSNorm / SwiGLU at prefill) --------
     def takes_prequantized(self, x: torch.Tensor) -> bool:
         """True when this weight, called on x, would quantize x per token to int8 and run the
