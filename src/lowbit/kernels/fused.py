@@ -33,8 +33,9 @@ from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 # -- RMSNorm (+ per-token int8 quantization) ----------------------------------------------
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, stride_q, eps,
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, s_ptr, K, stride_x, stride_out, eps,
                      BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    # out: the normalized row (x's dtype), or with QUANT its int8 quantization (+ scale in s)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
@@ -47,9 +48,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_x, stride_y, s
         yf = y.to(tl.float32)
         scale = _int8_scale(tl.max(tl.abs(yf), axis=0))
         tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(yf, scale).to(tl.int8), mask=mask)
+        tl.store(out_ptr + row * stride_out + offs, _int8_round_clamp(yf, scale).to(tl.int8), mask=mask)
     else:
-        tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+        tl.store(out_ptr + row * stride_out + offs, y, mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -65,14 +66,13 @@ def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm keeps a row in registers: dim <= 16384, got {x.shape[-1]}")
 
 
-def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y, q, s, quant: bool) -> None:
-    k = x2.shape[1]
-    block = max(triton.next_power_of_2(k), 128)
-    out = y if y is not None else q
+def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+                 s: torch.Tensor | None) -> None:
+    """out: (M, K) in x's dtype, or int8 with s (M, 1) fp32 for the quantized variant."""
+    block = max(triton.next_power_of_2(x2.shape[1]), 128)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, weight, out, q if q is not None else out, s if s is not None else weight, k, x2.stride(0),
-        out.stride(0), out.stride(0), eps, BLOCK_K=block, QUANT=quant,
-        num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
+        x2, weight, out, s if s is not None else weight, x2.shape[1], x2.stride(0), out.stride(0), eps,
+        BLOCK_K=block, QUANT=s is not None, num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,7 +81,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = _rows(x)
     y = torch.empty_like(x2)
     if x2.shape[0]:
-        _norm_launch(x2, weight.contiguous(), eps, y, None, None, False)
+        _norm_launch(x2, weight.contiguous(), eps, y, None)
     return y.view(x.shape)
 
 
@@ -92,7 +92,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
     if x2.shape[0]:
-        _norm_launch(x2, weight.contiguous(), eps, None, q, s, True)
+        _norm_launch(x2, weight.contiguous(), eps, q, s)
     return q, s
 
 
