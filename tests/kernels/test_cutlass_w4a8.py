@@ -227,3 +227,30 @@ def test_build_blocker_chain(tmp_path, monkeypatch):
     assert build.build_blocker().startswith("CUTLASS W4A8 build failed in X: err (full log")
     monkeypatch.setenv("LOWBIT_CUTLASS_LIB", str(tmp_path / "absent.so"))
     assert "does not exist" in build.build_blocker()
+
+
+@needs_sm90
+@pytest.mark.parametrize("m", [16, 300])
+def test_compiled_quantizes_in_graph(m):
+    """Compiled, the activations are quantized by graph ops (fused by Inductor into their producer)
+    and handed to lowbit::w4a8_cutlass_gemm: same output as the eager call, bit for bit."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def fw(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    lin = torch.nn.Linear(4096, 11008, bias=False).to("cuda", torch.bfloat16)
+    lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=None, kernel=KernelChoice.CUTLASS))
+    x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = lin(x)
+        got = torch.compile(lin, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(x)
+        inductor = torch.compile(lin, fullgraph=True)(x)
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "lowbit.w4a8_cutlass_gemm.default" in ops and "aten.amax.default" in ops
+    assert torch.equal(got, eager)
+    assert torch.equal(inductor, eager)

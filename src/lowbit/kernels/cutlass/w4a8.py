@@ -123,18 +123,22 @@ def _linear_impl(
     return gemm(qa, sa, packed, scale, bias, x.dtype)
 
 
-w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_linear", mutates_args=())(_linear_impl)
+w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_gemm", mutates_args=())(gemm)
 
 
 @w4a8_cutlass_op.register_fake
-def _(x, packed, scale, bias):
-    return x.new_empty((x.shape[0], packed.shape[0]))
+def _(qa, sa, packed, scale, bias, out_dtype):
+    return qa.new_empty((qa.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
 def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
     """Entry point used by Int4Tensor: x2 (M, K) fp16/bf16 -> (M, N). Inference only."""
     traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
     if torch.compiler.is_compiling() or traced:
-        return w4a8_cutlass_op(x2, w.qdata, w.scale, bias)
+        # The graph quantizes the activations in plain ops, which Inductor fuses into their producer.
+        from lowbit.kernels.w4a8.act_quant import act_quant_traceable
+
+        qa, sa = act_quant_traceable(x2)
+        return w4a8_cutlass_op(qa, sa, w.qdata, w.scale, bias, x2.dtype)
     # NOTE: eager calls skip the custom-op dispatcher (tens of microseconds per call).
     return _linear_impl(x2, w.qdata, w.scale, bias)

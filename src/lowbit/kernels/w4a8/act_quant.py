@@ -95,3 +95,21 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
                             PERMUTE=permute, num_warps=num_warps)
     return q, s
 
+
+def act_quant_traceable(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant's math in plain torch ops: (M, K) -> (q int8 (M, K), scale float32 (M, 1)).
+
+    For torch.compile'd graphs: Inductor fuses these ops into the kernel that produces x (the
+    RMSNorm or SwiGLU before a W4A8 linear), so the quantization costs no launch and no pass
+    over HBM of its own. Both divisions run in float64 and are rounded to float32: Inductor
+    emits Triton's float32 `/` (an approximate division) and turns a division by a constant
+    into a multiply by its reciprocal, while a float64 quotient rounded to float32 is the
+    IEEE float32 quotient (double rounding is harmless at 53 >= 2 * 24 + 2 bits), and
+    amax * fl64(1/127) is never close enough to a float32 rounding boundary to round the other
+    way (amax has at most 24 significant bits). Same q and scale as act_quant on the same x.
+    """
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = (amax.to(torch.float64) / 127.0).to(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
+    v = (xf.to(torch.float64) / scale.to(torch.float64)).to(torch.float32)
+    return torch.round(v).clamp(-127.0, 127.0).to(torch.int8), scale

@@ -68,13 +68,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     if quantize_activations:
         if zf is not None:
             raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
-        # the int8 decode kernel's dots need >= 64 K per group (per row: K >= 64)
-        small_group = min(group_size, x.shape[1]) < 64
-        use_prefill = path == "prefill" or (path == "auto" and (m >= W4A8_PREFILL_MIN_M or small_group))
         qa, sa = act_quant(x)
-        if use_prefill:
-            return w4a8_prefill_quantized(qa, sa, packed, scale, bias, group_size, x.dtype)
-        return w4_decode(qa, sa, packed, scale, None, bias, group_size, x.dtype)
+        return _w4a8_linear_q_impl(qa, sa, packed, scale, bias, group_size, x.dtype, path)
     use_prefill = path == "prefill" or (path == "auto" and m >= WO_PREFILL_MIN_M)
     if use_prefill:
         w = dequant_int4_triton(packed, scale, zf, group_size, x.dtype)
@@ -92,7 +87,38 @@ def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Ten
     return int8_gemm(qa, sa, w8, scale, bias, group_size, out_dtype)
 
 
+def _w4a8_linear_q_impl(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                        bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
+                        path: str) -> torch.Tensor:
+    """W4A8 from per-token int8 activations (qa (M, K) int8, sa (M, 1) fp32): decode kernel or GEMM."""
+    from lowbit.kernels.w4a8.decode import w4_decode
+
+    # the int8 decode kernel's dots need >= 64 K per group (per row: K >= 64)
+    small_group = min(group_size, qa.shape[1]) < 64
+    if path == "prefill" or (path == "auto" and (qa.shape[0] >= W4A8_PREFILL_MIN_M or small_group)):
+        return w4a8_prefill_quantized(qa, sa, packed, scale, bias, group_size, out_dtype)
+    return w4_decode(qa, sa, packed, scale, None, bias, group_size, out_dtype)
+
+
 int4_linear_op = torch.library.custom_op("lowbit::int4_linear", mutates_args=())(_int4_linear_impl)
+w4a8_linear_q_op = torch.library.custom_op("lowbit::w4a8_linear_q", mutates_args=())(_w4a8_linear_q_impl)
+
+
+@w4a8_linear_q_op.register_fake
+def _(qa, sa, packed, scale, bias, group_size, out_dtype, path):
+    return qa.new_empty((qa.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
+def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path: str) -> bool:
+    """True when a compiled W4A8 call with m tokens would run act_quant and then an int8 kernel:
+    the graph then quantizes with act_quant_traceable instead, which Inductor fuses into the
+    producer of the activations. Not for M <= DP4A_MAX_M, where the dp4a GEMV quantizes in its
+    own prologue, nor for symbolic token counts (the route depends on M)."""
+    from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported
+
+    if not symmetric or not isinstance(m, int) or path == "gemv":
+        return False
+    return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None)
 
 
 @int4_linear_op.register_fake
@@ -113,6 +139,12 @@ def int4_linear(x2: torch.Tensor, w, bias: torch.Tensor | None, quantize_activat
     # Fake / functional tensors (torch.compile's tracing) must see the opaque op, never the kernels.
     traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
     if torch.compiler.is_compiling() or needs_grad or traced:
+        if quantize_activations and not needs_grad and quantizes_in_graph(
+                x2.shape[0], x2.shape[1], w.group_size, w.zero_point is None, path):
+            from lowbit.kernels.w4a8.act_quant import act_quant_traceable
+
+            qa, sa = act_quant_traceable(x2)
+            return w4a8_linear_q_op(qa, sa, w.qdata, w.scale, bias, w.group_size, x2.dtype, path)
         return int4_linear_op(*args)
     # NOTE: eager inference calls the implementation directly: the custom-op dispatcher adds
     # tens of microseconds per call, longer than a whole decode GEMV.

@@ -1,0 +1,106 @@
+"""Activation quantization inside torch.compile'd graphs (act_quant_traceable).
+
+A compiled W4A8 linear that would run act_quant and then an int8 kernel quantizes in plain
+torch ops instead, so Inductor fuses the quantization into the kernel producing x. These tests
+hold it to act_quant's integers: eager and Inductor-compiled (C++ on CPU, Triton on a GPU), and
+check that the graph routes through lowbit::w4a8_linear_q with outputs equal to eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+
+import lowbit
+from lowbit.core.kernel_choice import KernelChoice
+from lowbit.kernels.w4a8.act_quant import act_quant, act_quant_traceable
+from lowbit.kernels.w4a8.reference import act_quant_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _inputs(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    x = (torch.randn(m, k, device=DEV) * torch.logspace(-3, 3, m, device=DEV).unsqueeze(1)).to(dtype)
+    x[1] = 0.0  # all-zero row: scale floored at FLT_MIN, q = 0
+    # ties: amax 127 gives scale 1, so x / scale lands exactly on k + 0.5 (half-to-even)
+    x[2] = 0.0
+    x[2, :6] = torch.tensor([127.0, 2.5, 3.5, -0.5, -1.5, 126.5])
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_traceable_matches_reference_eager(dtype):
+    x = _inputs(33, 300, dtype)
+    q, s = act_quant_traceable(x)
+    qr, sr = act_quant_ref(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (33, 1)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert q[2, :6].tolist() == [127, 2, 4, 0, -2, 126]
+    assert torch.all(q[1] == 0) and s[1].item() > 0
+    if dtype != torch.float32 or DEV == "cuda":
+        qk, sk = act_quant(x)
+        assert torch.equal(q, qk) and torch.equal(s, sk)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_traceable_matches_reference_compiled(dtype):
+    """Inductor's code (Triton on a GPU: approximate float32 `/`, constant divisions turned into
+    reciprocal multiplies) still gives act_quant's integers and scales."""
+    torch._dynamo.reset()
+    x = _inputs(64, 4096 if DEV == "cuda" else 256, dtype)
+    x[3:] = x[3:] * (1 + torch.rand_like(x[3:], dtype=torch.float32) * 1e-3).to(dtype)
+    q, s = torch.compile(act_quant_traceable, fullgraph=True)(x)
+    qr, sr = act_quant_ref(x)
+    assert torch.equal(s, sr)
+    assert torch.equal(q, qr)
+
+
+def _capture():
+    graphs = []
+
+    def fw(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, aot_autograd(fw_compiler=fw)
+
+
+def _ops(graphs) -> set[str]:
+    return {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("m", [16, 80])
+def test_compiled_w4a8_quantizes_in_graph(m, group_size):
+    torch._dynamo.reset()
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.SiLU(), torch.nn.Linear(128, 64))
+    model = model.to(DEV, dtype)
+    lowbit.quantize_(model, lowbit.W4A8Config(group_size=group_size, kernel=KernelChoice.TRITON))
+    x = torch.randn(m, 256, device=DEV, dtype=dtype)
+    graphs, backend = _capture()
+    with torch.no_grad():
+        eager = model(x)
+        got = torch.compile(model, backend=backend, fullgraph=True)(x)
+    ops = _ops(graphs)
+    assert "lowbit.w4a8_linear_q.default" in ops and "lowbit.int4_linear.default" not in ops
+    assert "aten.amax.default" in ops  # the quantization is in the graph, for Inductor to fuse
+    assert torch.equal(got, eager)
+
+
+def test_compiled_w4a8_one_token_keeps_the_fused_gemv():
+    """M <= 4: the dp4a GEMV quantizes in its own prologue; the graph keeps the single op."""
+    torch._dynamo.reset()
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    model = torch.nn.Linear(256, 128).to(DEV, dtype)
+    lowbit.quantize_(model, lowbit.W4A8Config(kernel=KernelChoice.TRITON))
+    x = torch.randn(1, 256, device=DEV, dtype=dtype)
+    graphs, backend = _capture()
+    with torch.no_grad():
+        eager = model(x)
+        got = torch.compile(model, backend=backend, fullgraph=True)(x)
+    ops = _ops(graphs)
+    assert "lowbit.int4_linear.default" in ops and "lowbit.w4a8_linear_q.default" not in ops
+    assert torch.equal(got, eager)
