@@ -23,13 +23,16 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=0)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="KV cache length (default: just enough; bench_llm uses prompt + new tokens = 160)")
+    ap.add_argument("--rows", type=int, default=18, help="kernels listed")
     args = ap.parse_args()
     quantizer = make_quantizer(args.quant, group_size=args.group_size)
     loaded = load(LoadOptions(model=args.model, random_weights=True, quant=args.quant, device="cuda",
                               dtype="bfloat16"), quantizer=quantizer)
     model = loaded.model
     prompt = torch.randint(0, model.args.vocab_size, (args.batch, 32), device="cuda")
-    model.setup_caches(args.batch, 32 + 3 + 2 * args.steps + 8)
+    model.setup_caches(args.batch, args.max_seq_len or 32 + 3 + 2 * args.steps + 8)
     gen = Generator(model, Sampling(), compile=True, compile_mode="reduce-overhead")
     gen.warmup(prompt)
     gen.generate(prompt, args.steps)
@@ -47,7 +50,7 @@ def main() -> None:
     print("cudaGraphLaunch calls:", sum(e.count for e in ka if "GraphLaunch" in e.key),
           "| cuLaunchKernel/cudaLaunchKernel calls:",
           sum(e.count for e in ka if "LaunchKernel" in e.key), "|", len(names), "distinct events")
-    print(ka.table(sort_by="device_time_total", row_limit=18, max_name_column_width=70))
+    print(ka.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -180,6 +180,31 @@ def main() -> None:
                 rows.append({"label": f"summary decode16 {n}x{k} g={group}", "rule_us": rule, "bf16_us": bf16,
                              "best_us": best[0] if best else None, "best_cfg": best[1] if best else None})
                 print(f"   rule {rule:.1f} us, bf16 {bf16:.1f} us", flush=True)
+            if "decode16q" in sections:  # M=16 from prequantized activations (compiled graphs fuse the quant)
+                x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+                qa, sa = act_quant(x)
+                cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SUB_K=group or 128, SPLIT_K=sp, num_warps=w,
+                              num_stages=st)
+                         for bn, bk, sp, st, w in itertools.product((16, 32, 64), (256, 512, 1024), (1, 2, 4),
+                                                                    (2, 3, 4), (4, 8))
+                         if bk >= (group or 128) and k // sp >= bk]
+                best = None if args.rule_only else sweep(
+                    f"decode16q {n}x{k} g={group}", rows, cands,
+                    lambda c: w4_decode(qa, sa, packed, scale, None, None, g, torch.bfloat16, config=c), True)
+                rule = t_us(lambda: w4_decode(qa, sa, packed, scale, None, None, g, torch.bfloat16), graph=True)
+                cutlass_us = None
+                if group is None:
+                    from lowbit.kernels.cutlass import build
+                    from lowbit.kernels.cutlass import w4a8 as cutlass_w4a8
+
+                    if build.compiled():
+                        cutlass_us = t_us(lambda: cutlass_w4a8.gemm(qa, sa, packed, scale, None, torch.bfloat16),
+                                          graph=True)
+                bf16 = t_us(lambda: x @ w16.t(), graph=True)
+                rows.append({"label": f"summary decode16q {n}x{k} g={group}", "rule_us": rule, "bf16_us": bf16,
+                             "cutlass_us": cutlass_us, "best_us": best[0] if best else None,
+                             "best_cfg": best[1] if best else None})
+                print(f"   rule {rule:.1f} us, cutlass {cutlass_us} us, bf16 {bf16:.1f} us", flush=True)
             if "prefill" in sections:
                 for m in (128, 2048, 8192):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
