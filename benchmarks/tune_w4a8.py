@@ -185,8 +185,8 @@ def main() -> None:
                 qa, sa = act_quant(x)
                 cands = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SUB_K=group or 128, SPLIT_K=sp, num_warps=w,
                               num_stages=st)
-                         for bn, bk, sp, st, w in itertools.product((16, 32, 64), (256, 512, 1024), (1, 2, 4),
-                                                                    (2, 3, 4), (4, 8))
+                         for bn, bk, sp, st, w in itertools.product((16, 32, 64), (256, 512), (1, 2, 4),
+                                                                    (3, 4), (4, 8))
                          if bk >= (group or 128) and k // sp >= bk]
                 best = None if args.rule_only else sweep(
                     f"decode16q {n}x{k} g={group}", rows, cands,
