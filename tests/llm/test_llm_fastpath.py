@@ -100,3 +100,27 @@ def test_fast_path_is_the_cuda_default(monkeypatch):
     monkeypatch.delenv("LOWBIT_FUSED", raising=False)
     with torch.no_grad():
         assert fastpath.enabled(torch.randn(2, 8, device="cuda", dtype=torch.bfloat16))
+
+
+def test_decode_steps_read_the_cache_with_the_decode_attention_kernel(monkeypatch):
+    from lowbit.kernels import attention
+
+    model = _model(NoQuantizer())
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEV)
+    nxt = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(3)).to(DEV)
+
+    def run(mode: str) -> torch.Tensor:
+        _prefill_logits(model, ids, monkeypatch, mode)
+        out = []
+        with torch.no_grad(), use_phase(model, Phase.DECODE):
+            for i in range(nxt.shape[1]):
+                pos = torch.tensor([ids.shape[1] + i], device=DEV)
+                out.append(model(nxt[:, i:i + 1], pos).float())
+        return torch.cat(out, 1)
+
+    want = run("0")
+    calls = _count_calls(monkeypatch, attention, "decode_attention")
+    got = run("1")
+    assert calls[0] == ARGS.n_layers * nxt.shape[1]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

@@ -114,3 +114,28 @@ def rope_qk(
 
 
 __all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk"]
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
+                     ) -> torch.Tensor | None:
+    """One new token per sequence attending to the static cache's positions 0..input_pos, reading
+    only those (lowbit.kernels.attention); None when the masked SDPA should run instead.
+
+    Unlike the other helpers this one also runs inside torch.compile (as the opaque op
+    lowbit::decode_attention, so the CUDA-graph'ed decode step gets it): Inductor cannot make
+    the masked SDPA skip the unfilled part of the cache.
+    """
+    mode = os.environ.get("LOWBIT_FUSED", "auto")
+    if mode == "0" or torch.is_grad_enabled() or q.dtype not in _DTYPES:
+        return None
+    if not q.is_cuda and not (mode == "1" and interpreter_enabled()):
+        return None
+    if triton_unavailable_reason(q) is not None:
+        return None
+    from lowbit.kernels import attention
+
+    if attention.unsupported(q, kc, vc, input_pos) is not None:
+        return None
+    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
+        return attention.decode_attention_op(q, kc, vc, input_pos)
+    return attention.decode_attention(q, kc, vc, input_pos)

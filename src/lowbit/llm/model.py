@@ -157,6 +157,10 @@ class Attention(nn.Module):
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
     ) -> torch.Tensor:
         b, h, t, d = q.shape
+        if t == 1:
+            y = fastpath.decode_attention(q, kc, vc, input_pos)
+            if y is not None:
+                return y
         n_rep = h // self.n_kv
         mask = torch.arange(kc.shape[2], device=q.device) <= input_pos.view(-1, 1)  # (T, S)
         if n_rep > 1:

@@ -30,11 +30,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 #   6144x4096 1.05x / 1.25x; 1024x4096 0.79x / 0.79x (not listed).
 # Entries are (N, K, first token count, end token count): CUTLASS for first <= M < end. M=5..15 runs
 # the same 128x32 CUTLASS tile and the same Triton decode kernel as M=16.
+# Output heads (Llama-2 32000x4096, Llama-3 128256x4096), from int8 activations at M=16
+# (benchmarks/results/tune_decode16q_h100.json, tune_decode16q_rule_h100.json): CUTLASS 43.8 us vs
+# Triton 65.0 us, 122.1 us vs 221.1 us. Decode batches only (M <= 32: one 32-token tile).
 CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
     (n, k, 5, 2048)
     for n, k in ((22016, 4096), (12288, 4096), (4096, 11008), (14336, 4096), (28672, 4096),
                  (4096, 14336), (11008, 4096), (6144, 4096))
-)
+) + ((32000, 4096, 5, 33), (128256, 4096, 5, 33))
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
