@@ -166,7 +166,8 @@ def _(q, k, v, pos):
     return q.new_empty((q.shape[0], q.shape[1], 1, q.shape[3]))
 
 
-def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+                         ) -> torch.Tensor:
     """The masked SDPA the kernel replaces (float32 math), GQA by repeating kv heads."""
     g = q.shape[1] // k.shape[1]
     mask = (torch.arange(k.shape[2], device=q.device) <= pos.reshape(1)).view(1, -1)  # (1, S)
