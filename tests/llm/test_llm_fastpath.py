@@ -124,3 +124,23 @@ def test_decode_steps_read_the_cache_with_the_decode_attention_kernel(monkeypatc
     assert calls[0] == ARGS.n_layers * nxt.shape[1]
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_decode_attention_traces_in_a_fresh_process_state(monkeypatch):
+    """The first decode-attention call may come from inside torch.compile (the compiled decode
+    step): the gate must not reach anything Dynamo refuses to trace (package lookups)."""
+    from lowbit import kernels
+    from lowbit.llm import fastpath
+
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    kernels._triton_installed.cache_clear()
+    torch._dynamo.reset()
+    q = torch.randn(2, 4, 1, 16, device=DEV, dtype=torch.float16)
+    kc = torch.randn(2, 2, 32, 16, device=DEV, dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    pos = torch.tensor([5], device=DEV)
+    with torch.no_grad():
+        got = torch.compile(fastpath.decode_attention, fullgraph=True)(q, kc, vc, pos)
+        want = fastpath.decode_attention(q, kc, vc, pos)
+    assert got is not None and want is not None
+    torch.testing.assert_close(got, want)

@@ -130,12 +130,14 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
         return None
     if not q.is_cuda and not (mode == "1" and interpreter_enabled()):
         return None
-    if triton_unavailable_reason(q) is not None:
+    compiling = torch.compiler.is_compiling()
+    # (tracing: Inductor itself needs Triton, and Dynamo cannot trace the package lookup)
+    if not compiling and triton_unavailable_reason(q) is not None:
         return None
     from lowbit.kernels import attention
 
     if attention.unsupported(q, kc, vc, input_pos) is not None:
         return None
-    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
+    if compiling or type(q) is not torch.Tensor:
         return attention.decode_attention_op(q, kc, vc, input_pos)
     return attention.decode_attention(q, kc, vc, input_pos)
