@@ -12,6 +12,7 @@ import json
 import torch
 import triton
 
+from lowbit.bench import time_cuda_graphed as t_us
 from lowbit.kernels.attention import decode_attention
 
 # (batch, heads, kv heads, cache length, pos): Llama-2-7B (32/32) and Llama-3-8B (32/8), head_dim 128
@@ -28,15 +29,6 @@ def sdpa_masked(q, kc, vc, pos):
         q = q.reshape(b, kc.shape[1], n_rep * t, d)
         mask = mask.repeat(n_rep, 1)
     return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask).view(b, h, t, d)
-
-
-def t_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
 
 
 def main() -> None:

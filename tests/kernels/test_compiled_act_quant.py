@@ -57,34 +57,30 @@ def test_traceable_matches_reference_compiled(dtype):
     assert torch.equal(q, qr)
 
 
-def _capture():
+def _eager_and_compiled(model, x):
+    """(eager output, compiled output, the ATen/custom ops of the compiled forward graph)."""
+    torch._dynamo.reset()
     graphs = []
 
     def fw(gm, _inputs):
         graphs.append(gm)
         return gm.forward
 
-    return graphs, aot_autograd(fw_compiler=fw)
-
-
-def _ops(graphs) -> set[str]:
-    return {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    with torch.no_grad():
+        eager = model(x)
+        got = torch.compile(model, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(x)
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    return eager, got, ops
 
 
 @pytest.mark.parametrize("group_size", [None, 64])
 @pytest.mark.parametrize("m", [16, 80])
 def test_compiled_w4a8_quantizes_in_graph(m, group_size):
-    torch._dynamo.reset()
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
     model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.SiLU(), torch.nn.Linear(128, 64))
     model = model.to(DEV, dtype)
     lowbit.quantize_(model, lowbit.W4A8Config(group_size=group_size, kernel=KernelChoice.TRITON))
-    x = torch.randn(m, 256, device=DEV, dtype=dtype)
-    graphs, backend = _capture()
-    with torch.no_grad():
-        eager = model(x)
-        got = torch.compile(model, backend=backend, fullgraph=True)(x)
-    ops = _ops(graphs)
+    eager, got, ops = _eager_and_compiled(model, torch.randn(m, 256, device=DEV, dtype=dtype))
     assert "lowbit.w4a8_linear_q.default" in ops and "lowbit.int4_linear.default" not in ops
     assert "aten.amax.default" in ops  # the quantization is in the graph, for Inductor to fuse
     assert torch.equal(got, eager)
@@ -92,15 +88,9 @@ def test_compiled_w4a8_quantizes_in_graph(m, group_size):
 
 def test_compiled_w4a8_one_token_keeps_the_fused_gemv():
     """M <= 4: the dp4a GEMV quantizes in its own prologue; the graph keeps the single op."""
-    torch._dynamo.reset()
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
     model = torch.nn.Linear(256, 128).to(DEV, dtype)
     lowbit.quantize_(model, lowbit.W4A8Config(kernel=KernelChoice.TRITON))
-    x = torch.randn(1, 256, device=DEV, dtype=dtype)
-    graphs, backend = _capture()
-    with torch.no_grad():
-        eager = model(x)
-        got = torch.compile(model, backend=backend, fullgraph=True)(x)
-    ops = _ops(graphs)
+    eager, got, ops = _eager_and_compiled(model, torch.randn(1, 256, device=DEV, dtype=dtype))
     assert "lowbit.int4_linear.default" in ops and "lowbit.w4a8_linear_q.default" not in ops
     assert torch.equal(got, eager)
