@@ -226,6 +226,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_len = 0
+        self.cache_version = 0  # bumped whenever the caches are replaced (captured graphs go stale)
         self.rope_len = 0
         self.quantizer_label = "none"
 
@@ -266,6 +267,7 @@ class Transformer(nn.Module):
         for layer in self.blocks():
             layer.attention.kv_cache = None
         self.cache_batch = self.cache_len = 0
+        self.cache_version += 1
 
     def hidden_states(
         self,
@@ -274,8 +276,11 @@ class Transformer(nn.Module):
         *,
         prefill: bool = False,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim); (B, 1, dim) of the last position with last_only."""
+        """Final-norm hidden states (B, T, dim); (B, 1, dim) of the last position with last_only,
+        or of position select[0] with select (a (1,) int64 device tensor: the last real token of a
+        right-padded prompt, chosen without a host sync)."""
         if input_pos is not None and tokens.shape[0] != self.cache_batch:
             raise ValueError(f"batch {tokens.shape[0]} != KV cache batch {self.cache_batch}")
         x = self.tok_embeddings(tokens)
@@ -287,7 +292,9 @@ class Transformer(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, prefill)
-        return self.norm(x[:, -1:] if last_only else x)  # the norm is per token
+        if select is not None:
+            return self.norm(x.index_select(1, select.reshape(1)))  # the norm is per token
+        return self.norm(x[:, -1:] if last_only else x)
 
     def forward(
         self,
@@ -296,6 +303,8 @@ class Transformer(nn.Module):
         *,
         prefill: bool = False,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) in the model dtype; (B, 1, vocab) with last_only."""
-        return self.output(self.hidden_states(tokens, input_pos, prefill=prefill, last_only=last_only))
+        """Logits (B, T, vocab) in the model dtype; (B, 1, vocab) with last_only or select."""
+        h = self.hidden_states(tokens, input_pos, prefill=prefill, last_only=last_only, select=select)
+        return self.output(h)
