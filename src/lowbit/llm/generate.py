@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -106,7 +107,7 @@ class _PrefillGraph:
     """One captured prefill of a (batch, padded length): static inputs, a replayable graph."""
 
     def __init__(self, model: Transformer, batch: int, length: int, device: torch.device,
-                 pool: object) -> None:
+                 pool: Any) -> None:
         self.ids = torch.zeros((batch, length), dtype=torch.long, device=device)
         self.pos = torch.arange(length, device=device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
@@ -166,7 +167,7 @@ class Generator:
         self.compile_mode = compile_mode
         self.graph_prefill = compile if graph_prefill is None else graph_prefill
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph | None] = {}
-        self._graph_pool: object | None = None
+        self._graph_pool: Any = None
         self._graphs_version = model.cache_version
         self._step = (
             torch.compile(decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
