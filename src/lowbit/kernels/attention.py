@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.w4a8.gemv_dp4a import num_sms
+
 BLOCK_S = 64
 _LOG2E = 1.4426950408889634
 
@@ -137,7 +139,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     g = h // kv
     g_pad = max(16, triton.next_power_of_2(g))
     out = torch.empty((b, h, 1, d), dtype=q.dtype, device=q.device)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    sms = num_sms(q.device.index or 0) if q.is_cuda else 132
     nsplit = num_splits(b * kv, s, sms)
     chunk = triton.cdiv(triton.cdiv(s, nsplit), BLOCK_S) * BLOCK_S
     if nsplit > 1:

@@ -24,15 +24,19 @@ from lowbit.kernels import interpreter_enabled, triton_unavailable_reason
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def enabled(x: torch.Tensor) -> bool:
+def enabled(x: torch.Tensor, in_compiled_graphs: bool = False) -> bool:
+    """The fast path's gate. in_compiled_graphs: also while torch.compile traces (kernels the
+    graph calls as opaque ops, like decode attention)."""
     mode = os.environ.get("LOWBIT_FUSED", "auto")
     if mode == "0" or x.dtype not in _DTYPES or torch.is_grad_enabled():
         return False
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+    tracing = torch.compiler.is_compiling() or type(x) is not torch.Tensor
+    if tracing and not in_compiled_graphs:
         return False
     if not x.is_cuda and not (mode == "1" and interpreter_enabled()):
         return False
-    return triton_unavailable_reason(x) is None
+    # (tracing: Inductor itself needs Triton, and Dynamo cannot trace the package lookup)
+    return tracing or triton_unavailable_reason(x) is None
 
 
 def active_weight(linear: nn.Module) -> torch.Tensor | None:
@@ -113,9 +117,6 @@ def rope_qk(
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
-__all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk"]
-
-
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
                      ) -> torch.Tensor | None:
     """One new token per sequence attending to the static cache's positions 0..input_pos, reading
@@ -125,19 +126,16 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
     lowbit::decode_attention, so the CUDA-graph'ed decode step gets it): Inductor cannot make
     the masked SDPA skip the unfilled part of the cache.
     """
-    mode = os.environ.get("LOWBIT_FUSED", "auto")
-    if mode == "0" or torch.is_grad_enabled() or q.dtype not in _DTYPES:
-        return None
-    if not q.is_cuda and not (mode == "1" and interpreter_enabled()):
-        return None
-    compiling = torch.compiler.is_compiling()
-    # (tracing: Inductor itself needs Triton, and Dynamo cannot trace the package lookup)
-    if not compiling and triton_unavailable_reason(q) is not None:
+    if not enabled(q, in_compiled_graphs=True):
         return None
     from lowbit.kernels import attention
 
     if attention.unsupported(q, kc, vc, input_pos) is not None:
         return None
-    if compiling or type(q) is not torch.Tensor:
+    if torch.compiler.is_compiling() or type(q) is not torch.Tensor:
         return attention.decode_attention_op(q, kc, vc, input_pos)
     return attention.decode_attention(q, kc, vc, input_pos)
+
+
+__all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk",
+           "decode_attention"]
