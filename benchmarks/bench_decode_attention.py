@@ -14,21 +14,11 @@ import triton
 
 from lowbit.bench import time_cuda_graphed as t_us
 from lowbit.kernels.attention import decode_attention
+from lowbit.llm.model import masked_cache_attention
 
 # (batch, heads, kv heads, cache length, pos): Llama-2-7B (32/32) and Llama-3-8B (32/8), head_dim 128
 CASES = [(16, 32, 32, 160, 40), (16, 32, 32, 160, 100), (16, 32, 32, 160, 159), (1, 32, 32, 160, 100),
          (1, 32, 32, 4096, 1000), (1, 32, 32, 4096, 4095), (1, 32, 8, 8192, 2000), (16, 32, 8, 2048, 1000)]
-
-
-def sdpa_masked(q, kc, vc, pos):
-    """The model's fallback (_attend_cache): boolean mask over the whole cache, GQA as query rows."""
-    b, h, t, d = q.shape
-    n_rep = h // kc.shape[1]
-    mask = torch.arange(kc.shape[2], device=q.device) <= pos.view(-1, 1)
-    if n_rep > 1:
-        q = q.reshape(b, kc.shape[1], n_rep * t, d)
-        mask = mask.repeat(n_rep, 1)
-    return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask).view(b, h, t, d)
 
 
 def main() -> None:
@@ -42,8 +32,8 @@ def main() -> None:
         kc = torch.randn(b, kv, s, 128, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         pos = torch.tensor([p], device="cuda")
-        err = (decode_attention(q, kc, vc, pos).float() - sdpa_masked(q, kc, vc, pos).float()).abs().max().item()
-        sd = t_us(lambda: sdpa_masked(q, kc, vc, pos))
+        err = (decode_attention(q, kc, vc, pos).float() - masked_cache_attention(q, kc, vc, pos).float()).abs().max().item()
+        sd = t_us(lambda: masked_cache_attention(q, kc, vc, pos))
         lb = t_us(lambda: decode_attention(q, kc, vc, pos))
         rows.append({"batch": b, "heads": h, "kv_heads": kv, "cache": s, "pos": p, "sdpa_us": sd,
                      "lowbit_us": lb, "speedup": sd / lb, "max_abs_diff": err})

@@ -102,6 +102,23 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def masked_cache_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
+                           ) -> torch.Tensor:
+    """q (B, H, T, D) at positions input_pos over the whole static cache (B, KV, S, D), later
+    positions masked: SDPA with a boolean mask (reads every cache position)."""
+    b, h, t, d = q.shape
+    n_kv = kc.shape[1]
+    n_rep = h // n_kv
+    mask = torch.arange(kc.shape[2], device=q.device) <= input_pos.view(-1, 1)  # (T, S)
+    if n_rep > 1:
+        # GQA without copying the cache: the n_rep query heads sharing one kv head become
+        # n_rep * T query rows of that head (row r * T + t keeps token t's mask row).
+        q = q.reshape(b, n_kv, n_rep * t, d)
+        mask = mask.repeat(n_rep, 1)
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+    return y.view(b, h, t, d)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -156,20 +173,11 @@ class Attention(nn.Module):
     def _attend_cache(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
     ) -> torch.Tensor:
-        b, h, t, d = q.shape
-        if t == 1:
+        if q.shape[2] == 1:
             y = fastpath.decode_attention(q, kc, vc, input_pos)
             if y is not None:
                 return y
-        n_rep = h // self.n_kv
-        mask = torch.arange(kc.shape[2], device=q.device) <= input_pos.view(-1, 1)  # (T, S)
-        if n_rep > 1:
-            # GQA without copying the cache: the n_rep query heads sharing one kv head become
-            # n_rep * T query rows of that head (row r * T + t keeps token t's mask row).
-            q = q.reshape(b, self.n_kv, n_rep * t, d)
-            mask = mask.repeat(n_rep, 1)
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
-        return y.view(b, h, t, d)
+        return masked_cache_attention(q, kc, vc, input_pos)
 
 
 class FeedForward(nn.Module):
