@@ -69,6 +69,9 @@ def seq_us(fn) -> float:
 
 CANDS = [dict(BLOCK_N=bn, BLOCK_W=bw, num_warps=nw, num_stages=ns)
          for bn, bw, nw, ns in itertools.product((4, 8, 16), (64, 128, 256), (4, 8), (1, 3))]
+WIDE = [dict(BLOCK_N=bn, BLOCK_W=bw, num_warps=nw, num_stages=ns)
+        for bn, bw, nw, ns in itertools.product((2, 4, 8, 16, 32), (64, 128, 256, 512), (2, 4, 8), (1, 3))
+        if bn * bw <= 8192]
 
 
 def main() -> None:
@@ -79,6 +82,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--groups", default="row,128")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="sweep 5 BLOCK_N x 4 BLOCK_W x 3 warps x 2 stages")
+    ap.add_argument("--sweep-seq", action="store_true",
+                    help="time each sweep config as a graph of --layers copies of the shape (back to back, "
+                         "no flush) instead of one flushed launch")
     ap.add_argument("--out", default="decode_gemv.json")
     args = ap.parse_args()
     sha = os.environ.get("LOWBIT_GIT_SHA") or subprocess.run(
@@ -109,13 +116,32 @@ def main() -> None:
                        "q_rule": t_us(lambda: w4a8_gemv_q(qa, sa, packed, scale, None, g, torch.bfloat16)),
                        "q_rule_cfg": gemv_q_config(1, n, k, group or 0)}
                 best = (row["q_rule"], row["q_rule_cfg"])
+                if args.sweep_seq and not args.no_sweep:
+                    best = (float("inf"), None)
+                copies = [(pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")), scale)
+                          for _ in range(args.layers)] if args.sweep_seq else None
+
+                def timed(c):
+                    if copies is None:
+                        return t_us(lambda: w4a8_gemv_q(qa, sa, packed, scale, None, g, torch.bfloat16, config=c),
+                                    rep=25)
+                    return seq_us(lambda: [w4a8_gemv_q(qa, sa, p, s, None, g, torch.bfloat16, config=c)
+                                           for p, s in copies]) / args.layers
+
+                if copies is not None:
+                    row["stream_seq"] = seq_us(lambda: [w4a8_gemv_dp4a(x, p, s, None, g, kernel="stream")
+                                                        for p, s in copies]) / args.layers
+                    row["q_rule_seq"] = timed(None)
+                    tgs = [bl.tinygemm_weight(torch.randint(-8, 8, (n, k), device="cuda").to(torch.bfloat16))[:2]
+                           for _ in range(args.layers)]
+                    row["tinygemm_seq"] = seq_us(lambda: [torch.ops.aten._weight_int4pack_mm(x, a, 128, b)
+                                                          for a, b in tgs]) / args.layers
                 if not args.no_sweep:
-                    for c in CANDS:
+                    for c in WIDE if args.wide else CANDS:
                         if group and (c["BLOCK_W"] * 8) % group:
                             continue
                         try:
-                            us = t_us(lambda: w4a8_gemv_q(qa, sa, packed, scale, None, g, torch.bfloat16, config=c),
-                                      rep=25)
+                            us = timed(c)
                         except Exception as e:  # noqa: BLE001 -- a config may not compile; listed
                             print(f"  fail {c}: {type(e).__name__}: {str(e)[:120]}")
                             continue
@@ -123,10 +149,15 @@ def main() -> None:
                             best = (us, c)
                 row.update(q_best=best[0], q_best_cfg=best[1], q_best_gbps=wb / best[0] / 1e3,
                            q_best_pct_copy=100 * wb / best[0] / 1e3 / res["copy_gbps"],
-                           q_vs_tinygemm=base["tinygemm_g128"] / best[0], stream_vs_tinygemm=base["tinygemm_g128"]
-                           / row["stream"])
+                           q_vs_tinygemm=row.get("tinygemm_seq", base["tinygemm_g128"]) / best[0],
+                           stream_vs_tinygemm=row.get("tinygemm_seq", base["tinygemm_g128"])
+                           / row.get("stream_seq", row["stream"]))
                 best_cfg[(name, group)] = best[1]
                 res["rows"].append(row)
+                if copies is not None:
+                    print(f"{name:13s} g={group}: back to back x{args.layers}: stream {row['stream_seq']:.1f}  "
+                          f"q_rule {row['q_rule_seq']:.1f}  q_best {best[0]:.1f}  tinygemm {row['tinygemm_seq']:.1f} "
+                          f"us each ({row['tinygemm_seq'] / best[0]:.2f}x)")
                 print(f"{name:13s} g={group}: stream {row['stream']:.1f}  q_rule {row['q_rule']:.1f}  "
                       f"q_best {best[0]:.1f} {best[1]}  tinygemm {base['tinygemm_g128']:.1f}  bf16 {base['bf16']:.1f} us",
                       flush=True)
