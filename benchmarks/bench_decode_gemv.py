@@ -145,6 +145,7 @@ def main() -> None:
                         except Exception as e:  # noqa: BLE001 -- a config may not compile; listed
                             print(f"  fail {c}: {type(e).__name__}: {str(e)[:120]}")
                             continue
+                        row.setdefault("sweep", []).append([c, round(us, 2)])
                         if us < best[0]:
                             best = (us, c)
                 row.update(q_best=best[0], q_best_cfg=best[1], q_best_gbps=wb / best[0] / 1e3,

@@ -120,12 +120,27 @@ def gemv_q_unsupported(m: int, k: int, group_size: int) -> str | None:
 
 
 def gemv_q_config(m: int, n: int, k: int, group: int) -> dict:
-    """Launch config: BLOCK_N rows per program, BLOCK_W words per K chunk, warps."""
+    """Launch config: BLOCK_N rows per program, BLOCK_W words per K chunk, warps, stages."""
     if interpreter_enabled():
         bw = 8 if not group else max(8, group // 8)
         return dict(BLOCK_N=4, BLOCK_W=bw, num_warps=2)
-    bw = 128 if not group else max(128, group // 8)
-    return dict(BLOCK_N=8, BLOCK_W=bw, num_warps=4)
+    # NOTE: H100 sweep, each config timed as 8 back-to-back launches on distinct weights (what a
+    # decode step does; results/decode_gemv_*_h100.json). Per row, M=1: narrow layers want many
+    # small programs (4096x4096: 2 rows x 256 words, 2 warps: 6.2 us vs 7.4 for 8 x 128), long K
+    # wants 4 x 256 (4096x11008: 11.7 us), wide N wants 32-row tiles (12288x4096: 11.5 us,
+    # 22016x4096: 18.5 us).
+    if m > 1:
+        cfg = dict(BLOCK_N=4, BLOCK_W=128, num_warps=4, num_stages=1)
+    elif k > 8192:
+        cfg = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, num_stages=1)
+    elif n <= 4096:
+        cfg = dict(BLOCK_N=2, BLOCK_W=256, num_warps=2, num_stages=3)
+    else:
+        wide = n > 16384
+        cfg = dict(BLOCK_N=32, BLOCK_W=64 if wide else 128, num_warps=4 if wide else 8, num_stages=1)
+    if group:  # a chunk holds whole groups (group is a power of two <= 1024)
+        cfg["BLOCK_W"] = max(cfg["BLOCK_W"], group // 8)
+    return cfg
 
 
 def w4a8_gemv_q(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,

@@ -5,6 +5,8 @@ token count M (product of the activation's leading dims):
 
   W4A8 (quantize_activations=True)
     M <= 4                    dp4a GEMV (integer dot instructions), activation quantization fused
+                              (compiled graphs at M = 1: quantization fused into the producer
+                              of x, then the pre-quantized dp4a GEMV, gemv_q.py)
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
     M >= W4A8_PREFILL_MIN_M   act_quant + expand int4 -> int8 workspace + int8 GEMM
   weight-only (quantize_activations=False)
@@ -90,8 +92,13 @@ def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Ten
 def _w4a8_linear_q_impl(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                         bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
                         path: str) -> torch.Tensor:
-    """W4A8 from per-token int8 activations (qa (M, K) int8, sa (M, 1) fp32): decode kernel or GEMM."""
+    """W4A8 from per-token int8 activations (qa (M, K) int8, sa (M, 1) fp32): dp4a GEMV (M <= 4),
+    decode kernel or GEMM."""
     from lowbit.kernels.w4a8.decode import w4_decode
+    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported, w4a8_gemv_q
+
+    if path in ("auto", "gemv") and gemv_q_unsupported(qa.shape[0], qa.shape[1], group_size) is None:
+        return w4a8_gemv_q(qa, sa, packed, scale, bias, group_size, out_dtype)
 
     # the int8 decode kernel's dots need >= 64 K per group (per row: K >= 64)
     small_group = min(group_size, qa.shape[1]) < 64
@@ -110,14 +117,20 @@ def _(qa, sa, packed, scale, bias, group_size, out_dtype, path):
 
 
 def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path: str) -> bool:
-    """True when a compiled W4A8 call with m tokens would run act_quant and then an int8 kernel:
-    the graph then quantizes with act_quant_traceable instead, which Inductor fuses into the
-    producer of the activations. Not for M <= DP4A_MAX_M, where the dp4a GEMV quantizes in its
-    own prologue, nor for symbolic token counts (the route depends on M)."""
+    """True when a compiled W4A8 call with m tokens should take int8 activations: the graph then
+    quantizes with act_quant_traceable, which Inductor fuses into the producer of the activations
+    (RMSNorm, SwiGLU), and calls w4a8_linear_q. That is every M that would run act_quant and then
+    an int8 kernel, and M = 1, where the pre-quantized dp4a GEMV (gemv_q) beats the one that
+    quantizes in its prologue (Llama-2-7B layer sequence, per row: 46.1 vs 57.4 us per layer,
+    results/decode_gemv_seqsweep_h100.json). M = 2..4 keeps the prologue-quantizing GEMV (not
+    measured against gemv_q). Never for symbolic token counts (the route depends on M)."""
     from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported
+    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
 
     if not symmetric or not isinstance(m, int) or path == "gemv":
         return False
+    if m == 1 and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
+        return True
     return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None)
 
 
