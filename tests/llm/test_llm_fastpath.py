@@ -144,3 +144,40 @@ def test_decode_attention_traces_in_a_fresh_process_state(monkeypatch):
         want = fastpath.decode_attention(q, kc, vc, pos)
     assert got is not None and want is not None
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_compiled_one_token_w4a8_gets_int8_activations_from_norm_and_swiglu(monkeypatch, group_size):
+    """Compiled decode at batch 1: RMSNorm + quant and SwiGLU + quant are single opaque kernels
+    feeding lowbit::w4a8_linear_q (no Inductor-generated quantization for those linears); the
+    logits equal the eager decode step's (same integers; per row, same epilogue order)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lowbit.api import flatten_quantized_linears
+
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=group_size, kernel="triton")
+    model = _model(ConfigQuantizer(cfg))
+    assert flatten_quantized_linears(model) == 4 * ARGS.n_layers + 1  # as the compiled Generator does
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEV)
+    _prefill_logits(model, ids, monkeypatch, "1")
+    nxt = torch.tensor([[7]], device=DEV)
+    pos = torch.tensor([ids.shape[1]], device=DEV)
+    graphs = []
+
+    def fw(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), use_phase(model, Phase.DECODE):
+        want = model(nxt, pos).float()
+        got = torch.compile(model, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(nxt, pos).float()
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count("lowbit.rms_norm_quant.default") == 2 * ARGS.n_layers
+    assert ops.count("lowbit.swiglu_quant.default") == ARGS.n_layers
+    # + wo and the output head, quantized by Inductor-generated code
+    assert ops.count("lowbit.w4a8_linear_q.default") == 4 * ARGS.n_layers + 1
+    if group_size is None:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
