@@ -180,24 +180,4 @@ def w4a8_from_quantized_reference(qx: torch.Tensor, sx: torch.Tensor, w: Int4Ten
     return y.to(out_dtype)
 
 
-def graph_quantizes_one_token(attrs: dict, shape: tuple, symmetric: bool, x: torch.Tensor) -> bool:
-    """For an Int4Tensor given by its attributes and shape (a FlatQuantizedLinear's, so nothing
-    here calls into the tensor subclass while torch.compile traces): True when a compiled graph
-    calling it on x, one token, quantizes x in the graph and runs lowbit::w4a8_linear_q
-    (_linear's TRITON path and op.quantizes_in_graph). The producer of x may then emit
-    (q, scale) itself (fastpath.norm_linear / swiglu_linear in the compiled decode step)."""
-    from lowbit.kernels.w4a8.op import quantizes_in_graph
-
-    act, kernel, group = attrs.get("act_quant"), attrs.get("kernel"), attrs["block_size"][1]
-    if act is None or act.qtype != "int8_sym" or act.granularity.value != "token" or not symmetric:
-        return False
-    if attrs.get("zero_point_domain") is not ZeroPointDomain.NONE:
-        return False
-    if kernel not in (KernelChoice.AUTO, KernelChoice.TRITON) or x.shape[-1] != shape[1]:
-        return False
-    if x.dtype not in (torch.float16, torch.bfloat16) or token_count(x) != 1 or not uses_act_quant(act, x):
-        return False
-    return quantizes_in_graph(1, shape[1], group, True, "auto")
-
-
-__all__ = ["Int4Tensor", "graph_quantizes_one_token", "w4a8_linear_reference"]
+__all__ = ["Int4Tensor", "w4a8_linear_reference"]

@@ -116,35 +116,26 @@ def _swiglu_kernel(gu_ptr, h_ptr, F, stride_gu, stride_h, BLOCK: tl.constexpr):
 
 @triton.jit
 def _swiglu_quant_kernel(gu_ptr, q_ptr, s_ptr, F, stride_gu, stride_q, OUT_DTYPE: tl.constexpr,
-                         BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                         BLOCK: tl.constexpr):
+    # absmax pass, then quantize: the second read of the row (2 x F values) hits L2
     row = tl.program_id(0).to(tl.int64)
     base = gu_ptr + row * stride_gu
-    if ONE_PASS:  # the whole row in registers (BLOCK >= F): one read of gate and up
-        offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK):
+        offs = f0 + tl.arange(0, BLOCK)
         mask = offs < F
         h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
-                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE).to(tl.float32)
-        scale = _int8_scale(tl.max(tl.abs(h), axis=0))
-        tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h, scale).to(tl.int8), mask=mask)
-    else:
-        # absmax pass, then quantize: the second read of the row (2 x F values) hits L2
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for f0 in range(0, F, BLOCK):
-            offs = f0 + tl.arange(0, BLOCK)
-            mask = offs < F
-            h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
-                          tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
-            amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
-        scale = _int8_scale(tl.max(amax, axis=0))
-        tl.store(s_ptr + row, scale)
-        for f0 in range(0, F, BLOCK):
-            offs = f0 + tl.arange(0, BLOCK)
-            mask = offs < F
-            h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
-                          tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
-            tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h.to(tl.float32), scale).to(tl.int8),
-                     mask=mask)
+                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
+        amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
+    scale = _int8_scale(tl.max(amax, axis=0))
+    tl.store(s_ptr + row, scale)
+    for f0 in range(0, F, BLOCK):
+        offs = f0 + tl.arange(0, BLOCK)
+        mask = offs < F
+        h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
+                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
+        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h.to(tl.float32), scale).to(tl.int8),
+                 mask=mask)
 
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -176,40 +167,11 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((g2.shape[0], f), dtype=torch.int8, device=gu.device)
     s = torch.empty((g2.shape[0], 1), dtype=torch.float32, device=gu.device)
     if g2.shape[0]:
-        # NOTE: a few rows (decode) are latency-bound: one program per row holds the whole row
-        # (F <= 16384) and reads it once; many rows (prefill) keep 4096-wide blocks, two passes.
-        one_pass = g2.shape[0] <= 64 and f <= 16384
-        block = max(triton.next_power_of_2(f), 128)
-        block = block if one_pass else min(block, 4096)
+        block = min(max(triton.next_power_of_2(f), 128), 4096)
         _swiglu_quant_kernel[(g2.shape[0],)](g2, q, s, f, g2.stride(0), q.stride(0),
-                                             OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block, ONE_PASS=one_pass,
-                                             num_warps=16 if block > 4096 else (8 if block >= 4096 else 4),
-                                             enable_fp_fusion=False)
+                                             OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block,
+                                             num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
     return q, s
-
-
-# -- the quantizing producers as opaque ops for compiled graphs (decode: one token) ----------
-@torch.library.custom_op("lowbit::rms_norm_quant", mutates_args=())
-def rms_norm_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_quant(x, weight, eps)
-
-
-@rms_norm_quant_op.register_fake
-def _(x, weight, eps):
-    m = x.numel() // x.shape[-1]
-    return x.new_empty((m, x.shape[-1]), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("lowbit::swiglu_quant", mutates_args=())
-def swiglu_quant_op(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return swiglu_quant(gu)
-
-
-@swiglu_quant_op.register_fake
-def _(gu):
-    f = gu.shape[-1] // 2
-    m = gu.numel() // gu.shape[-1]
-    return gu.new_empty((m, f), dtype=torch.int8), gu.new_empty((m, 1), dtype=torch.float32)
 
 
 # -- RoPE on q and k, straight from the fused qkv projection -------------------------------

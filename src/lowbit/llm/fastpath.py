@@ -8,10 +8,7 @@ its input per token anyway (Int4Tensor.takes_prequantized), RMSNorm and SwiGLU e
 activations and scales directly and the linear starts at its int8 GEMM.
 
 Used when the activation is on CUDA, autograd is off and torch.compile is not tracing (the
-compiled decode step keeps the plain ops, which Inductor fuses itself), with one exception:
-a compiled one-token call whose W4A8 linear quantizes in the graph gets RMSNorm / SwiGLU +
-quantization as one opaque kernel (Inductor splits a one-row norm + quant into row-serial
-kernels that cost more than the quantization saves in the GEMV). LOWBIT_FUSED=0 turns
+compiled decode step keeps the plain ops, which Inductor fuses itself). LOWBIT_FUSED=0 turns
 the fast path off; LOWBIT_FUSED=1 also takes it on CPU under TRITON_INTERPRET=1 (tests).
 """
 
@@ -72,48 +69,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return kernel(x, weight, eps)
 
 
-def _graph_quantized_weight(linear: nn.Module, x: torch.Tensor) -> tuple | None:
-    """While torch.compile traces a one-token call of a flattened W4A8 linear whose graph would
-    quantize x (formats.int4.graph_quantizes_one_token): (packed, scale, group_size, N), so the
-    producer can emit (q, scale) as one opaque kernel. Inductor's own fusion of the quantization
-    into a one-row RMSNorm or SwiGLU takes 2-3 row-serial kernels (H100 decode step: ~4.0 us per
-    RMSNorm + quant, 4.9 us per SwiGLU + quant, results/profile_decode_w4a8_b1_gemvq_h100.txt)."""
-    from lowbit.api import FlatQuantizedLinear
-    from lowbit.formats.int4 import Int4Tensor, graph_quantizes_one_token
-
-    if not (torch.compiler.is_compiling() or type(x) is not torch.Tensor):
-        return None
-    if not isinstance(linear, FlatQuantizedLinear) or linear._cls is not Int4Tensor:
-        return None
-    if not enabled(x, in_compiled_graphs=True):
-        return None
-    shape, _, attrs = linear._ctx
-    attrs = dict(attrs)
-    if not graph_quantizes_one_token(attrs, shape, "zero_point" not in linear._names, x):
-        return None
-    return linear.weight_qdata, linear.weight_scale, attrs["block_size"][1], shape[0]
-
-
-def _linear_q(wq: tuple, linear: nn.Module, q: torch.Tensor, s: torch.Tensor, like: torch.Tensor
-              ) -> torch.Tensor:
-    from lowbit.kernels.w4a8.op import w4a8_linear_q_op
-
-    packed, scale, group_size, n = wq
-    y = w4a8_linear_q_op(q, s, packed, scale, linear.bias, group_size, like.dtype, "auto")
-    return y.view(*like.shape[:-1], n)
-
-
 def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(norm(x)); a W4A8 linear gets the int8 activations from the norm kernel."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "eps", None)
     if not isinstance(weight, torch.Tensor) or not isinstance(eps, (int, float)) or weight.dtype != x.dtype:
         return linear(norm(x))
-    wg = _graph_quantized_weight(linear, x)
-    if wg is not None:
-        from lowbit.kernels.fused import rms_norm_quant_op
-
-        q, s = rms_norm_quant_op(x, weight, float(eps))
-        return _linear_q(wg, linear, q, s, x)
     w = _prequantized_weight(linear, x) if enabled(x) else None
     if w is None:
         return linear(norm(x))
@@ -136,12 +96,6 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
 def swiglu_linear(linear: nn.Module, gu: torch.Tensor) -> torch.Tensor:
     """linear(swiglu(gu)); a W4A8 linear gets the int8 activations from the SwiGLU kernel."""
     f = gu.shape[-1] // 2
-    wg = _graph_quantized_weight(linear, gu[..., :f])
-    if wg is not None:
-        from lowbit.kernels.fused import swiglu_quant_op
-
-        q, s = swiglu_quant_op(gu)
-        return _linear_q(wg, linear, q, s, gu[..., :f])
     w = _prequantized_weight(linear, gu[..., :f]) if enabled(gu) else None
     if w is None:
         return linear(swiglu(gu))
