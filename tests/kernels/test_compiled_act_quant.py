@@ -87,21 +87,29 @@ def test_compiled_w4a8_quantizes_in_graph(m, group_size):
 
 
 @pytest.mark.parametrize("group_size", [None, 64])
-def test_compiled_w4a8_one_token_quantizes_in_graph(group_size):
-    """M = 1: the graph quantizes (for Inductor to fuse into the producer) and runs the
-    pre-quantized dp4a GEMV; eager runs the GEMV that quantizes in its prologue. Same integers,
-    same per-row epilogue order: equal outputs (group-wise: the float group sums run in another
-    order)."""
+def test_compiled_w4a8_one_token_long_k_quantizes_in_graph(group_size):
+    """M = 1, K > GRAPH_QUANT_MIN_K: the graph quantizes (for Inductor to fuse into the producer)
+    and runs the pre-quantized dp4a GEMV; eager runs the GEMV that quantizes in its prologue.
+    Same integers, same per-row epilogue order: equal outputs (group-wise: the float group sums
+    run in another order). K <= GRAPH_QUANT_MIN_K keeps the single op."""
+    from lowbit.kernels.w4a8.op import GRAPH_QUANT_MIN_K
+
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
-    model = torch.nn.Linear(256, 128).to(DEV, dtype)
+    k = GRAPH_QUANT_MIN_K + 256
+    model = torch.nn.Linear(k, 16).to(DEV, dtype)
     lowbit.quantize_(model, lowbit.W4A8Config(group_size=group_size, kernel=KernelChoice.TRITON))
-    eager, got, ops = _eager_and_compiled(model, torch.randn(1, 256, device=DEV, dtype=dtype))
+    eager, got, ops = _eager_and_compiled(model, torch.randn(1, k, device=DEV, dtype=dtype))
     assert "lowbit.w4a8_linear_q.default" in ops and "lowbit.int4_linear.default" not in ops
     assert "aten.amax.default" in ops
     if group_size is None:
         assert torch.equal(got, eager)
     else:
         torch.testing.assert_close(got, eager, rtol=2e-3, atol=2e-3)
+    short = torch.nn.Linear(256, 16).to(DEV, dtype)
+    lowbit.quantize_(short, lowbit.W4A8Config(group_size=group_size, kernel=KernelChoice.TRITON))
+    eager, got, ops = _eager_and_compiled(short, torch.randn(1, 256, device=DEV, dtype=dtype))
+    assert "lowbit.int4_linear.default" in ops and "lowbit.w4a8_linear_q.default" not in ops
+    assert torch.equal(got, eager)
 
 
 def test_compiled_w4a8_two_to_four_tokens_keep_the_fused_gemv():

@@ -5,8 +5,8 @@ token count M (product of the activation's leading dims):
 
   W4A8 (quantize_activations=True)
     M <= 4                    dp4a GEMV (integer dot instructions), activation quantization fused
-                              (compiled graphs at M = 1: quantization fused into the producer
-                              of x, then the pre-quantized dp4a GEMV, gemv_q.py)
+                              (compiled graphs at M = 1 and K > 8192: quantization fused into
+                              the producer of x, then the pre-quantized dp4a GEMV, gemv_q.py)
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
     M >= W4A8_PREFILL_MIN_M   act_quant + expand int4 -> int8 workspace + int8 GEMM
   weight-only (quantize_activations=False)
@@ -120,18 +120,26 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     """True when a compiled W4A8 call with m tokens should take int8 activations: the graph then
     quantizes with act_quant_traceable, which Inductor fuses into the producer of the activations
     (RMSNorm, SwiGLU), and calls w4a8_linear_q. That is every M that would run act_quant and then
-    an int8 kernel, and M = 1, where the pre-quantized dp4a GEMV (gemv_q) beats the one that
-    quantizes in its prologue (Llama-2-7B layer sequence, per row: 46.1 vs 57.4 us per layer,
-    results/decode_gemv_seqsweep_h100.json). M = 2..4 keeps the prologue-quantizing GEMV (not
-    measured against gemv_q). Never for symbolic token counts (the route depends on M)."""
+    an int8 kernel, and M = 1 with K > GRAPH_QUANT_MIN_K. Never for symbolic token counts (the
+    route depends on M)."""
     from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported
     from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
 
     if not symmetric or not isinstance(m, int) or path == "gemv":
         return False
-    if m == 1 and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
+    if m == 1 and k > GRAPH_QUANT_MIN_K and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
         return True
     return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None)
+
+
+# NOTE: one token, compiled decode step (Llama-2-7B, H100, per row). The stream GEMV quantizes in
+# its prologue but holds next_pow2(K) words per row tile: K=11008 runs as 16384 (19.8 us back to
+# back) where the pre-quantized gemv_q walks K in chunks (11.7 us, results/decode_gemv_seqsweep_
+# h100.json). Quantizing in the graph is not free at one token, though: Inductor's one-row
+# RMSNorm + quant took 4.0 us vs 2.0-2.7 us for the norm alone, SwiGLU + quant 4.9 us (three
+# kernels) vs 1.3 us (results/profile_decode_w4a8_b1_gemvq_h100.txt). So only K > 8192 (the
+# down projection) pays for it: 15.3 vs 19.8 us; at K = 4096 the stream kernel stays ahead.
+GRAPH_QUANT_MIN_K = 8192
 
 
 @int4_linear_op.register_fake
