@@ -93,7 +93,7 @@ class GenerationResult:
 
 # NOTE: prompts up to this many tokens prefill as a CUDA-graph replay (GPU, compiled generator).
 # Short eager prefills are launch-bound: Llama-2-7B at 32 tokens took 59.6 ms (W4A8) / 31.4 ms
-# (bf16) eagerly (results/llm_llama2_7b_row_b1_h100.json); longer ones are GEMM-bound.
+# (bf16) eagerly (results/llm_llama2_7b_row_b1_eager_prefill_h100.json); longer ones are GEMM-bound.
 GRAPH_PREFILL_MAX = 512
 GRAPH_PREFILL_MIN_BUCKET = 16
 
