@@ -106,3 +106,29 @@ def test_bad_inputs_raise():
         rope_qk(torch.randn(1, 3, 100, device=DEV).to(torch.float16), 2, 1, 16, cs, cs)
     with pytest.raises(ValueError, match="cos/sin"):
         rope_qk(torch.randn(1, 3, 64, device=DEV).to(torch.float16), 2, 1, 16, cs[:2], cs[:2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,t,n_q,n_k,d", [(2, 1, 4, 2, 16), (1, 3, 6, 6, 32)] + ([(1, 1, 32, 8, 128)]
+                                                                                  if ON_GPU else []))
+def test_rope_cache_update_is_rope_qk_plus_the_cache_write(dtype, b, t, n_q, n_k, d):
+    from lowbit.kernels.fused import rope_cache_update
+
+    s = 12
+    qkv = torch.randn(b, t, (n_q + 2 * n_k) * d, device=DEV).to(dtype)
+    ang = torch.rand(t, d // 2, device=DEV) * 6
+    cos, sin = torch.cos(ang).repeat(1, 2).to(dtype), torch.sin(ang).repeat(1, 2).to(dtype)
+    pos = torch.tensor([9, 2, 5][:t], device=DEV)
+    kc = torch.randn(b, n_k, s, d, device=DEV).to(dtype)
+    vc = torch.randn_like(kc)
+    want_k, want_v = kc.clone(), vc.clone()
+    q_ref, k_ref = rope_qk(qkv, n_q, n_k, d, cos, sin)
+    want_k.index_copy_(2, pos, k_ref.transpose(1, 2))
+    want_v.index_copy_(2, pos, qkv[..., (n_q + n_k) * d:].reshape(b, t, n_k, d).transpose(1, 2))
+    q = rope_cache_update(qkv, cos, sin, pos, kc, vc, n_q, n_k)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # the other positions untouched
+    with pytest.raises(ValueError, match="pos must be"):
+        rope_cache_update(qkv, cos, sin, pos[:1].expand(t + 1), kc, vc, n_q, n_k)
+    with pytest.raises(ValueError, match="caches must be"):
+        rope_cache_update(qkv, cos, sin, pos, kc, vc[:, :1], n_q, n_k)

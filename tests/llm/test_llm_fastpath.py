@@ -144,3 +144,51 @@ def test_decode_attention_traces_in_a_fresh_process_state(monkeypatch):
         want = fastpath.decode_attention(q, kc, vc, pos)
     assert got is not None and want is not None
     torch.testing.assert_close(got, want)
+
+
+def test_compiled_decode_rotates_and_writes_the_cache_in_one_op(monkeypatch):
+    """The compiled decode step calls lowbit::rope_cache_update (mutating the KV caches); logits
+    and cache contents equal the eager decode step's."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    model = _model(NoQuantizer())
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(5)).to(DEV)
+    nxt = torch.tensor([[7], [11]], device=DEV)
+    pos = torch.tensor([ids.shape[1]], device=DEV)
+    graphs = []
+
+    def fw(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(compiled: str | None):
+        _prefill_logits(model, ids, monkeypatch, "1")
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=fw) if compiled == "aot" else compiled
+        fn = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+        with torch.no_grad(), use_phase(model, Phase.DECODE):
+            out = fn(nxt, pos).float()
+        layers = [lay.attention.kv_cache for lay in model.layers]
+        caches = [(c.k.clone(), c.v.clone()) for c in layers]
+        return out, caches
+
+    calls = _count_calls(monkeypatch, fused, "rope_cache_update")
+    want, want_caches = step(None)
+    assert calls[0] == ARGS.n_layers
+    got, got_caches = step("aot")
+    # a mutating op appears functionalized: auto_functionalized_v2(lowbit.rope_cache_update, ...)
+    ops = [f"{n.target}{n.args[:1]}" for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("rope_cache_update" in o for o in ops) == ARGS.n_layers
+    assert torch.equal(got, want)
+    for (k1, v1), (k2, v2) in zip(got_caches, want_caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # Inductor (re-inplaces the functionalized op; its own norms round differently): the new
+    # position written, within rounding; every other position untouched
+    got, got_caches = step("inductor")
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    p = pos.item()
+    for (k1, v1), (k2, v2) in zip(got_caches, want_caches):
+        torch.testing.assert_close(k1[:, :, p], k2[:, :, p], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(v1[:, :, p], v2[:, :, p], rtol=1e-2, atol=1e-2)
+        keep = torch.arange(k1.shape[2], device=DEV) != p
+        assert torch.equal(k1[:, :, keep], k2[:, :, keep]) and torch.equal(v1[:, :, keep], v2[:, :, keep])

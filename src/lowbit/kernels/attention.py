@@ -19,6 +19,8 @@ Pure-torch reference: decode_attention_ref (F.scaled_dot_product_attention with 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -129,18 +131,23 @@ def num_splits(programs: int, length: int, sms: int = 132) -> int:
     return n
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per sequence over cache positions 0..pos. -> (B, H, 1, D)."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                     splits: Optional[int] = None) -> torch.Tensor:  # noqa: UP045 (op schema)
+    """Attention of one new token per sequence over cache positions 0..pos. -> (B, H, 1, D).
+
+    splits: cache splits (a power of two <= 64; None: num_splits' rule)."""
     reason = unsupported(q, k, v, pos)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
+    if splits is not None and (splits < 1 or splits > 64 or splits & (splits - 1)):
+        raise ValueError(f"decode_attention: splits must be a power of two in [1, 64], got {splits}")
     b, h, _, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
     g_pad = max(16, triton.next_power_of_2(g))
     out = torch.empty((b, h, 1, d), dtype=q.dtype, device=q.device)
     sms = num_sms(q.device.index or 0) if q.is_cuda else 132
-    nsplit = num_splits(b * kv, s, sms)
+    nsplit = num_splits(b * kv, s, sms) if splits is None else splits
     chunk = triton.cdiv(triton.cdiv(s, nsplit), BLOCK_S) * BLOCK_S
     if nsplit > 1:
         m = torch.empty((b * kv * nsplit * g_pad,), dtype=torch.float32, device=q.device)
@@ -164,7 +171,7 @@ decode_attention_op = torch.library.custom_op("lowbit::decode_attention", mutate
 
 
 @decode_attention_op.register_fake
-def _(q, k, v, pos):
+def _(q, k, v, pos, splits=None):
     return q.new_empty((q.shape[0], q.shape[1], 1, q.shape[3]))
 
 

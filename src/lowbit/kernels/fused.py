@@ -228,4 +228,87 @@ def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Ten
     return q, k
 
 
-__all__ = ["rms_norm", "rms_norm_quant", "swiglu", "swiglu_quant", "rope_qk"]
+# -- decode: RoPE on q and k + the KV-cache write, one kernel ---------------------------------
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, stride_row, NQ, NK,
+                       stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_KV: tl.constexpr):
+    # one program per token: rotate its q and k heads (as _rope_kernel), store q, write the rotated
+    # k and the v heads into the caches at the token's position
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    p = tl.load(pos_ptr + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    ok = heads < NQ + NK
+    src = qkv_ptr + row * stride_row + heads * (2 * HALF) + d
+    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * (2 * HALF) + d).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * (2 * HALF) + d).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
+    dt = q_ptr.dtype.element_ty
+    o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    is_q = heads < NQ
+    qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
+    tl.store(qdst, o1, mask=is_q)
+    tl.store(qdst + HALF, o2, mask=is_q)
+    kdst = kc_ptr + b * stride_cb + (heads - NQ) * stride_ch + p * stride_cs + d
+    is_k = ok & (heads >= NQ)
+    tl.store(kdst, o1, mask=is_k)
+    tl.store(kdst + HALF, o2, mask=is_k)
+    hv = tl.arange(0, BLOCK_KV)[:, None]
+    dv = tl.arange(0, 2 * HALF)[None, :]
+    v_ok = hv < NK
+    v = tl.load(qkv_ptr + row * stride_row + (NQ + NK + hv) * (2 * HALF) + dv, mask=v_ok, other=0.0)
+    tl.store(vc_ptr + b * stride_cb + hv * stride_ch + p * stride_cs + dv, v, mask=v_ok)
+
+
+def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                      kc: torch.Tensor, vc: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+    """Decode tokens: qkv (B, T, (n_q + 2 n_k) * D), cos/sin (T, D) at the tokens' positions pos (T,).
+
+    Writes the rotated k and the v of every token into the static caches kc / vc (B, n_k, S, D) at
+    its position, in place, and returns the rotated q (B, T, n_q, D). Same roundings as rope_qk;
+    replaces rope_qk + two index_copy_ launches (one kernel per decode layer instead of three).
+    """
+    b, t, width = qkv.shape
+    d = kc.shape[-1] if kc.dim() == 4 else 0
+    if kc.dim() != 4 or kc.shape != vc.shape or kc.stride() != vc.stride() or kc.shape[:2] != (b, n_k):
+        raise ValueError(f"rope_cache_update: caches must be two (B={b}, {n_k}, S, D) tensors with equal "
+                         f"strides, got {tuple(kc.shape)} and {tuple(vc.shape)}")
+    if width != (n_q + 2 * n_k) * d or d % 2 or d & (d - 1) or kc.stride(-1) != 1:
+        raise ValueError(f"rope_cache_update: qkv width {width} != ({n_q} + 2*{n_k}) * {d}, or head_dim "
+                         "not a power of two with unit stride")
+    if cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != qkv.dtype or kc.dtype != qkv.dtype:
+        raise ValueError(f"rope_cache_update: cos/sin must be ({t}, {d}) and the caches {qkv.dtype}, got "
+                         f"{tuple(cos.shape)} {cos.dtype}, cache {kc.dtype}")
+    if pos.shape != (t,) or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rope_cache_update: pos must be ({t},) int32/int64, got {tuple(pos.shape)} "
+                         f"{pos.dtype}")
+    if qkv.stride(-1) != 1 or qkv.stride(0) != t * qkv.stride(1):
+        qkv = qkv.contiguous()
+    q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)
+    if b * t:
+        _rope_cache_kernel[(b * t,)](
+            qkv, cos.contiguous(), sin.contiguous(), pos, q, kc, vc, t, qkv.stride(1), n_q, n_k, kc.stride(0),
+            kc.stride(1), kc.stride(2), HALF=d // 2, BLOCK_H=triton.next_power_of_2(n_q + n_k),
+            BLOCK_KV=triton.next_power_of_2(n_k), num_warps=4, enable_fp_fusion=False)
+    return q
+
+
+@torch.library.custom_op("lowbit::rope_cache_update", mutates_args=("kc", "vc"))
+def rope_cache_update_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                         kc: torch.Tensor, vc: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+    return rope_cache_update(qkv, cos, sin, pos, kc, vc, n_q, n_k)
+
+
+@rope_cache_update_op.register_fake
+def _(qkv, cos, sin, pos, kc, vc, n_q, n_k):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], n_q, kc.shape[-1]))
+
+
+__all__ = ["rms_norm", "rms_norm_quant", "swiglu", "swiglu_quant", "rope_qk", "rope_cache_update"]

@@ -117,6 +117,26 @@ def rope_qk(
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
+def rope_cache(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+               input_pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor | None:
+    """Decode: RoPE on q and k and the KV-cache write in one kernel (lowbit.kernels.fused); returns
+    the rotated q (B, H, T, D) with k and v written into kc / vc at input_pos, or None when the
+    eager ops should run. Like decode_attention it also runs inside torch.compile (opaque op
+    lowbit::rope_cache_update, mutating the caches): Inductor otherwise emits three kernels per
+    layer for it (q rotation, k rotation + cache write, v cache write)."""
+    if not enabled(qkv, in_compiled_graphs=True) or head_dim & (head_dim - 1) or cos.dtype != qkv.dtype:
+        return None
+    if cos.dim() != 2 or kc.dtype != qkv.dtype or input_pos.dim() != 1 or input_pos.shape[0] != qkv.shape[1]:
+        return None
+    from lowbit.kernels import fused
+
+    if torch.compiler.is_compiling() or type(qkv) is not torch.Tensor:
+        q = fused.rope_cache_update_op(qkv, cos, sin, input_pos, kc, vc, n_q, n_k)
+    else:
+        q = fused.rope_cache_update(qkv, cos, sin, input_pos, kc, vc, n_q, n_k)
+    return q.transpose(1, 2)
+
+
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
                      ) -> torch.Tensor | None:
     """One new token per sequence attending to the static cache's positions 0..input_pos, reading
@@ -138,4 +158,4 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
 
 
 __all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk",
-           "decode_attention"]
+           "rope_cache", "decode_attention"]

@@ -148,6 +148,12 @@ class Attention(nn.Module):
         """Attention from the fused q/k/v projection output (B, T, (H + 2 KV) * D)."""
         b, t, _ = qkv.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        if input_pos is not None and not prefill and self.kv_cache is not None:
+            kc, vc = self.kv_cache.k, self.kv_cache.v
+            q = fastpath.rope_cache(qkv, h, kv, d, cos, sin, input_pos, kc, vc)
+            if q is not None:  # k and v are in the cache now
+                y = self._attend_cache(q, kc, vc, input_pos)
+                return self.wo(y.transpose(1, 2).reshape(b, t, h * d))
         q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
         v = v.view(b, t, kv, d).transpose(1, 2)
         rotated = fastpath.rope_qk(qkv, h, kv, d, cos, sin)
