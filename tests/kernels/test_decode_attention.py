@@ -23,14 +23,15 @@ ON_GPU = DEV == "cuda"
 # CPU), so bf16 runs on the GPU only, as in the other kernel tests.
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
 
-# (batch, query heads, kv heads, cache length, head_dim, pos)
+# (batch, query heads, kv heads, cache length, head_dim, pos, splits: None = num_splits' rule)
 SMALL = [
-    (3, 6, 2, 64, 16, 10),    # one split (written directly), G = 3 query heads per kv head
-    (2, 4, 4, 80, 32, 0),     # only position 0 filled; 2 splits, the second empty
-    (2, 4, 4, 80, 32, 79),    # cache full, last block partial
-    (1, 8, 2, 200, 64, 130),  # 4 splits, GQA G = 4
+    (3, 6, 2, 64, 16, 10, None),  # one split (written directly), G = 3 query heads per kv head
+    (2, 4, 4, 80, 32, 0, 2),      # only position 0 filled; 2 splits, the second empty
+    (2, 4, 4, 80, 32, 79, None),  # cache full, last block partial
+    (1, 8, 2, 200, 64, 130, 4),   # 4 splits, GQA G = 4
 ]
-BIG = [(1, 32, 32, 4096, 128, 3000), (16, 32, 32, 160, 128, 100), (4, 32, 8, 8192, 128, 8191)]
+BIG = [(1, 32, 32, 4096, 128, 3000, None), (16, 32, 32, 160, 128, 100, None),
+       (4, 32, 8, 8192, 128, 8191, None), (1, 32, 32, 160, 128, 159, 2)]
 
 
 def _case(b, h, kv, s, d, pos, dtype):
@@ -46,8 +47,8 @@ def _case(b, h, kv, s, d, pos, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SMALL + (BIG if ON_GPU else []))
 def test_matches_masked_sdpa(shape, dtype):
-    q, k, v, pos = _case(*shape, dtype)
-    got = decode_attention(q, k, v, pos)
+    q, k, v, pos = _case(*shape[:-1], dtype)
+    got = decode_attention(q, k, v, pos, splits=shape[-1])
     assert got.shape == q.shape and got.dtype == dtype and torch.isfinite(got).all()
     ref = decode_attention_ref(q, k.nan_to_num(), v.nan_to_num(), pos)
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
@@ -56,7 +57,8 @@ def test_matches_masked_sdpa(shape, dtype):
 
 def test_num_splits():
     assert num_splits(programs=512, length=160) == 1  # batch 16 x 32 heads fill the GPU
-    assert num_splits(programs=32, length=160) == 2  # capped by 3 blocks of the cache -> power of 2
+    assert num_splits(programs=32, length=160) == 1  # < 2 x MIN_SPLIT_LEN positions: no split
+    assert num_splits(programs=32, length=1024) == 4  # capped by 1024 // MIN_SPLIT_LEN
     assert num_splits(programs=32, length=4096) == 8  # 2 * 132 / 32 -> 8
     assert num_splits(programs=1, length=100_000) == 64
     assert num_splits(programs=8, length=BLOCK_S) == 1
@@ -92,6 +94,9 @@ def test_bad_inputs():
     for args, words in cases:
         with pytest.raises(ValueError, match=words):
             decode_attention(*args)
+    for bad in (0, 3, 128):
+        with pytest.raises(ValueError, match="splits must be"):
+            decode_attention(q, k, v, pos, splits=bad)
     q24 = torch.randn(1, 4, 1, 24, dtype=torch.float16, device=DEV)
     kv24 = torch.randn(1, 2, 64, 24, dtype=torch.float16, device=DEV)
     assert "power of two" in unsupported(q24, kv24, kv24, pos)
