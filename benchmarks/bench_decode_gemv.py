@@ -28,6 +28,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tune_w4a8 import graphed  # noqa: E402  (one warm-up call, capture; returns the replay)
+
 from lowbit.core.packing import pack_int4  # noqa: E402
 from lowbit.kernels.w4a8.act_quant import act_quant  # noqa: E402
 from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a  # noqa: E402
@@ -37,30 +39,20 @@ from lowbit.testing.shapes import MODEL_SHAPES  # noqa: E402
 LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def t_us(fn, rep: int = 40) -> float:
-    g = graphed(fn)
-    return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median") * 1e3
+    return triton.testing.do_bench(graphed(fn), warmup=10, rep=rep, return_mode="median") * 1e3
 
 
 def seq_us(fn) -> float:
     """Median of 20 replays of one graph, no flush (the graph streams far more than L2)."""
-    g = graphed(fn)
+    replay = graphed(fn)
     for _ in range(3):
-        g.replay()
+        replay()
     ts = []
     for _ in range(20):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        replay()
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b) * 1e3)

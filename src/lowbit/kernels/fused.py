@@ -176,11 +176,10 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- RoPE on q and k, straight from the fused qkv projection -------------------------------
 @triton.jit
-def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_row, NQ, NK,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    # one program per token: all q heads and k heads (rows of HALF pairs)
-    row = tl.program_id(0).to(tl.int64)
-    t = row % T
+def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK, dt, HALF: tl.constexpr,
+               BLOCK_H: tl.constexpr):
+    """Token `row` (position index t in cos/sin): its q and k heads as (BLOCK_H, HALF) halves,
+    rotated (rotate-half layout) and rounded like the eager chain. -> (heads, d, valid, o1, o2)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
     ok = heads < NQ + NK
@@ -191,9 +190,18 @@ def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_row, NQ, NK,
     c2 = tl.load(cos_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
     s1 = tl.load(sin_ptr + t * (2 * HALF) + d).to(tl.float32)
     s2 = tl.load(sin_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
-    dt = q_ptr.dtype.element_ty
     o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    return heads, d, ok, o1, o2
+
+
+@triton.jit
+def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_row, NQ, NK,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one program per token: all q heads and k heads (rows of HALF pairs)
+    row = tl.program_id(0).to(tl.int64)
+    heads, d, ok, o1, o2 = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, row % T, stride_row, NQ, NK,
+                                      q_ptr.dtype.element_ty, HALF, BLOCK_H)
     is_q = heads < NQ
     qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
     tl.store(qdst, o1, mask=is_q)
@@ -239,19 +247,8 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     b = row // T
     t = row % T
     p = tl.load(pos_ptr + t).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, HALF)[None, :]
-    ok = heads < NQ + NK
-    src = qkv_ptr + row * stride_row + heads * (2 * HALF) + d
-    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_ptr + t * (2 * HALF) + d).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * (2 * HALF) + d).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
-    dt = q_ptr.dtype.element_ty
-    o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    heads, d, ok, o1, o2 = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK,
+                                      q_ptr.dtype.element_ty, HALF, BLOCK_H)
     is_q = heads < NQ
     qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
     tl.store(qdst, o1, mask=is_q)
