@@ -176,7 +176,7 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- RoPE on q and k, straight from the fused qkv projection -------------------------------
 @triton.jit
-def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK, dt, HALF: tl.constexpr,
+def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK, dt: tl.constexpr, HALF: tl.constexpr,
                BLOCK_H: tl.constexpr):
     """Token `row` (position index t in cos/sin): its q and k heads as (BLOCK_H, HALF) halves,
     rotated (rotate-half layout) and rounded like the eager chain. -> (heads, d, valid, o1, o2)."""
