@@ -132,3 +132,28 @@ def test_rope_cache_update_is_rope_qk_plus_the_cache_write(dtype, b, t, n_q, n_k
         rope_cache_update(qkv, cos, sin, pos[:1].expand(t + 1), kc, vc, n_q, n_k)
     with pytest.raises(ValueError, match="caches must be"):
         rope_cache_update(qkv, cos, sin, pos, kc, vc[:, :1], n_q, n_k)
+
+
+def test_rope_cache_update_odd_strides_and_positions():
+    """A one-token qkv whose size-1 dim has an odd stride (torch calls it contiguous), a strided
+    pos, and a position past the cache (written nowhere)."""
+    from lowbit.kernels.fused import rope_cache_update
+
+    b, n_q, n_k, d, s = 2, 4, 2, 16, 8
+    w = (n_q + 2 * n_k) * d
+    base = torch.randn(1, b, w, device=DEV).to(torch.float16)
+    qkv = base.transpose(0, 1)  # (B, 1, W), strides (W, B * W, 1)
+    assert qkv.is_contiguous() and qkv.stride(1) != qkv.shape[2]
+    cos, sin = torch.ones(1, d, device=DEV).half(), torch.zeros(1, d, device=DEV).half()
+    kc = torch.zeros(b, n_k, s, d, device=DEV).half()
+    vc = torch.zeros_like(kc)
+    pos = torch.tensor([0, 3, 0, 5], device=DEV)[1::2][:1]  # strided view holding [3]
+    q = rope_cache_update(qkv, cos, sin, pos, kc, vc, n_q, n_k)
+    dense = qkv.clone(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(q, dense[..., :n_q * d].reshape(b, 1, n_q, d), rtol=0, atol=0)
+    torch.testing.assert_close(vc[:, :, 3], dense[:, 0, (n_q + n_k) * d:].reshape(b, n_k, d), rtol=0, atol=0)
+    assert kc[:, :, 3].abs().sum() > 0 and kc[:, :, torch.arange(s, device=DEV) != 3].abs().sum() == 0
+    kc.zero_()
+    vc.zero_()
+    rope_cache_update(qkv, cos, sin, torch.tensor([s], device=DEV), kc, vc, n_q, n_k)
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0

@@ -72,6 +72,10 @@ def test_gemv_q_bad_input():
         w4a8_gemv_q(qa.expand(5, -1), sa.expand(5, -1), packed, scale, None, 256, torch.float16)
     with pytest.raises(ValueError, match="multiple of 32"):
         w4a8_gemv_q(qa[:, :200], sa, packed[:, :100], scale, None, 200, torch.float16)
+    with pytest.raises(ValueError, match="scale must be"):
+        w4a8_gemv_q(qa, sa, packed, torch.ones(16, 2, device=DEV), None, 64, torch.float16)
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        w4a8_gemv_q(qa[:, :96], sa, packed[:, :48], torch.ones(16, 2, device=DEV), None, 64, torch.float16)
     with pytest.raises(ValueError, match="whole groups"):
         w4a8_gemv_q(qa, sa, packed, torch.ones(16, 2, device=DEV), None, 128, torch.float16,
                     config=dict(BLOCK_N=4, BLOCK_W=8, num_warps=2))
@@ -84,3 +88,10 @@ def test_gemv_q_noncontiguous_activations():
     ref = w4a8_gemv_q(qa, sa, packed, scale, None, 256, torch.float32)
     out = w4a8_gemv_q(wide[:, 1::2], sa, packed, scale, None, 256, torch.float32)
     assert torch.equal(out, ref)
+
+
+def test_gemv_q_transposed_scale():
+    q, packed, scale, qa, sa = _case(1, 24, 256, 64)
+    want = w4a8_gemv_q(qa, sa, packed, scale, None, 64, torch.float32)
+    got = w4a8_gemv_q(qa, sa, packed, scale.t().contiguous().t(), None, 64, torch.float32)
+    assert torch.equal(got, want)

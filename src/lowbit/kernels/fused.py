@@ -176,14 +176,15 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- RoPE on q and k, straight from the fused qkv projection -------------------------------
 @triton.jit
-def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK, dt: tl.constexpr, HALF: tl.constexpr,
+def _rope_rows(qkv_row, cos_ptr, sin_ptr, t, NQ, NK, dt: tl.constexpr, HALF: tl.constexpr,
                BLOCK_H: tl.constexpr):
-    """Token `row` (position index t in cos/sin): its q and k heads as (BLOCK_H, HALF) halves,
-    rotated (rotate-half layout) and rounded like the eager chain. -> (heads, d, valid, o1, o2)."""
+    """One token's qkv row (position index t in cos/sin): its q and k heads as (BLOCK_H, HALF)
+    halves, rotated (rotate-half layout) and rounded like the eager chain.
+    -> (heads, d, valid, o1, o2)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
     ok = heads < NQ + NK
-    src = qkv_ptr + row * stride_row + heads * (2 * HALF) + d
+    src = qkv_row + heads * (2 * HALF) + d
     x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
     c1 = tl.load(cos_ptr + t * (2 * HALF) + d).to(tl.float32)
@@ -196,12 +197,13 @@ def _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK, dt: tl.con
 
 
 @triton.jit
-def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_row, NQ, NK,
+def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_b, stride_t, NQ, NK,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     # one program per token: all q heads and k heads (rows of HALF pairs)
     row = tl.program_id(0).to(tl.int64)
-    heads, d, ok, o1, o2 = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, row % T, stride_row, NQ, NK,
-                                      q_ptr.dtype.element_ty, HALF, BLOCK_H)
+    t = row % T
+    heads, d, ok, o1, o2 = _rope_rows(qkv_ptr + (row // T) * stride_b + t * stride_t, cos_ptr, sin_ptr, t,
+                                      NQ, NK, q_ptr.dtype.element_ty, HALF, BLOCK_H)
     is_q = heads < NQ
     qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
     tl.store(qdst, o1, mask=is_q)
@@ -225,12 +227,13 @@ def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Ten
     if cos.shape != (t, head_dim) or sin.shape != (t, head_dim) or cos.dtype != qkv.dtype:
         raise ValueError(f"rope_qk: cos/sin must be ({t}, {head_dim}) {qkv.dtype}, got {tuple(cos.shape)} "
                          f"{cos.dtype}")
-    if qkv.stride(-1) != 1 or qkv.stride(0) != t * qkv.stride(1):
+    if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q = torch.empty((b, t, n_q, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((b, t, n_k, head_dim), dtype=qkv.dtype, device=qkv.device)
     if b * t:
-        _rope_kernel[(b * t,)](qkv, cos.contiguous(), sin.contiguous(), q, k, t, qkv.stride(1), n_q, n_k,
+        _rope_kernel[(b * t,)](qkv, cos.contiguous(), sin.contiguous(), q, k, t, qkv.stride(0), qkv.stride(1),
+                               n_q, n_k,
                                HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_q + n_k),
                                num_warps=4, enable_fp_fusion=False)
     return q, k
@@ -238,29 +241,32 @@ def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Ten
 
 # -- decode: RoPE on q and k + the KV-cache write, one kernel ---------------------------------
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, stride_row, NQ, NK,
-                       stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, S, stride_b, stride_t,
+                       NQ, NK, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_KV: tl.constexpr):
     # one program per token: rotate its q and k heads (as _rope_kernel), store q, write the rotated
-    # k and the v heads into the caches at the token's position
+    # k and the v heads into the caches at the token's position (none past the cache: p < S)
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
     p = tl.load(pos_ptr + t).to(tl.int64)
-    heads, d, ok, o1, o2 = _rope_rows(qkv_ptr, cos_ptr, sin_ptr, row, t, stride_row, NQ, NK,
-                                      q_ptr.dtype.element_ty, HALF, BLOCK_H)
+    qkv_row = qkv_ptr + b * stride_b + t * stride_t
+    heads, d, ok, o1, o2 = _rope_rows(qkv_row, cos_ptr, sin_ptr, t, NQ, NK, q_ptr.dtype.element_ty, HALF,
+                                      BLOCK_H)
     is_q = heads < NQ
     qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
     tl.store(qdst, o1, mask=is_q)
     tl.store(qdst + HALF, o2, mask=is_q)
     kdst = kc_ptr + b * stride_cb + (heads - NQ) * stride_ch + p * stride_cs + d
-    is_k = ok & (heads >= NQ)
+    pk = p + tl.zeros_like(heads)
+    is_k = ok & (heads >= NQ) & (pk >= 0) & (pk < S)
     tl.store(kdst, o1, mask=is_k)
     tl.store(kdst + HALF, o2, mask=is_k)
     hv = tl.arange(0, BLOCK_KV)[:, None]
     dv = tl.arange(0, 2 * HALF)[None, :]
-    v_ok = hv < NK
-    v = tl.load(qkv_ptr + row * stride_row + (NQ + NK + hv) * (2 * HALF) + dv, mask=v_ok, other=0.0)
+    pv = p + tl.zeros_like(hv)
+    v_ok = (hv < NK) & (pv >= 0) & (pv < S)
+    v = tl.load(qkv_row + (NQ + NK + hv) * (2 * HALF) + dv, mask=v_ok, other=0.0)
     tl.store(vc_ptr + b * stride_cb + hv * stride_ch + p * stride_cs + dv, v, mask=v_ok)
 
 
@@ -271,6 +277,8 @@ def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     Writes the rotated k and the v of every token into the static caches kc / vc (B, n_k, S, D) at
     its position, in place, and returns the rotated q (B, T, n_q, D). Same roundings as rope_qk;
     replaces rope_qk + two index_copy_ launches (one kernel per decode layer instead of three).
+    pos lives on the device (CUDA-graph replays advance it), so it is not checked here: a position
+    outside [0, S) writes nothing (Generator.check keeps prompt + new tokens within the cache).
     """
     b, t, width = qkv.shape
     d = kc.shape[-1] if kc.dim() == 4 else 0
@@ -286,14 +294,15 @@ def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     if pos.shape != (t,) or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"rope_cache_update: pos must be ({t},) int32/int64, got {tuple(pos.shape)} "
                          f"{pos.dtype}")
-    if qkv.stride(-1) != 1 or qkv.stride(0) != t * qkv.stride(1):
+    if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)
     if b * t:
         _rope_cache_kernel[(b * t,)](
-            qkv, cos.contiguous(), sin.contiguous(), pos, q, kc, vc, t, qkv.stride(1), n_q, n_k, kc.stride(0),
-            kc.stride(1), kc.stride(2), HALF=d // 2, BLOCK_H=triton.next_power_of_2(n_q + n_k),
-            BLOCK_KV=triton.next_power_of_2(n_k), num_warps=4, enable_fp_fusion=False)
+            qkv, cos.contiguous(), sin.contiguous(), pos.contiguous(), q, kc, vc, t, kc.shape[2],
+            qkv.stride(0), qkv.stride(1), n_q, n_k, kc.stride(0), kc.stride(1), kc.stride(2), HALF=d // 2,
+            BLOCK_H=triton.next_power_of_2(n_q + n_k), BLOCK_KV=triton.next_power_of_2(n_k), num_warps=4,
+            enable_fp_fusion=False)
     return q
 
 

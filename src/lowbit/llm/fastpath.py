@@ -8,7 +8,9 @@ its input per token anyway (Int4Tensor.takes_prequantized), RMSNorm and SwiGLU e
 activations and scales directly and the linear starts at its int8 GEMM.
 
 Used when the activation is on CUDA, autograd is off and torch.compile is not tracing (the
-compiled decode step keeps the plain ops, which Inductor fuses itself). LOWBIT_FUSED=0 turns
+compiled decode step keeps the plain norm / SwiGLU ops, which Inductor fuses itself). Two
+helpers also run inside compiled graphs, as opaque ops: decode attention and the decode RoPE +
+KV-cache write (rope_cache), which Inductor cannot do as well. LOWBIT_FUSED=0 turns
 the fast path off; LOWBIT_FUSED=1 also takes it on CPU under TRITON_INTERPRET=1 (tests).
 """
 

@@ -7,7 +7,7 @@ weights), but the int8 activations qa (M, K) and their scales sa (M, 1) come in 
 torch.compile'd graph act_quant_traceable computes them inside the kernel that produces x (the
 RMSNorm or SwiGLU), so this kernel does no absmax, no division and reads K bytes of activations
 instead of 2K. The `stream` kernel keeps a whole (next-pow2-of-K) row tile in registers, which
-pads K=11008 to 16384 (31% of its loads and dots masked off); here K is walked in chunks of
+pads K=11008 to 16384 (a third of its loads and dots masked off); here K is walked in chunks of
 BLOCK_W words (8 weights per int32 word), so only the last chunk is partial.
 
 Activation words: two int32 loads give q[8t .. 8t+3] and q[8t+4 .. 8t+7]; one byte permute
@@ -160,6 +160,13 @@ def w4a8_gemv_q(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale:
     if reason:
         raise ValueError(f"W4A8 GEMV: {reason}")
     group = 0 if group_size >= k else group_size
+    if group and k % group:
+        raise ValueError(f"W4A8 GEMV: K={k} is not a multiple of group_size={group}")
+    n_groups = k // group if group else 1
+    if scale.shape != (n, n_groups) or sa.numel() != m:
+        raise ValueError(f"W4A8 GEMV: scale must be ({n}, {n_groups}) and sa ({m}, 1), got "
+                         f"{tuple(scale.shape)} and {tuple(sa.shape)}")
+    scale = scale if scale.stride(-1) == 1 or n_groups == 1 else scale.contiguous()
     qa = qa.contiguous()
     sa = sa.reshape(m).contiguous()
     words = packed.contiguous().view(torch.int32)

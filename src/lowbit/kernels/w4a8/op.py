@@ -120,14 +120,15 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     """True when a compiled W4A8 call with m tokens should take int8 activations: the graph then
     quantizes with act_quant_traceable, which Inductor fuses into the producer of the activations
     (RMSNorm, SwiGLU), and calls w4a8_linear_q. That is every M that would run act_quant and then
-    an int8 kernel, and M = 1 with K > GRAPH_QUANT_MIN_K. Never for symbolic token counts (the
-    route depends on M)."""
+    an int8 kernel, and M = 1 with K > GRAPH_QUANT_MIN_K for per-row weights. Never for symbolic
+    token counts (the route depends on M)."""
     from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported
     from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
 
     if not symmetric or not isinstance(m, int) or path == "gemv":
         return False
-    if m == 1 and k > GRAPH_QUANT_MIN_K and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
+    long_row = m == 1 and group_size >= k and k > GRAPH_QUANT_MIN_K  # per-row weights only
+    if long_row and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
         return True
     return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None)
 
@@ -138,7 +139,10 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
 # h100.json). Quantizing in the graph is not free at one token, though: Inductor's one-row
 # RMSNorm + quant took 4.0 us vs 2.0-2.7 us for the norm alone, SwiGLU + quant 4.9 us (three
 # kernels) vs 1.3 us (results/profile_decode_w4a8_b1_gemvq_h100.txt). So only K > 8192 (the
-# down projection) pays for it: 15.3 vs 19.8 us; at K = 4096 the stream kernel stays ahead.
+# down projection) pays for it: 11.7 + 3.6 (the SwiGLU's extra quantization) = 15.3 vs 19.8 us;
+# at K = 4096 the stream kernel stays ahead. Per row only: with g128 scales gemv_q's best was
+# 21.9 us vs the stream kernel's 26.0 (L2 flushed, results/decode_gemv_h100.json), about even
+# once the quantization is paid; not measured back to back.
 GRAPH_QUANT_MIN_K = 8192
 
 
