@@ -148,12 +148,28 @@ class Attention(nn.Module):
         """Attention from the fused q/k/v projection output (B, T, (H + 2 KV) * D)."""
         b, t, _ = qkv.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        q = None
         if input_pos is not None and not prefill and self.kv_cache is not None:
+            # decode: one kernel rotates q and k and writes k and v into the cache (None: eager ops)
             kc, vc = self.kv_cache.k, self.kv_cache.v
             q = fastpath.rope_cache(qkv, h, kv, d, cos, sin, input_pos, kc, vc)
-            if q is not None:  # k and v are in the cache now
-                y = self._attend_cache(q, kc, vc, input_pos)
-                return self.wo(y.transpose(1, 2).reshape(b, t, h * d))
+        if q is not None and input_pos is not None:
+            y = self._attend_cache(q, kc, vc, input_pos)
+        else:
+            y = self._rope_and_attend(qkv, cos, sin, input_pos, prefill)
+        return self.wo(y.transpose(1, 2).reshape(b, t, h * d))
+
+    def _rope_and_attend(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        prefill: bool,
+    ) -> torch.Tensor:
+        """RoPE, the cache write and attention as separate steps -> (B, H, T, D)."""
+        b, t, _ = qkv.shape
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
         q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
         v = v.view(b, t, kv, d).transpose(1, 2)
         rotated = fastpath.rope_qk(qkv, h, kv, d, cos, sin)
@@ -171,10 +187,8 @@ class Attention(nn.Module):
                 # Expanding only the prompt's keys/values keeps prefill on the flash kernel
                 # (head i reads kv head i // n_rep, as in HF's repeat_kv).
                 k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = self._attend_cache(q, kc, vc, input_pos)
-        return self.wo(y.transpose(1, 2).reshape(b, t, h * d))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._attend_cache(q, kc, vc, input_pos)
 
     def _attend_cache(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_pos: torch.Tensor
