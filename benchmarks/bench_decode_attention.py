@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 
 import torch
 import triton
@@ -55,7 +57,10 @@ def main() -> None:
         seq.append({"batch": b, "heads": h, "kv_heads": kv, "cache": s, "pos": p, **t})
         print(f"  B={b} KV={kv} S={s} pos={p}: " + "  ".join(f"{k2} {v2:.1f}" if isinstance(v2, float) else
                                                           f"{k2} {v2}" for k2, v2 in t.items()), flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    sha = os.environ.get("LOWBIT_GIT_SHA") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "git_sha": sha}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows, "back_to_back": seq}, f, indent=1)
 

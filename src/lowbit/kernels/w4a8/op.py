@@ -137,8 +137,9 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
 # its prologue but holds next_pow2(K) words per row tile: K=11008 runs as 16384 (19.8 us back to
 # back) where the pre-quantized gemv_q walks K in chunks (11.7 us, results/decode_gemv_seqsweep_
 # h100.json). Quantizing in the graph is not free at one token, though: Inductor's one-row
-# RMSNorm + quant took 4.0 us vs 2.0-2.7 us for the norm alone, SwiGLU + quant 4.9 us (three
-# kernels) vs 1.3 us (results/profile_decode_w4a8_b1_gemvq_h100.txt). So only K > 8192 (the
+# RMSNorm + quant took 3.7-4.0 us, SwiGLU + quant 4.9 us in three kernels (results/profile_decode_
+# w4a8_b1_gemvq_h100.txt) vs 2.1-2.8 us for the norm alone (profile_decode_w4a8_b1_h100.txt) and
+# 1.3 us for SwiGLU alone (profile_decode_w4a8_b1_b16_h100.txt). So only K > 8192 (the
 # down projection) pays for it: 11.7 + 3.6 (the SwiGLU's extra quantization) = 15.3 vs 19.8 us;
 # at K = 4096 the stream kernel stays ahead. Per row only: with g128 scales gemv_q's best was
 # 21.9 us vs the stream kernel's 26.0 (L2 flushed, results/decode_gemv_h100.json), about even
