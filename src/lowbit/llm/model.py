@@ -159,14 +159,8 @@ class Attention(nn.Module):
             y = self._rope_and_attend(qkv, cos, sin, input_pos, prefill)
         return self.wo(y.transpose(1, 2).reshape(b, t, h * d))
 
-    def _rope_and_attend(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        input_pos: torch.Tensor | None,
-        prefill: bool,
-    ) -> torch.Tensor:
+    def _rope_and_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         input_pos: torch.Tensor | None, prefill: bool) -> torch.Tensor:
         """RoPE, the cache write and attention as separate steps -> (B, H, T, D)."""
         b, t, _ = qkv.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
