@@ -42,9 +42,13 @@ def enabled(x: torch.Tensor) -> bool:
     return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9
 
 
-def launch(x: torch.Tensor) -> dict:
-    """Extra launch arguments: USE_PDL for the kernel and Triton's launch_pdl flag."""
-    return dict(USE_PDL=True, launch_pdl=True) if enabled(x) else dict(USE_PDL=False)
+def launch(x: torch.Tensor, name: str) -> dict:
+    """Extra launch arguments: USE_PDL / PDL_TRIGGER for the kernel and Triton's launch_pdl flag."""
+    kernels = os.environ.get("LOWBIT_PDL_KERNELS", "all")
+    if not enabled(x) or (kernels != "all" and name not in kernels.split(",")):
+        return dict(USE_PDL=False, PDL_TRIGGER=False)
+    trig = os.environ.get("LOWBIT_PDL_TRIGGER", "all")
+    return dict(USE_PDL=True, PDL_TRIGGER=trig == "all" or name in trig.split(","), launch_pdl=True)
 
 
 __all__ = ["enabled", "launch", "gdc_wait", "gdc_launch_dependents"]

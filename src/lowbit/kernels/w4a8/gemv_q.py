@@ -50,9 +50,9 @@ def _w4a8_gemv_q_kernel(
     q_ptr, sa_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, KW, KW4, stride_qm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
-    if USE_PDL:  # lowbit.kernels.pdl
+    if PDL_TRIGGER:  # lowbit.kernels.pdl
         gdc_launch_dependents()
     # q_ptr: int32 words of the int8 activations (4 per word), row stride stride_qm words.
     # w_ptr: int32 words of the packed weight (8 nibbles per word), KW words per row.
@@ -192,5 +192,5 @@ def w4a8_gemv_q(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale:
         qw, sa, words, scale, bias if bias is not None else scale, out,
         m, n, kw, kw // 4, qw.stride(0), words.stride(0), scale.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-        BLOCK_M=triton.next_power_of_2(max(m, 1)), **cfg, **pdl.launch(qa))
+        BLOCK_M=triton.next_power_of_2(max(m, 1)), **cfg, **pdl.launch(qa, "gemv_q"))
     return out

@@ -36,9 +36,9 @@ def _w4a8_stream_kernel(
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
-    DEPTH: tl.constexpr, USE_PDL: tl.constexpr,
+    DEPTH: tl.constexpr, USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
-    if USE_PDL:  # lowbit.kernels.pdl: the next kernel may start; the weight loads run before the wait
+    if PDL_TRIGGER:  # lowbit.kernels.pdl: the next kernel may start; the weight loads run before the wait
         gdc_launch_dependents()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -161,7 +161,7 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     args = (x, words, scale, bias if bias is not None else scale, out, m, n, k, k // 32, x.stride(0),
             words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), **pdl.launch(x))
+                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), **pdl.launch(x, "stream"))
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
