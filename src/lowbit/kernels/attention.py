@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import pdl
-from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
 from lowbit.kernels.w4a8.gemv_dp4a import num_sms
 
 BLOCK_S = 64
@@ -39,11 +37,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, acc
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
                         NSPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                        BLOCK: tl.constexpr, USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr):
-    if PDL_TRIGGER:  # lowbit.kernels.pdl: let the next kernel start, then wait for the previous one
-        gdc_launch_dependents()
-    if USE_PDL:
-        gdc_wait()
+                        BLOCK: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // KV
@@ -88,12 +82,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, m_ptr, l_ptr, acc
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, KV, stride_ob, stride_oh,
-                    NSPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                    USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr):
-    if PDL_TRIGGER:
-        gdc_launch_dependents()
-    if USE_PDL:
-        gdc_wait()
+                    NSPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
     bh = tl.program_id(0)
     g = tl.program_id(1)
     b = bh // KV
@@ -179,10 +168,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
         q, k, v, pos, out, m, lsum, acc, kv, chunk, sm_scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        NSPLIT=nsplit, G=g, G_PAD=g_pad, D=d, BLOCK=BLOCK_S, num_warps=4, **pdl.launch(q, "attn"))
+        NSPLIT=nsplit, G=g, G_PAD=g_pad, D=d, BLOCK=BLOCK_S, num_warps=4)
     if nsplit > 1:
         _combine_kernel[(b * kv, g)](m, lsum, acc, out, kv, out.stride(0), out.stride(1),
-                                     NSPLIT=nsplit, G=g, G_PAD=g_pad, D=d, num_warps=4, **pdl.launch(q, "attn"))
+                                     NSPLIT=nsplit, G=g, G_PAD=g_pad, D=d, num_warps=4)
     return out
 
 

@@ -28,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import pdl
-from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 
@@ -245,11 +243,7 @@ def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Ten
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, T, S, stride_b, stride_t,
                        NQ, NK, stride_cb, stride_ch, stride_cs, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_KV: tl.constexpr, USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr):
-    if PDL_TRIGGER:  # lowbit.kernels.pdl
-        gdc_launch_dependents()
-    if USE_PDL:
-        gdc_wait()
+                       BLOCK_KV: tl.constexpr):
     # one program per token: rotate its q and k heads (as _rope_kernel), store q, write the rotated
     # k and the v heads into the caches at the token's position (none past the cache: p < S)
     row = tl.program_id(0).to(tl.int64)
@@ -308,7 +302,7 @@ def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
             qkv, cos.contiguous(), sin.contiguous(), pos.contiguous(), q, kc, vc, t, kc.shape[2],
             qkv.stride(0), qkv.stride(1), n_q, n_k, kc.stride(0), kc.stride(1), kc.stride(2), HALF=d // 2,
             BLOCK_H=triton.next_power_of_2(n_q + n_k), BLOCK_KV=triton.next_power_of_2(n_k), num_warps=4,
-            enable_fp_fusion=False, **pdl.launch(qkv, "rope"))
+            enable_fp_fusion=False)
     return q
 
 

@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import interpreter_enabled, pdl
-from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
+from lowbit.kernels import interpreter_enabled
 from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, _dp4a
 
 
@@ -50,10 +49,8 @@ def _w4a8_gemv_q_kernel(
     q_ptr, sa_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, KW, KW4, stride_qm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    if PDL_TRIGGER:  # lowbit.kernels.pdl
-        gdc_launch_dependents()
     # q_ptr: int32 words of the int8 activations (4 per word), row stride stride_qm words.
     # w_ptr: int32 words of the packed weight (8 nibbles per word), KW words per row.
     pid = tl.program_id(0)
@@ -71,17 +68,10 @@ def _w4a8_gemv_q_kernel(
     acc = tl.zeros(shape, tl.int32)
     xs = tl.zeros((BLOCK_M, 1, BLOCK_W), tl.int32)
     accf = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if USE_PDL:  # the first weight chunk is loaded before waiting on the previous kernel
-        w_next = tl.load(w_rows + offs_w, mask=offs_w < KW4 * 4, other=0)
-        gdc_wait()
     for c in range(0, tl.cdiv(KW, BLOCK_W)):
         t = c * BLOCK_W + offs_w
         ok = t < KW4 * 4  # KW4 = KW // 4: constant over 4 words -> 16-byte weight loads
-        if USE_PDL:
-            w = w_next
-            w_next = tl.load(w_rows + t + BLOCK_W, mask=(t + BLOCK_W) < KW4 * 4, other=0)
-        else:
-            w = tl.load(w_rows + t, mask=ok, other=0)
+        w = tl.load(w_rows + t, mask=ok, other=0)
         a = tl.load(q_rows + 2 * t, mask=m_ok & ok, other=0)
         b = tl.load(q_rows + 2 * t + 1, mask=m_ok & ok, other=0)
         xe = _prmt(a, b, 0x6420, USE_ASM)
@@ -192,5 +182,5 @@ def w4a8_gemv_q(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale:
         qw, sa, words, scale, bias if bias is not None else scale, out,
         m, n, kw, kw // 4, qw.stride(0), words.stride(0), scale.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-        BLOCK_M=triton.next_power_of_2(max(m, 1)), **cfg, **pdl.launch(qa, "gemv_q"))
+        BLOCK_M=triton.next_power_of_2(max(m, 1)), **cfg)
     return out

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import interpreter_enabled, pdl
-from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
+from lowbit.kernels import interpreter_enabled
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 from lowbit.kernels.w4a8.gemv_dp4a import _dp4a, num_sms
 
@@ -36,10 +35,8 @@ def _w4a8_stream_kernel(
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
-    DEPTH: tl.constexpr, USE_PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):
-    if PDL_TRIGGER:  # lowbit.kernels.pdl: the next kernel may start; the weight loads run before the wait
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     T: tl.constexpr = K_PAD // 8
@@ -57,8 +54,6 @@ def _w4a8_stream_kernel(
         w2 = tl.load(w_ptr + rows2 * stride_wn + offs_t, mask=t_ok, other=0)
     else:
         w2 = w
-    if USE_PDL:
-        gdc_wait()
     # -- token rows -> packed int8 words (even k, odd k) in the weight tile's layout ------
     offs_m = tl.arange(0, BLOCK_M)[:, None, None]
     x_ok = (offs_m < M) & t_ok
@@ -161,7 +156,7 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     args = (x, words, scale, bias if bias is not None else scale, out, m, n, k, k // 32, x.stride(0),
             words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), **pdl.launch(x, "stream"))
+                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32))
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
