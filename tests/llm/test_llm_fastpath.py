@@ -192,3 +192,44 @@ def test_compiled_decode_rotates_and_writes_the_cache_in_one_op(monkeypatch):
         torch.testing.assert_close(v1[:, :, p], v2[:, :, p], rtol=1e-2, atol=1e-2)
         keep = torch.arange(k1.shape[2], device=DEV) != p
         assert torch.equal(k1[:, :, keep], k2[:, :, keep]) and torch.equal(v1[:, :, keep], v2[:, :, keep])
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_w4a8_decode_layers_run_as_four_fused_gemvs(monkeypatch, group):
+    """At decode (<= 4 sequences) a W4A8 block is four lowbit::w4a8_decode_gemv calls (norms,
+    residual adds and SwiGLU folded in): same logits as the unfused path, eager and compiled."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lowbit.kernels.w4a8 import decode_block
+
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=group, kernel="triton")
+    model = _model(ConfigQuantizer(cfg))
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(6)).to(DEV)
+    nxt = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(7)).to(DEV)
+    graphs = []
+
+    def fw(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def run(mode: str, compiled: str | None = None) -> torch.Tensor:
+        _prefill_logits(model, ids, monkeypatch, mode)
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=fw) if compiled == "aot" else compiled
+        fn = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+        out = []
+        with torch.no_grad(), use_phase(model, Phase.DECODE):
+            for i in range(nxt.shape[1]):
+                out.append(fn(nxt[:, i:i + 1], torch.tensor([ids.shape[1] + i], device=DEV)).float())
+        return torch.cat(out, 1)
+
+    want = run("0")  # unfused (on CPU: the reference W4A8 path)
+    calls = _count_calls(monkeypatch, decode_block, "decode_gemv")
+    got = run("1")
+    assert calls[0] == 4 * ARGS.n_layers * nxt.shape[1]
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    compiled = run("1", "aot")
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("w4a8_decode_gemv" in o for o in ops) == 4 * ARGS.n_layers
+    torch.testing.assert_close(compiled, got, rtol=0, atol=0)
