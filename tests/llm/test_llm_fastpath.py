@@ -205,7 +205,7 @@ def test_w4a8_decode_layers_run_as_four_fused_gemvs(monkeypatch, group):
     cfg = Int8DynamicActivationInt4WeightConfig(group_size=group, kernel="triton")
     model = _model(ConfigQuantizer(cfg))
     ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(6)).to(DEV)
-    nxt = torch.randint(0, 300, (2, 3), generator=torch.Generator().manual_seed(7)).to(DEV)
+    nxt = torch.randint(0, 300, (2, 2), generator=torch.Generator().manual_seed(7)).to(DEV)
     graphs = []
 
     def fw(gm, _inputs):
@@ -229,6 +229,11 @@ def test_w4a8_decode_layers_run_as_four_fused_gemvs(monkeypatch, group):
     assert calls[0] == 4 * ARGS.n_layers * nxt.shape[1]
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    if group is not None and not torch.cuda.is_available():
+        return  # (CI time: the compiled check runs once on CPU)
+    from lowbit.api import flatten_quantized_linears
+
+    flatten_quantized_linears(model)  # as the compiled generator does
     compiled = run("1", "aot")
     ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum("w4a8_decode_gemv" in o for o in ops) == 4 * ARGS.n_layers
