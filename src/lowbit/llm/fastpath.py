@@ -17,13 +17,9 @@ the fast path off; LOWBIT_FUSED=1 also takes it on CPU under TRITON_INTERPRET=1 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from lowbit.llm.model import Block
 
 from lowbit.kernels import interpreter_enabled, triton_unavailable_reason
 
@@ -163,85 +159,5 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
     return attention.decode_attention(q, kc, vc, input_pos)
 
 
-def _decode_w4a8_weight(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(packed int4, scale, group size) of linear's weight when it would run W4A8 (int8 per-token
-    activations, symmetric int4, Triton kernels, no bias) on x; else None.
-
-    A FlatQuantizedLinear (the compiled decode step's linears) is read from its stored buffers and
-    format attributes, not from a rebuilt Int4Tensor: Dynamo cannot build the attribute objects
-    of a tensor subclass it reconstructs itself."""
-    from lowbit.api import FlatQuantizedLinear
-    from lowbit.core.kernel_choice import KernelChoice
-    from lowbit.formats.common import uses_act_quant
-    from lowbit.formats.int4 import Int4Tensor
-
-    if getattr(linear, "bias", None) is not None:
-        return None
-    if isinstance(linear, FlatQuantizedLinear):
-        if linear._cls is not Int4Tensor or "zero_point" in linear._names:
-            return None
-        attrs = dict(linear._ctx[2])
-        qdata, scale = cast(torch.Tensor, linear.weight_qdata), cast(torch.Tensor, linear.weight_scale)
-    else:
-        w = active_weight(linear)
-        if not isinstance(w, Int4Tensor) or w.zero_point is not None:
-            return None
-        attrs = w.attributes()
-        qdata, scale = w.qdata, w.scale
-    act = attrs["act_quant"]
-    if act is None or act.qtype != "int8_sym" or act.granularity.value != "token":
-        return None
-    if not uses_act_quant(act, x) or attrs["kernel"] not in (KernelChoice.AUTO, KernelChoice.TRITON):
-        return None
-    return qdata, scale, attrs["block_size"][1]
-
-
-def decode_block(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 input_pos: torch.Tensor | None, prefill: bool) -> torch.Tensor | None:
-    """One decode step of a Llama block (1-4 sequences, one token each, W4A8 linears) as four
-    GEMVs with the norms, residual adds and SwiGLU folded in (kernels/w4a8/decode_block.py),
-    plus RoPE/cache write and attention; None when the unfused path should run. Also inside
-    torch.compile (opaque op lowbit::w4a8_decode_gemv)."""
-    from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported, stream_supported
-    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
-
-    if prefill or input_pos is None or x.dim() != 3 or x.shape[1] != 1 or x.shape[0] > DP4A_MAX_M:
-        return None
-    if not enabled(x, in_compiled_graphs=True):
-        return None
-    att, ffn = block.attention, block.feed_forward
-    norms = (block.attention_norm, block.ffn_norm)
-    if att.kv_cache is None or any(n.weight.dtype != x.dtype or not isinstance(n.eps, float) for n in norms):
-        return None
-    wqkv, wo, w13, w2 = (_decode_w4a8_weight(lin, x) for lin in (att.wqkv, att.wo, ffn.w13, ffn.w2))
-    if wqkv is None or wo is None or w13 is None or w2 is None:
-        return None
-    b, dim = x.shape[0], x.shape[2]
-    for packed, _, group_size in (wqkv, wo, w13):
-        k = packed.shape[1] * 2
-        if dp4a_unsupported(k, group_size) is not None or not stream_supported(b, k, 0 if group_size >= k else
-                                                                                 group_size):
-            return None
-    if gemv_q_unsupported(b, w2[0].shape[1] * 2, w2[2]) is not None or w13[0].shape[0] != 4 * w2[0].shape[1]:
-        return None
-    from lowbit.kernels.w4a8 import decode_block as db
-
-    tracing = torch.compiler.is_compiling() or type(x) is not torch.Tensor
-    gemv = db.decode_gemv_op if tracing else db.decode_gemv
-    x2 = x.reshape(b, dim)
-    an, fn = norms
-    qkv, _ = gemv(x2, *wqkv, norm_weight=an.weight, eps=an.eps)
-    qkv = qkv.view(b, 1, -1)
-    h, kv, d = att.n_heads, att.n_kv, att.head_dim
-    kc, vc = att.kv_cache.k, att.kv_cache.v
-    q = rope_cache(qkv, h, kv, d, cos, sin, input_pos, kc, vc)
-    y = att._attend_cache(q, kc, vc, input_pos) if q is not None else \
-        att._rope_and_attend(qkv, cos, sin, input_pos, prefill)
-    res, _ = gemv(y.transpose(1, 2).reshape(b, h * d), *wo, residual=x2)
-    hm, part = gemv(res, *w13, norm_weight=fn.weight, eps=fn.eps, swiglu=True)
-    out, _ = gemv(hm, *w2, amax=part, residual=res)
-    return out.view(b, 1, dim)
-
-
 __all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk",
-           "rope_cache", "decode_attention", "decode_block"]
+           "rope_cache", "decode_attention"]

@@ -220,9 +220,6 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None,
         prefill: bool,
     ) -> torch.Tensor:
-        fused = fastpath.decode_block(self, x, cos, sin, input_pos, prefill)  # W4A8 decode, 1-4 sequences
-        if fused is not None:
-            return fused
         # norm_linear / swiglu_linear: linear(norm(x)) and w2(swiglu(.)), with fused kernels (and
         # W4A8 activations quantized inside the norm / SwiGLU kernel) on the eager CUDA path.
         att, ffn = self.attention, self.feed_forward

@@ -191,7 +191,7 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
             raise ValueError(f"the streaming dp4a GEMV does not take M={m}, K={k}, group={group_size}")
         from lowbit.kernels.w4a8.gemv_stream import stream
 
-        return stream(x, words, scale, bias, out, group, config)[0]
+        return stream(x, words, scale, bias, out, group, config)
     args = (x, words, scale, bias if bias is not None else scale, out, n, k, x.stride(0), words.stride(0),
             scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled())

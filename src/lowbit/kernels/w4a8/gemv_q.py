@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, _dp4a
 
 
@@ -47,19 +46,13 @@ def _prmt(a, b, SEL: tl.constexpr, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _w4a8_gemv_q_kernel(
-    q_ptr, sa_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, res_ptr,
-    M, N, KW, KW4, stride_qm, stride_wn, stride_sn, stride_om, stride_rm, P,
+    q_ptr, sa_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    M, N, KW, KW4, stride_qm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    XQ: tl.constexpr = False, P_PAD: tl.constexpr = 1, RES: tl.constexpr = False,
 ):
     # q_ptr: int32 words of the int8 activations (4 per word), row stride stride_qm words.
-    #   XQ: q_ptr is the fp16/bf16 activation itself (row stride stride_qm elements) and sa_ptr
-    #   holds P partial maxima of |x| per token (row stride P, e.g. from the SwiGLU GEMV of
-    #   decode_block.py): the scale is their max / 127 and each chunk is quantized on the fly
-    #   (the same integers as act_quant).
     # w_ptr: int32 words of the packed weight (8 nibbles per word), KW words per row.
-    # RES: out = res + (the linear's output rounded to out's dtype).
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)[:, None, None]
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,54 +68,27 @@ def _w4a8_gemv_q_kernel(
     acc = tl.zeros(shape, tl.int32)
     xs = tl.zeros((BLOCK_M, 1, BLOCK_W), tl.int32)
     accf = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if XQ:
-        offs_p = tl.arange(0, P_PAD)[None, :]
-        pm = tl.load(sa_ptr + tl.arange(0, BLOCK_M)[:, None] * P + offs_p,
-                     mask=(tl.arange(0, BLOCK_M)[:, None] < M) & (offs_p < P), other=0.0)
-        sx = _int8_scale(tl.max(pm, axis=1))  # (BLOCK_M,)
-        sx3 = tl.reshape(sx, (BLOCK_M, 1, 1))
     for c in range(0, tl.cdiv(KW, BLOCK_W)):
         t = c * BLOCK_W + offs_w
         ok = t < KW4 * 4  # KW4 = KW // 4: constant over 4 words -> 16-byte weight loads
         w = tl.load(w_rows + t, mask=ok, other=0)
-        if XQ:
-            xp = q_rows + t * 8
-            q0 = _quant(xp + 0, m_ok & ok, sx3)
-            q1 = _quant(xp + 1, m_ok & ok, sx3)
-            q2 = _quant(xp + 2, m_ok & ok, sx3)
-            q3 = _quant(xp + 3, m_ok & ok, sx3)
-            q4 = _quant(xp + 4, m_ok & ok, sx3)
-            q5 = _quant(xp + 5, m_ok & ok, sx3)
-            q6 = _quant(xp + 6, m_ok & ok, sx3)
-            q7 = _quant(xp + 7, m_ok & ok, sx3)
-            xe = (q0 & 0xFF) | ((q2 & 0xFF) << 8) | ((q4 & 0xFF) << 16) | ((q6 & 0xFF) << 24)
-            xo = (q1 & 0xFF) | ((q3 & 0xFF) << 8) | ((q5 & 0xFF) << 16) | ((q7 & 0xFF) << 24)
-            qsum = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
-        else:
-            a = tl.load(q_rows + 2 * t, mask=m_ok & ok, other=0)
-            b = tl.load(q_rows + 2 * t + 1, mask=m_ok & ok, other=0)
-            xe = _prmt(a, b, 0x6420, USE_ASM)
-            xo = _prmt(a, b, 0x7531, USE_ASM)
-            qsum = xe  # unused
+        a = tl.load(q_rows + 2 * t, mask=m_ok & ok, other=0)
+        b = tl.load(q_rows + 2 * t + 1, mask=m_ok & ok, other=0)
+        xe = _prmt(a, b, 0x6420, USE_ASM)
+        xo = _prmt(a, b, 0x7531, USE_ASM)
         lo = (w & 0x0F0F0F0F) ^ 0x08080808
         hi = ((w >> 4) & 0x0F0F0F0F) ^ 0x08080808
         if GROUP == 0:
             acc = _dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(xe, shape), acc, USE_ASM)
             acc = _dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(xo, shape), acc, USE_ASM)
-            if XQ:
-                xs += qsum
-            else:
-                xs = _dp4a(tl.full(xe.shape, ONES, tl.int32), xe, xs, USE_ASM)
-                xs = _dp4a(tl.full(xo.shape, ONES, tl.int32), xo, xs, USE_ASM)
+            xs = _dp4a(tl.full(xe.shape, ONES, tl.int32), xe, xs, USE_ASM)
+            xs = _dp4a(tl.full(xo.shape, ONES, tl.int32), xo, xs, USE_ASM)
         else:
             d = _dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(xe, shape), tl.zeros(shape, tl.int32),
                       USE_ASM)
             d = _dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(xo, shape), d, USE_ASM)
-            if XQ:
-                xw = qsum
-            else:
-                xw = _dp4a(tl.full(xe.shape, ONES, tl.int32), xe, tl.zeros(xe.shape, tl.int32), USE_ASM)
-                xw = _dp4a(tl.full(xo.shape, ONES, tl.int32), xo, xw, USE_ASM)
+            xw = _dp4a(tl.full(xe.shape, ONES, tl.int32), xe, tl.zeros(xe.shape, tl.int32), USE_ASM)
+            xw = _dp4a(tl.full(xo.shape, ONES, tl.int32), xo, xw, USE_ASM)
             dg = tl.sum(tl.reshape(d, (BLOCK_M, BLOCK_N, NGC, GW)), axis=3)
             xg = tl.sum(tl.reshape(xw, (BLOCK_M, 1, NGC, GW)), axis=3)
             g = c * NGC + tl.arange(0, NGC)
@@ -134,23 +100,12 @@ def _w4a8_gemv_q_kernel(
     if GROUP == 0:
         d = tl.sum(acc, axis=2) - 8 * tl.sum(xs, axis=2)  # (BLOCK_M, BLOCK_N)
         accf = d.to(tl.float32) * tl.load(s_ptr + (offs_n % N) * stride_sn).to(tl.float32)[None, :]
-    if XQ:
-        y = accf * tl.reshape(sx, (BLOCK_M, 1))
-    else:
-        y = accf * tl.load(sa_ptr + out_m, mask=out_m < M, other=0.0)
+    sa = tl.load(sa_ptr + out_m, mask=out_m < M, other=0.0)
+    y = accf * sa
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
-    ODT: tl.constexpr = out_ptr.dtype.element_ty
-    if RES:
-        res = tl.load(res_ptr + out_m * stride_rm + out_n, mask=(out_m < M) & (out_n < N), other=0.0)
-        y = res.to(tl.float32) + y.to(ODT).to(tl.float32)
-    tl.store(out_ptr + out_m * stride_om + out_n, y.to(ODT), mask=(out_m < M) & (out_n < N))
-
-
-@triton.jit
-def _quant(ptrs, mask, scale):
-    """int8 quantization (act_quant's roundings) of the values at ptrs, as int32."""
-    return _int8_round_clamp(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), scale).to(tl.int32)
+    tl.store(out_ptr + out_m * stride_om + out_n, y.to(out_ptr.dtype.element_ty),
+             mask=(out_m < M) & (out_n < N))
 
 
 def gemv_q_unsupported(m: int, k: int, group_size: int) -> str | None:
@@ -224,55 +179,8 @@ def w4a8_gemv_q(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale:
         raise ValueError(f"BLOCK_W={cfg['BLOCK_W']} words must hold whole groups of {group}")
     kw = k // 8
     _w4a8_gemv_q_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        qw, sa, words, scale, bias if bias is not None else scale, out, out,
-        m, n, kw, kw // 4, qw.stride(0), words.stride(0), scale.stride(0), out.stride(0), 0, 1,
+        qw, sa, words, scale, bias if bias is not None else scale, out,
+        m, n, kw, kw // 4, qw.stride(0), words.stride(0), scale.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
         BLOCK_M=triton.next_power_of_2(max(m, 1)), **cfg)
-    return out
-
-
-def w4a8_gemv_amax(x: torch.Tensor, amax: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                   group_size: int, residual: torch.Tensor | None = None, config: dict | None = None
-                   ) -> torch.Tensor:
-    """x (M <= 4, K) fp16/bf16 with amax (M, P) partial maxima of |x| (their max is x's per-token
-    absmax): quantizes x per token inside the kernel (act_quant's integers) and returns (M, N)
-    x's dtype, plus residual (M, N) when given. The down projection of decode_block.py."""
-    m, k = x.shape
-    n = packed.shape[0]
-    if x.dtype not in (torch.float16, torch.bfloat16) or amax.dtype != torch.float32:
-        raise ValueError(f"x must be fp16/bf16 and amax float32, got {x.dtype} and {amax.dtype}")
-    if amax.dim() != 2 or amax.shape[0] != m or amax.shape[1] < 1:
-        raise ValueError(f"amax must be ({m}, P), got {tuple(amax.shape)}")
-    if packed.shape[1] * 2 != k:
-        raise ValueError(f"packed weight K={packed.shape[1] * 2} does not match activation K={k}")
-    reason = gemv_q_unsupported(m, k, group_size)
-    if reason:
-        raise ValueError(f"W4A8 GEMV: {reason}")
-    group = 0 if group_size >= k else group_size
-    n_groups = k // group if group else 1
-    if (group and k % group) or scale.shape != (n, n_groups):
-        raise ValueError(f"W4A8 GEMV: K={k} must be a multiple of the group size and scale "
-                         f"({n}, {n_groups}), got group {group_size}, scale {tuple(scale.shape)}")
-    if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype):
-        raise ValueError(f"residual must be ({m}, {n}) {x.dtype}, got {tuple(residual.shape)} "
-                         f"{residual.dtype}")
-    scale = scale if scale.stride(-1) == 1 or n_groups == 1 else scale.contiguous()
-    x = x.contiguous()
-    amax = amax.contiguous()
-    words = packed.contiguous().view(torch.int32)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    cfg = dict(config or gemv_q_config(m, n, k, group))
-    if group and (cfg["BLOCK_W"] * 8) % group:
-        raise ValueError(f"BLOCK_W={cfg['BLOCK_W']} words must hold whole groups of {group}")
-    res = residual.contiguous() if residual is not None else out
-    kw = k // 8
-    p = amax.shape[1]
-    _w4a8_gemv_q_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, amax, words, scale, scale, out, res,
-        m, n, kw, kw // 4, x.stride(0), words.stride(0), scale.stride(0), out.stride(0), res.stride(0), p,
-        GROUP=group, HAS_BIAS=False, USE_ASM=not interpreter_enabled(),
-        BLOCK_M=triton.next_power_of_2(max(m, 1)), XQ=True, P_PAD=triton.next_power_of_2(p),
-        RES=residual is not None, **cfg)
     return out
