@@ -1,0 +1,73 @@
+"""Probe: cuSPARSELt 2:4 bf16 at M=2048 vs 8192 (is the M=2048 slowdown in lowbit's call or in the
+library?). Times dense cuBLAS, torch's own to_sparse_semi_structured linear, and _cslt_sparse_mm
+with each algorithm id / operand layout, L2 flushed (triton do_bench, median).
+
+Usage: python benchmarks/probe_cslt_m2048.py --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+
+def prune(w):
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    idx = g.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+    return (g * mask).reshape(n, k)
+
+
+def t(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    rows = []
+    for n, k in ((11008, 4096), (4096, 11008)):
+        w = prune(torch.randn(n, k, device=dev, dtype=dt))
+        comp = torch._cslt_compress(w)
+        ts = torch.sparse.to_sparse_semi_structured(w)
+        for m in (1024, 2048, 4096, 8192):
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            r = dict(N=n, K=k, M=m)
+            r["dense_us"] = t(lambda: torch.nn.functional.linear(x, w))
+            try:
+                r["torch_semi_structured_us"] = t(lambda: torch.nn.functional.linear(x, ts))
+            except Exception as e:  # noqa: BLE001
+                r["torch_semi_structured_err"] = repr(e)[:200]
+            xt = x.t()
+            xtc = x.t().contiguous()
+            best = None
+            for alg in range(0, 6):
+                for name, b, tr in (("view_T", xt, True), ("copyT", xtc, False), ("view", xt, False)):
+                    try:
+                        us = t(lambda b=b, tr=tr, alg=alg: torch._cslt_sparse_mm(comp, b, alg_id=alg,
+                                                                                 transpose_result=tr))
+                    except Exception as e:  # noqa: BLE001
+                        r[f"alg{alg}_{name}_err"] = repr(e)[:120]
+                        continue
+                    r[f"alg{alg}_{name}_us"] = round(us, 1)
+                    if best is None or us < best[0]:
+                        best = (us, alg, name)
+            r["best"] = best
+            print(n, k, m, "dense", round(r["dense_us"], 1), "torch_ss", round(r.get("torch_semi_structured_us", -1), 1),
+                  "best cslt", best, flush=True)
+            rows.append(r)
+    if args.out:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       cusparselt=torch.backends.cusparselt.version(),
+                       git_sha=os.environ.get("LOWBIT_GIT_SHA"), rows=rows), open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
