@@ -147,8 +147,10 @@ def _algo(n: int, k: int, m: int, fmt: str, variant: str | None) -> dict | None:
     from lowbit.sparsity import backends
 
     dtype = torch.int8 if fmt == "int8dq" else torch.bfloat16
-    tokens = backends.token_bucket(backends.pad_tokens(torch.empty(m, 1, dtype=dtype)).shape[0])
-    layout = {"transpose_result": True, "contiguous_dense": False} | LAYOUT.get(variant or "", {})
+    padded = backends.pad_tokens(torch.empty(m, 1, dtype=dtype)).shape[0]
+    tokens = backends.token_bucket(padded)
+    default = {"transpose_result": padded < backends.NM_RESULT_MIN_TOKENS, "contiguous_dense": False}
+    layout = default | LAYOUT.get(variant or "", {})
     for key, algo in backends.algorithm_cache().items():
         if (key.n, key.k, key.tokens, key.dtype, key.transpose_result, key.dense_contiguous) == (
             n,
@@ -237,7 +239,7 @@ def run_speed(args: argparse.Namespace) -> dict | None:
     searched = {"count": 0, "seconds": 0.0}
     search = backends._search
 
-    def timed_search(*a):  # how long cuSPARSELt's search takes, for the budget
+    def timed_search(*a):  # how long the algorithm search takes, for the budget
         t = time.perf_counter()
         try:
             return search(*a)

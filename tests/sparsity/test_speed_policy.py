@@ -56,6 +56,14 @@ def gpu_like(fake_gpu_kernels, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     search = FakeSearch()
     monkeypatch.setattr(torch._C, "_cusparselt", search, raising=False)
+    # the timing search: alg 7 (cuSPARSELt's pick above) is the fastest unless a test says otherwise
+    search.times = {7: 1.0}
+
+    def fake_time(fn):
+        fn()
+        return search.times.get(mm_calls[-1].get("alg_id", 0), 10.0)
+
+    monkeypatch.setattr(backends, "_time_us", fake_time)
     backends.clear_algorithm_cache()
     old = backends.set_algorithm_search(True)
     yield search, mm_calls
@@ -164,13 +172,17 @@ def test_older_search_entry_point_and_a_failed_search(gpu_like, monkeypatch):
     F.linear(torch.randn(20, 128, dtype=torch.bfloat16), q)
     assert sorted(backends.algorithm_cache().values()) == [CsltAlgo(3), CsltAlgo(4)]
     assert mm_calls[-1] == {"alg_id": 4}  # split_k 1: torch's defaults for the rest
-    monkeypatch.setattr(torch._C, "_cusparselt", FakeSearch(RuntimeError("no plan")), raising=False)
+    failing = FakeSearch(RuntimeError("no plan"))
+    monkeypatch.setattr(torch._C, "_cusparselt", failing, raising=False)
     x = torch.randn(100, 128, dtype=torch.bfloat16)
-    with pytest.warns(RuntimeWarning, match="algorithm search failed \\(no plan\\)"):
-        F.linear(x, q)
-    F.linear(x, q)  # not retried: alg 0 is cached for that key
-    assert torch._C._cusparselt.calls == [((128, 104), False, False, None)]
-    assert mm_calls[-1] == {}
+    F.linear(x, q)  # cuSPARSELt's search failed: lowbit's timing of alg ids 0.. still chooses
+    F.linear(x, q)  # not retried: cached for that key
+    assert failing.calls == [((128, 104), False, False, None)]
+    assert mm_calls[-1] == {}  # alg 0 (all timed alike here: the first)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad")))
+    with pytest.warns(RuntimeWarning, match="algorithm search failed \\(bad\\)"):
+        with pytest.raises(RuntimeError, match="bad"):
+            F.linear(torch.randn(200, 128, dtype=torch.bfloat16), q)  # nothing runs: warned, the call fails
 
 
 def test_compiled_call_uses_the_cached_algorithm(gpu_like):
@@ -272,3 +284,49 @@ def test_sparsify_faster_at_skips_layers_the_table_says_lose(monkeypatch):
     for bad_cfg, bad in ((SemiSparsePruneConfig(), 128), (SemiSparseConfig(), 0), (SemiSparseConfig(), True)):
         with pytest.raises(ValueError, match="faster_at=.* must be a token count >= 1 with a 2:4 format"):
             sparsify_(nn.Sequential(nn.Linear(128, 256)), bad_cfg, faster_at=bad)
+
+
+def test_timing_search_takes_the_fastest_algorithm_that_runs(gpu_like, monkeypatch):
+    """lowbit times cuSPARSELt's own pick and alg ids 0..SEARCH_ALG_IDS-1 and keeps the fastest;
+    ids that fail to run are skipped."""
+    search, mm_calls = gpu_like
+    search.times = {7: 5.0, 0: 9.0, 2: 3.0, 3: 0.5}
+    fake_mm = torch._cslt_sparse_mm
+
+    def mm(*a, **k):
+        if k.get("alg_id") == 3:
+            mm_calls.append({"alg_id": 3})
+            raise RuntimeError("alg 3 does not exist for this problem")
+        return fake_mm(*a, **k)
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", mm)
+    q, w = _sparse_bf16()
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    y = F.linear(x, q)
+    assert list(backends.algorithm_cache().values()) == [CsltAlgo(2)]
+    assert mm_calls[-1] == {"alg_id": 2}
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=2**-7, atol=0.05)
+
+
+def test_prefill_token_counts_take_the_n_by_m_result(gpu_like, monkeypatch):
+    """From NM_RESULT_MIN_TOKENS padded tokens cuSPARSELt writes (N, M) and the caller gets the
+    (M, N) transposed view; below, an (M, N) row-major result. Same numbers either way."""
+    seen = []
+    fake_mm = torch._cslt_sparse_mm
+
+    def mm(*a, **k):
+        seen.append(k["transpose_result"])
+        return fake_mm(*a, **k)
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", mm)
+    monkeypatch.setattr(backends, "NM_RESULT_MIN_TOKENS", 64)
+    q, w = _sparse_bf16()
+    for m, want_t in ((40, True), (70, False)):
+        seen.clear()
+        x = torch.randn(m, 128, dtype=torch.bfloat16)
+        y = F.linear(x, q)
+        assert set(seen) == {want_t} and y.shape == (m, 64)
+        assert y.is_contiguous() == want_t
+        torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=2**-7, atol=0.05)
+    keys = backends.algorithm_cache()
+    assert sorted(key.transpose_result for key in keys) == [False, True]

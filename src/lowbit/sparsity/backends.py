@@ -154,11 +154,21 @@ def pad_tokens(x2: torch.Tensor) -> torch.Tensor:
 # NOTE: with cuSPARSELt's default algorithm (alg_id 0) 2:4 bf16 lost to dense cuBLAS on H100 even
 # where it has half the work: 11008x4096, M=1: 112 vs 47 us; M=2048: 834 vs 250 us (the alg-0 run
 # of benchmarks/results/sparsity_speed_h100.json). cuSPARSELt's own search
-# (cusparseLtMatmulSearch: times every algorithm and split-K setting on the real operands) picks
-# per problem, so lowbit searches once per (device, N, K, token bucket, dtypes, epilogue, layout),
-# lazily on the first eager GPU call, and caches the result for the process.
+# (cusparseLtMatmulSearch) fixed M=8192 but not M=2048, where its picks ran 427-939 us against
+# 229-314 us dense. Timing each algorithm id on graph replays found 2:4 kernels at 1.2-1.4x dense
+# there (results/probe_cslt_m2048_h100.json: 11008x4096 M=2048 182 us with alg 1 vs 259 dense).
+# So lowbit times the candidates itself -- cuSPARSELt's pick and alg ids 0..SEARCH_ALG_IDS-1 --
+# once per (device, N, K, token bucket, dtypes, epilogue, layout), lazily on the first eager GPU
+# call, and caches the fastest for the process.
 SEARCH_ENV = "LOWBIT_CUSPARSELT_SEARCH"  # "0": never search, always cuSPARSELt's default algorithm
 MAX_TOKEN_BUCKET = 1 << 16
+SEARCH_ALG_IDS = 6
+SEARCH_REPS = 3
+# NOTE: the result layout, same probe: from 1024 tokens an (N, M) result (returned as an (M, N)
+# transposed view) ran faster than asking cuSPARSELt for (M, N) with every algorithm: 11008x4096
+# M=1024 93 vs 139 us, M=2048 182 vs 256, M=8192 738-768 vs 1004; 4096x11008 M=2048 203 vs 266.
+# Smaller token counts keep the (M, N) row-major result (not measured against each other there).
+NM_RESULT_MIN_TOKENS = 1024
 
 
 class CsltAlgo(NamedTuple):
@@ -238,7 +248,7 @@ def _can_search(dense_b: torch.Tensor) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def _search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -> CsltAlgo:
+def _library_search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -> CsltAlgo:
     """cuSPARSELt's search through whichever entry point this torch has: torch._C._cusparselt.
     mm_search -> (alg_id, split_k, split_k_mode, max_alg_id); torch._cslt_sparse_mm_search -> an
     int (older builds: a tuple whose first item is the alg id)."""
@@ -255,6 +265,55 @@ def _search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -> CsltAl
             return CsltAlgo(int(found[0]), int(found[1]), int(found[2]))
         return CsltAlgo(int(found[0]))
     return CsltAlgo(int(found))
+
+
+def _time_us(fn) -> float:
+    """Median GPU time of fn (one warm-up call first). A GPU sleep ahead of each timed call keeps
+    the host's per-call plan set-up (~1 ms for cuSPARSELt) out of the interval."""
+    fn()
+    if not torch.cuda.is_available():  # the CPU stand-ins of the tests
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    times = []
+    for _ in range(SEARCH_REPS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(2_000_000)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -> CsltAlgo:
+    """Time cuSPARSELt's own pick and alg ids 0..SEARCH_ALG_IDS-1 (default split-K) on the real
+    operands; the fastest that runs. RuntimeError when none does."""
+    candidates: list[CsltAlgo] = []
+    try:
+        candidates.append(_library_search(packed, dense_b, bias, alpha, out_dtype, transpose_result))
+    except RuntimeError:
+        pass
+    candidates += [CsltAlgo(i) for i in range(SEARCH_ALG_IDS) if CsltAlgo(i) not in candidates]
+    best: tuple[float, CsltAlgo] | None = None
+    error: RuntimeError | None = None
+    for algo in candidates:
+        kwargs = _mm_kwargs(algo)
+        try:
+            us = _time_us(lambda kw=kwargs: torch._cslt_sparse_mm(
+                packed, dense_b, bias=bias, alpha=alpha, out_dtype=out_dtype,
+                transpose_result=transpose_result, **kw))
+        except RuntimeError as e:  # an id past this problem's algorithms
+            error = error or e
+            continue
+        if best is None or us < best[0]:
+            best = (us, algo)
+    if best is None:
+        raise error or RuntimeError("no cuSPARSELt algorithm ran")
+    return best[1]
 
 
 def _mm_kwargs(algo: CsltAlgo) -> dict[str, int]:
@@ -327,18 +386,21 @@ def cusparselt_mm(
     alpha: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     *,
-    transpose_result: bool = True,
+    transpose_result: bool | None = None,
     contiguous_dense: bool = False,
 ) -> torch.Tensor:
     """x2 (M, K) @ W^T -> (M, N), with the cached/searched cuSPARSELt algorithm.
 
-    Defaults (the copy-free layout): the dense operand is x^T as a transposed view (cuSPARSELt
-    reads it as a transposed row-major matrix) and the result is asked for transposed, so it
-    comes out as (M, N) row-major. `transpose_result=False` (an (N, M) result, returned as a
-    transposed view) and `contiguous_dense=True` (x^T copied first) exist for the benchmark.
+    The dense operand is x^T as a transposed view (no copy; cuSPARSELt reads it as a transposed
+    row-major matrix). The result: below NM_RESULT_MIN_TOKENS (padded) tokens it is asked for
+    transposed, so it comes out as (M, N) row-major; from there on cuSPARSELt writes (N, M) and
+    the caller gets its (M, N) transposed view (faster, see the NOTE). transpose_result forces one
+    of the two; `contiguous_dense=True` (x^T copied first) exists for the benchmark.
     """
     m = x2.shape[0]
     xp = pad_tokens(x2)
+    if transpose_result is None:
+        transpose_result = not (isinstance(xp.shape[0], int) and xp.shape[0] >= NM_RESULT_MIN_TOKENS)
     dense_b = xp.t().contiguous() if contiguous_dense else xp.t()
     algo = choose_algorithm(packed, dense_b, bias, alpha, out_dtype, transpose_result)
     y = torch._cslt_sparse_mm(
