@@ -153,7 +153,7 @@ def pad_tokens(x2: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # NOTE: with cuSPARSELt's default algorithm (alg_id 0) 2:4 bf16 lost to dense cuBLAS on H100 even
 # where it has half the work: 11008x4096, M=1: 112 vs 47 us; M=2048: 834 vs 250 us (the alg-0 run
-# of benchmarks/results/sparsity_speed_h100.json). cuSPARSELt's own search
+# of benchmarks/results/sparsity_speed_a87b482_h100.json). cuSPARSELt's own search
 # (cusparseLtMatmulSearch) fixed M=8192 but not M=2048, where its picks ran 427-939 us against
 # 229-314 us dense. Timing each algorithm id on graph replays found 2:4 kernels at 1.2-1.4x dense
 # there (results/probe_cslt_m2048_h100.json: 11008x4096 M=2048 182 us with alg 1 vs 259 dense).
