@@ -48,7 +48,10 @@ def kernels(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--fp8", action="store_true", help="float8 e4m3 2:4 vs dense rowwise _scaled_mm instead")
     args = ap.parse_args()
+    if args.fp8:
+        return fp8(args)
     dev, dt = "cuda", torch.bfloat16
     rows = []
     for n, k in ((11008, 4096), (4096, 11008)):
@@ -87,6 +90,57 @@ def main():
     if args.out:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                        cusparselt=torch.backends.cusparselt.version(),
+                       git_sha=os.environ.get("LOWBIT_GIT_SHA"), rows=rows), open(args.out, "w"), indent=1)
+
+
+def fp8(args):
+    """float8 e4m3 x 2:4 e4m3 weights through cuSPARSELt (torch._cslt_compress / _cslt_sparse_mm,
+    bf16 out) next to dense rowwise-scaled torch._scaled_mm, graph-replayed; outputs compared."""
+    dev, f8 = "cuda", torch.float8_e4m3fn
+    rows = []
+    for n, k in ((11008, 4096), (4096, 11008)):
+        w = prune(torch.randn(n, k, device=dev)).to(f8)
+        r0 = dict(N=n, K=k)
+        try:
+            comp = torch._cslt_compress(w)
+        except Exception as e:  # noqa: BLE001
+            rows.append(r0 | dict(compress_err=repr(e)[:200]))
+            print(n, k, "compress failed", repr(e)[:200], flush=True)
+            continue
+        for m in (16, 2048, 8192):
+            x = (torch.randn(m, k, device=dev) * 0.5).to(f8)
+            sa = torch.ones(m, 1, device=dev)
+            sw = torch.ones(1, n, device=dev)
+            r = dict(r0, M=m)
+            want = torch._scaled_mm(x, w.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16)
+            r["dense_scaled_mm_us"] = round(t(lambda: torch._scaled_mm(x, w.t(), scale_a=sa, scale_b=sw,
+                                                                        out_dtype=torch.bfloat16)), 1)
+            best = None
+            for alg in range(0, 6):
+                for name, tr in (("mn", True), ("nm", False)):
+                    def run(alg=alg, tr=tr):
+                        return torch._cslt_sparse_mm(comp, x.t(), out_dtype=torch.bfloat16, transpose_result=tr,
+                                                     alg_id=alg)
+                    try:
+                        us = t(run)
+                        got = run()
+                        got = got if tr else got.t()
+                        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                    except Exception as e:  # noqa: BLE001
+                        r[f"alg{alg}_{name}_err"] = repr(e)[:160]
+                        continue
+                    r[f"alg{alg}_{name}_us"] = round(us, 1)
+                    r[f"alg{alg}_{name}_rel_err"] = err
+                    if best is None or us < best[0]:
+                        best = (round(us, 1), alg, name)
+            r["best"] = best
+            r["speedup"] = round(r["dense_scaled_mm_us"] / best[0], 3) if best else None
+            print(n, k, m, "dense fp8", r["dense_scaled_mm_us"], "2:4 fp8 best", best, "speedup", r["speedup"],
+                  flush=True)
+            rows.append(r)
+    if args.out:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       cusparselt=torch.backends.cusparselt.version(), what="fp8 e4m3 2:4 vs dense",
                        git_sha=os.environ.get("LOWBIT_GIT_SHA"), rows=rows), open(args.out, "w"), indent=1)
 
 
