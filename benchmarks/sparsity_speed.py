@@ -31,13 +31,24 @@ EAGER_COLUMNS = ("dense_bf16", "sparse_bf16", "dense_int8dq", "sparse_int8dq")
 # ---------------------------------------------------------------------------------------------
 # Columns: the dense formats, lowbit's 2:4 formats as they run (searched cuSPARSELt algorithm),
 # with cuSPARSELt's default algorithm (alg0), two other operand layouts (searched; timed while
-# --budget allows): rowmajor = an (N, M) result returned as a transposed view (kernel only: a
-# later copy is not timed), xcopy = x^T copied to a contiguous operand first (timed) -- and lowbit's
+# --budget allows): flipped = the other result layout than lowbit's default at that M ((N, M)
+# returned as a transposed view below backends.NM_RESULT_MIN_TOKENS, (M, N) row-major from there),
+# xcopy = x^T copied to a contiguous operand first (timed) -- and lowbit's
 # dense path of the 2:4 weight (decompress per call + dense GEMM: what AUTO runs below *_MIN_TOKENS).
 FORMATS = ("bf16", "int8dq")
-VARIANTS = ("rowmajor", "xcopy")
+VARIANTS = ("flipped", "xcopy")
 TARGET = {"bf16": 1.1, "int8dq": 1.15}
-LAYOUT = {"rowmajor": {"transpose_result": False}, "xcopy": {"contiguous_dense": True}}
+LAYOUT = {"xcopy": {"contiguous_dense": True}}
+
+
+def _layout(variant: str | None, padded_m: int) -> dict:
+    """cusparselt_mm's layout arguments for a column (None: lowbit's default)."""
+    from lowbit.sparsity import backends
+
+    default = padded_m < backends.NM_RESULT_MIN_TOKENS  # transpose_result
+    if variant == "flipped":
+        return {"transpose_result": not default}
+    return {"transpose_result": default} | LAYOUT.get(variant or "", {})
 
 
 def _timeit(fn, graphed: bool) -> tuple[float, bool]:
@@ -140,13 +151,21 @@ def _impls(n: int, k: int) -> tuple[dict, dict]:
     }
     for v in VARIANTS:
         impls[f"sparse_bf16_{v}"] = (
-            lambda x, v=v: backends.cusparselt_mm(bf16_24.packed, x, **LAYOUT[v]),
+            lambda x, v=v: backends.cusparselt_mm(bf16_24.packed, x, **_layout(v, _padded(x))),
             "dense_bf16",
         )
-        impls[f"sparse_int8dq_{v}"] = (lambda x, v=v: i8_24_layout(x, **LAYOUT[v]), "int8_ref")
+        impls[f"sparse_int8dq_{v}"] = (lambda x, v=v: i8_24_layout(x, **_layout(v, _padded(x, 8))), "int8_ref")
     return {k: f for k, (f, _) in impls.items()} | {"int8_ref": lambda x: F.linear(x, i8_24_ref)}, {
         k: r for k, (_, r) in impls.items()
     }
+
+
+def _padded(x: torch.Tensor, bits: int = 16) -> int:
+    """The token count cusparselt_mm pads x's rows to (no tensor op: this runs inside timed graphs)."""
+    from lowbit.sparsity import backends
+
+    mult, floor = backends.PAD_MULTIPLE[bits], backends.PAD_FLOOR[bits]
+    return max(floor, -(-x.shape[0] // mult) * mult)
 
 
 def _algo(n: int, k: int, m: int, fmt: str, variant: str | None) -> dict | None:
@@ -156,8 +175,7 @@ def _algo(n: int, k: int, m: int, fmt: str, variant: str | None) -> dict | None:
     dtype = torch.int8 if fmt == "int8dq" else torch.bfloat16
     padded = backends.pad_tokens(torch.empty(m, 1, dtype=dtype)).shape[0]
     tokens = backends.token_bucket(padded)
-    default = {"transpose_result": padded < backends.NM_RESULT_MIN_TOKENS, "contiguous_dense": False}
-    layout = default | LAYOUT.get(variant or "", {})
+    layout = {"contiguous_dense": False} | _layout(variant, padded)
     for key, algo in backends.algorithm_cache().items():
         if (key.n, key.k, key.tokens, key.dtype, key.transpose_result, key.dense_contiguous) == (
             n,

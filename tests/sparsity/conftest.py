@@ -28,7 +28,8 @@ def _fake_cslt_sparse_mm(
     bits = 8 if packed.dtype == torch.int8 else 16
     # torch's dense-operand minimums (8 for 16-bit, 16 for 8-bit): the caller must pad.
     assert dense_b.shape[1] % (16 if bits == 8 else 8) == 0, dense_b.shape
-    assert not dense_b.is_contiguous() or dense_b.shape[1] == 1  # x.t(): a transposed view
+    if bits == 8:  # cuSPARSELt's 8-bit GEMMs take x^T only as a transposed view
+        assert not dense_b.is_contiguous() or dense_b.shape[1] == 1, "8-bit: contiguous x^T"
     acc = packed.to(torch.float64) @ dense_b.to(torch.float64)  # (N, M), exact for int8
     if alpha is not None:
         acc = acc * alpha.to(torch.float64).reshape(-1, 1)

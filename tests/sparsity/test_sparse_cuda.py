@@ -47,7 +47,7 @@ def test_auto_prepares_cusparselt_on_cuda():
 
 @pytest.mark.parametrize("kernel", _kernels())
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", [1, 7, 33, 128])
+@pytest.mark.parametrize("m", [1, 7, 33, 128, 1030])  # 1030: the (N, M) result layout (>= 1024 tokens)
 def test_bf16_kernels_match_the_reference(kernel, n, k, m):
     w = prune_24(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -61,7 +61,7 @@ def test_bf16_kernels_match_the_reference(kernel, n, k, m):
 
 @pytest.mark.parametrize("kernel", _kernels())
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", [1, 7, 33, 128])
+@pytest.mark.parametrize("m", [1, 7, 33, 128, 1030])
 def test_int8_kernels_match_the_reference(kernel, n, k, m):
     w = prune_24(torch.randn(n, k, device="cuda"))
     x32 = torch.randn(m, k, device="cuda")
@@ -74,6 +74,23 @@ def test_int8_kernels_match_the_reference(kernel, n, k, m):
     xb = x32.to(torch.bfloat16)
     got, want = F.linear(xb, fast).float(), F.linear(xb, ref).float()
     assert sqnr_db(want, got) > 40  # bf16 output with the fused row scale: two roundings
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8dq"])
+def test_chained_prefill_layers(fmt):
+    """From 1024 tokens a 2:4 linear returns an (M, N) transposed view; an MLP of 2:4 layers takes
+    it as the next layer's input (int8: copied to the layout cuSPARSELt's 8-bit GEMMs take)."""
+    cfg = SemiSparseConfig if fmt == "bf16" else Int8DynamicActivationSemiSparseInt8WeightConfig
+    w1 = prune_24(torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16))
+    w2 = prune_24(torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16))
+    fast = [cfg(kernel="torch").quantize_weight(w) for w in (w1, w2)]
+    ref = [cfg(kernel="reference").quantize_weight(w) for w in (w1, w2)]
+    x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
+    h = F.silu(F.linear(x, fast[0]))
+    assert not h.is_contiguous()
+    got = F.linear(h, fast[1]).float()
+    want = F.linear(F.silu(F.linear(x, ref[0])), ref[1]).float()
+    assert sqnr_db(want, got) > 35
 
 
 def test_compile_fullgraph_runs_the_sparse_kernel():

@@ -152,22 +152,22 @@ def pad_tokens(x2: torch.Tensor) -> torch.Tensor:
 # cuSPARSELt algorithm selection
 # ---------------------------------------------------------------------------------------------
 # NOTE: with cuSPARSELt's default algorithm (alg_id 0) 2:4 bf16 lost to dense cuBLAS on H100 even
-# where it has half the work: 11008x4096, M=1: 112 vs 47 us; M=2048: 834 vs 250 us (the alg-0 run
-# of benchmarks/results/sparsity_speed_a87b482_h100.json). cuSPARSELt's own search
-# (cusparseLtMatmulSearch) fixed M=8192 but not M=2048, where its picks ran 427-939 us against
-# 229-314 us dense. Timing each algorithm id on graph replays found 2:4 kernels at 1.2-1.4x dense
-# there (results/probe_cslt_m2048_h100.json: 11008x4096 M=2048 182 us with alg 1 vs 259 dense).
-# So lowbit times the candidates itself -- cuSPARSELt's pick and alg ids 0..SEARCH_ALG_IDS-1 --
-# once per (device, N, K, token bucket, dtypes, epilogue, layout), lazily on the first eager GPU
-# call, and caches the fastest for the process.
+# where it has half the work: 11008x4096, M=1: 111 vs 47 us (the alg-0 run of benchmarks/results/
+# sparsity_speed_a87b482_h100.json). cuSPARSELt's own search (cusparseLtMatmulSearch) fixes most
+# of that, so its pick is always a candidate; lowbit also times alg ids 0..SEARCH_ALG_IDS-1 (default
+# split-K) on the real operands and keeps the fastest: in the graph-replayed H100 run
+# (results/sparsity_speed_h100.json, 40 rows) cuSPARSELt's pick won 36 times, an id 0-5 four times
+# (e.g. 11008x4096 bf16 M=2048: alg 1, 178 us). Once per (device, N, K, token bucket, dtypes,
+# epilogue, layout), lazily on the first eager GPU call, cached for the process.
 SEARCH_ENV = "LOWBIT_CUSPARSELT_SEARCH"  # "0": never search, always cuSPARSELt's default algorithm
 MAX_TOKEN_BUCKET = 1 << 16
 SEARCH_ALG_IDS = 6
-SEARCH_REPS = 3
-# NOTE: the result layout, same probe: from 1024 tokens an (N, M) result (returned as an (M, N)
-# transposed view) ran faster than asking cuSPARSELt for (M, N) with every algorithm: 11008x4096
-# M=1024 93 vs 139 us, M=2048 182 vs 256, M=8192 738-768 vs 1004; 4096x11008 M=2048 203 vs 266.
-# Smaller token counts keep the (M, N) row-major result (not measured against each other there).
+SEARCH_REPS = 5
+# NOTE: the result layout (results/probe_cslt_m2048_h100.json, graph replays, best alg id 0-5 of
+# each layout): from 1024 tokens an (N, M) result, returned as an (M, N) transposed view, beat
+# asking cuSPARSELt for (M, N): 11008x4096 M=1024 93 vs 139 us, M=2048 182 vs 256, M=8192 768 vs
+# 1004; 4096x11008 M=2048 203 vs 266, M=8192 738 vs 1060. Smaller token counts keep the (M, N)
+# row-major result (not compared there).
 NM_RESULT_MIN_TOKENS = 1024
 
 
@@ -268,8 +268,9 @@ def _library_search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -
 
 
 def _time_us(fn) -> float:
-    """Median GPU time of fn (one warm-up call first). A GPU sleep ahead of each timed call keeps
-    the host's per-call plan set-up (~1 ms for cuSPARSELt) out of the interval."""
+    """Median GPU time of fn (one warm-up call first). A GPU sleep ahead of each timed call (about
+    2.5 ms at H100 clocks) keeps the host's per-call plan set-up (up to ~1.2 ms for cuSPARSELt)
+    out of the interval."""
     fn()
     if not torch.cuda.is_available():  # the CPU stand-ins of the tests
         import time
@@ -280,7 +281,7 @@ def _time_us(fn) -> float:
     times = []
     for _ in range(SEARCH_REPS):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)
+        torch.cuda._sleep(5_000_000)
         a.record()
         fn()
         b.record()
@@ -306,7 +307,9 @@ def _search(packed, dense_b, bias, alpha, out_dtype, transpose_result) -> CsltAl
             us = _time_us(lambda kw=kwargs: torch._cslt_sparse_mm(
                 packed, dense_b, bias=bias, alpha=alpha, out_dtype=out_dtype,
                 transpose_result=transpose_result, **kw))
-        except RuntimeError as e:  # an id past this problem's algorithms
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # an id past this problem's algorithms, an unsupported plan
             error = error or e
             continue
         if best is None or us < best[0]:
@@ -399,8 +402,12 @@ def cusparselt_mm(
     """
     m = x2.shape[0]
     xp = pad_tokens(x2)
-    if transpose_result is None:
-        transpose_result = not (isinstance(xp.shape[0], int) and xp.shape[0] >= NM_RESULT_MIN_TOKENS)
+    if xp.stride(-1) != 1 and _bits(xp.dtype) == 8:
+        # e.g. the (M, N) view an earlier 2:4 layer returned: x^T would be contiguous, which
+        # cuSPARSELt's 8-bit GEMMs reject ("operation not supported"); 16-bit ones take it
+        xp = xp.contiguous()
+    if transpose_result is None:  # (a guard under torch.compile with dynamic shapes)
+        transpose_result = not bool(xp.shape[0] >= NM_RESULT_MIN_TOKENS)
     dense_b = xp.t().contiguous() if contiguous_dense else xp.t()
     algo = choose_algorithm(packed, dense_b, bias, alpha, out_dtype, transpose_result)
     y = torch._cslt_sparse_mm(
