@@ -12,25 +12,14 @@ import json
 import os
 
 import torch
-import triton
+
+from lowbit.bench import time_cuda_graphed
+from lowbit.sparsity import prune_24
 
 
-def prune(w):
-    n, k = w.shape
-    g = w.reshape(n, k // 4, 4)
-    idx = g.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
-    return (g * mask).reshape(n, k)
-
-
-def t(fn):
-    """GPU time of fn replayed from a CUDA graph (no host overhead), L2 flushed, median."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
+def t(fn) -> float:
+    """GPU time of fn replayed from a CUDA graph (no host overhead), L2 flushed, median, us."""
+    return time_cuda_graphed(fn)
 
 
 def kernels(fn):
@@ -55,7 +44,7 @@ def main():
     dev, dt = "cuda", torch.bfloat16
     rows = []
     for n, k in ((11008, 4096), (4096, 11008)):
-        w = prune(torch.randn(n, k, device=dev, dtype=dt))
+        w = prune_24(torch.randn(n, k, device=dev, dtype=dt))
         comp = torch._cslt_compress(w)
         ts = torch.sparse.to_sparse_semi_structured(w)
         for m in (1024, 2048, 4096, 8192):
@@ -99,7 +88,7 @@ def fp8(args):
     dev, f8 = "cuda", torch.float8_e4m3fn
     rows = []
     for n, k in ((11008, 4096), (4096, 11008)):
-        w = prune(torch.randn(n, k, device=dev)).to(f8)
+        w = prune_24(torch.randn(n, k, device=dev)).to(f8)
         r0 = dict(N=n, K=k)
         try:
             comp = torch._cslt_compress(w)
