@@ -257,7 +257,7 @@ def run_speed(args: argparse.Namespace) -> dict | None:
     """The --speed study (see bench_sparsity.py); the result to write, None without a GPU."""
     import triton
 
-    from lowbit.sparsity import backends, speed
+    from lowbit.sparsity import backends, cslt_algorithms, speed
     from lowbit.testing.sqnr import sqnr_db
 
     if not torch.cuda.is_available():
@@ -267,7 +267,7 @@ def run_speed(args: argparse.Namespace) -> dict | None:
     shapes = MLP_SHAPES[:1] if args.quick else MLP_SHAPES
     ms = (1, 128, 2048) if args.quick else SPEED_M
     searched = {"count": 0, "seconds": 0.0}
-    search = backends._search
+    search = cslt_algorithms._search
 
     def timed_search(*a):  # how long the algorithm search takes, for the budget
         t = time.perf_counter()
@@ -278,7 +278,7 @@ def run_speed(args: argparse.Namespace) -> dict | None:
             searched["count"] += 1
             searched["seconds"] += time.perf_counter() - t
 
-    backends._search = timed_search
+    cslt_algorithms._search = timed_search
     backends.set_algorithm_search(True)
     rows, t0 = [], time.perf_counter()
     for n, k in shapes:
@@ -325,7 +325,7 @@ def run_speed(args: argparse.Namespace) -> dict | None:
             )
         del impls
         torch.cuda.empty_cache()
-    backends._search = search
+    cslt_algorithms._search = search
     cross = crossovers(rows, ms)
     print_table(rows)
     result = {

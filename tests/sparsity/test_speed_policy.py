@@ -18,6 +18,7 @@ from lowbit.sparsity import (
     SemiSparseTensor,
     backends,
     crossover_tokens,
+    cslt_algorithms,
     pays_off,
     prune_24,
     sparsify_,
@@ -52,7 +53,7 @@ def gpu_like(fake_gpu_kernels, monkeypatch):
         return fake_mm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm", recording_mm)
-    monkeypatch.setattr(backends, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(cslt_algorithms, "_on_gpu", lambda t: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     search = FakeSearch()
     monkeypatch.setattr(torch._C, "_cusparselt", search, raising=False)
@@ -63,7 +64,7 @@ def gpu_like(fake_gpu_kernels, monkeypatch):
         fn()
         return search.times.get(mm_calls[-1].get("alg_id", 0), 10.0)
 
-    monkeypatch.setattr(backends, "_time_us", fake_time)
+    monkeypatch.setattr(cslt_algorithms, "_time_us", fake_time)
     backends.clear_algorithm_cache()
     old = backends.set_algorithm_search(True)
     yield search, mm_calls
@@ -180,7 +181,7 @@ def test_older_search_entry_point_and_a_failed_search(gpu_like, monkeypatch):
         fn()
         return failing.times.get(mm_calls[-1].get("alg_id", 0), 9.0)
 
-    monkeypatch.setattr(backends, "_time_us", timing)
+    monkeypatch.setattr(cslt_algorithms, "_time_us", timing)
     x = torch.randn(100, 128, dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # cuSPARSELt's search failed, lowbit's own timing still chose
