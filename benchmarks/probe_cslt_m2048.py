@@ -1,8 +1,10 @@
-"""Probe: cuSPARSELt 2:4 bf16 at M=2048 vs 8192 (is the M=2048 slowdown in lowbit's call or in the
+"""Probe: cuSPARSELt 2:4 bf16 at M=1024-8192 (is the M=2048 slowdown in lowbit's call or in the
 library?). Times dense cuBLAS, torch's own to_sparse_semi_structured linear, and _cslt_sparse_mm
-with each algorithm id / operand layout, L2 flushed (triton do_bench, median).
+with each algorithm id / operand layout as CUDA-graph replays, L2 flushed (median), and lists the
+kernels one eager call launches. --fp8: e4m3 2:4 against dense rowwise _scaled_mm instead.
+(results/probe_cslt_m2048_eager_h100.json is this probe's first version, 9e30cba, timed eagerly.)
 
-Usage: python benchmarks/probe_cslt_m2048.py --out FILE.json
+Usage: python benchmarks/probe_cslt_m2048.py [--fp8] --out FILE.json
 """
 
 from __future__ import annotations
@@ -15,11 +17,6 @@ import torch
 
 from lowbit.bench import time_cuda_graphed
 from lowbit.sparsity import prune_24
-
-
-def t(fn) -> float:
-    """GPU time of fn replayed from a CUDA graph (no host overhead), L2 flushed, median, us."""
-    return time_cuda_graphed(fn)
 
 
 def kernels(fn):
@@ -50,9 +47,9 @@ def main():
         for m in (1024, 2048, 4096, 8192):
             x = torch.randn(m, k, device=dev, dtype=dt)
             r = dict(N=n, K=k, M=m)
-            r["dense_us"] = t(lambda: torch.nn.functional.linear(x, w))
+            r["dense_us"] = time_cuda_graphed(lambda: torch.nn.functional.linear(x, w))
             try:
-                r["torch_semi_structured_us"] = t(lambda: torch.nn.functional.linear(x, ts))
+                r["torch_semi_structured_us"] = time_cuda_graphed(lambda: torch.nn.functional.linear(x, ts))
             except Exception as e:  # noqa: BLE001
                 r["torch_semi_structured_err"] = repr(e)[:200]
             xt = x.t()
@@ -61,7 +58,7 @@ def main():
             for alg in range(0, 6):
                 for name, b, tr in (("view_T", xt, True), ("copyT", xtc, False), ("view", xt, False)):
                     try:
-                        us = t(lambda b=b, tr=tr, alg=alg: torch._cslt_sparse_mm(comp, b, alg_id=alg,
+                        us = time_cuda_graphed(lambda b=b, tr=tr, alg=alg: torch._cslt_sparse_mm(comp, b, alg_id=alg,
                                                                                  transpose_result=tr))
                     except Exception as e:  # noqa: BLE001
                         r[f"alg{alg}_{name}_err"] = repr(e)[:120]
@@ -102,7 +99,7 @@ def fp8(args):
             sw = torch.ones(1, n, device=dev)
             r = dict(r0, M=m)
             want = torch._scaled_mm(x, w.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16)
-            r["dense_scaled_mm_us"] = round(t(lambda: torch._scaled_mm(x, w.t(), scale_a=sa, scale_b=sw,
+            r["dense_scaled_mm_us"] = round(time_cuda_graphed(lambda: torch._scaled_mm(x, w.t(), scale_a=sa, scale_b=sw,
                                                                         out_dtype=torch.bfloat16)), 1)
             best = None
             for alg in range(0, 6):
@@ -111,7 +108,7 @@ def fp8(args):
                         return torch._cslt_sparse_mm(comp, x.t(), out_dtype=torch.bfloat16, transpose_result=tr,
                                                      alg_id=alg)
                     try:
-                        us = t(run)
+                        us = time_cuda_graphed(run)
                         got = run()
                         got = got if tr else got.t()
                         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
