@@ -57,7 +57,7 @@ def main() -> None:
                 p = min(mb * 2**20, wbytes)
                 for policy in ("normal", "evict_last") if mb else ("normal",):
                     def step(p=p, policy=policy):
-                        torch.sum(evict, out=sink)
+                        torch.sum(evict, dim=0, out=sink)
                         if p:
                             l2_prefetch(flat, p, policy=policy)
                         if sleep_cycles:
