@@ -1,10 +1,14 @@
-"""Probe: does an L2 bulk prefetch issued before a gap of small kernels speed up the next GEMV?
+"""Probe: does an L2 prefetch issued before a gap of small kernels speed up the next GEMV?
 
 Decode at batch 1 alternates weight-streaming GEMVs with short latency-bound kernels (norms,
 RoPE, attention, SwiGLU) during which HBM is idle. This probe models one such window inside a
 CUDA graph:  evict L2 (read 128 MB) -> [prefetch the first P bytes of W into L2] -> GPU sleep
 (the window) -> W4A8 stream GEMV on W, and times the whole graph (do_bench median) for several
-P and window lengths. Saving = time(P=0) - time(P). Usage (GPU):
+P, window lengths and prefetch methods. Saving = time(P=0) - time(P). Methods: `bulk128` (128
+bulk prefetches of 32 KB per program), `bulk_spread` (32 of 16 KB per program), `side` (bulk_spread
+on a forked stream: a parallel branch of the graph, joined after the GEMV), `line` (one
+prefetch.global.L2 per 128-byte line, 1024 lines per program). `alone` rows time
+evict -> prefetch only. Usage (GPU):
 
     python benchmarks/probe_l2_prefetch.py [--out results/probe_l2_prefetch_h100.json]
 """
@@ -20,6 +24,9 @@ import triton
 
 from lowbit.kernels.prefetch import l2_prefetch
 from lowbit.kernels.w4a8 import gemv_stream
+
+METHODS = {"bulk128": dict(chunk=32768, block=128), "bulk_spread": dict(chunk=16384, block=32),
+           "side": dict(chunk=16384, block=32), "line": dict(mode="line", block=1024)}
 
 
 def graph_us(fn) -> float:
@@ -38,39 +45,56 @@ def main() -> None:
     dev = "cuda"
     evict = torch.ones(2**25, dtype=torch.float32, device=dev)  # 128 MB, read (clean lines)
     sink = torch.empty((), dtype=torch.float32, device=dev)
+    side = torch.cuda.Stream()
     rows = []
-    for n, k in ((12288, 4096), (22016, 4096), (4096, 4096)):
+    for n, k in ((22016, 4096), (12288, 4096)):
         words = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=dev)
         scale = torch.rand(n, 1, device=dev, dtype=torch.bfloat16)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
-        wbytes = words.numel() * 4
         flat = words.view(-1)
 
         def gemv():
             gemv_stream.stream(x, words, scale, None, out, 0, None)
 
-        hot = graph_us(lambda: (gemv(), gemv())) - graph_us(gemv)
-        for sleep_cycles in (0, 6000, 15000):
-            base = None
-            for mb in (0, 4, 8, 16, 24, 32):
-                p = min(mb * 2**20, wbytes)
-                for policy in ("normal", "evict_last") if mb else ("normal",):
-                    def step(p=p, policy=policy):
-                        torch.sum(evict, dim=0, out=sink)
-                        if p:
-                            l2_prefetch(flat, p, policy=policy)
-                        if sleep_cycles:
-                            torch.cuda._sleep(sleep_cycles)
-                        gemv()
-                    us = graph_us(step)
-                    if mb == 0:
-                        base = us
-                    rows.append({"N": n, "K": k, "weight_mb": round(wbytes / 2**20, 1), "sleep_cycles": sleep_cycles,
-                                 "prefetch_mb": round(p / 2**20, 1), "policy": policy, "us": round(us, 2),
-                                 "saving_us": round(base - us, 2), "gemv_hot_l2_us": round(hot, 2)})
-                    print(f"{n}x{k} sleep {sleep_cycles:6d} prefetch {p / 2**20:5.1f} MB {policy:10s} "
-                          f"{us:8.2f} us  saving {base - us:6.2f}  (gemv twice - once, hot: {hot:.2f})", flush=True)
+        def prefetch(p, method):
+            kw = {k2: v for k2, v in METHODS[method].items()}
+            if method == "side":
+                main_s = torch.cuda.current_stream()
+                side.wait_stream(main_s)
+                with torch.cuda.stream(side):
+                    l2_prefetch(flat, p, **kw)
+            else:
+                l2_prefetch(flat, p, **kw)
+
+        def join():
+            torch.cuda.current_stream().wait_stream(side)
+
+        evict_us = graph_us(lambda: torch.sum(evict, dim=0, out=sink))
+        for method in METHODS:
+            for mb in (8, 16):
+                us = graph_us(lambda: (torch.sum(evict, dim=0, out=sink), prefetch(mb * 2**20, method), join()))
+                rows.append({"N": n, "K": k, "what": "alone", "method": method, "prefetch_mb": mb,
+                             "us_minus_evict": round(us - evict_us, 2)})
+                print(f"{n}x{k} alone {method:12s} {mb:3d} MB: {us - evict_us:7.2f} us over the evict", flush=True)
+        for sleep_cycles in (0, 15000):
+            def step(p, method):
+                torch.sum(evict, dim=0, out=sink)
+                if p:
+                    prefetch(p, method)
+                if sleep_cycles:
+                    torch.cuda._sleep(sleep_cycles)
+                gemv()
+                join()
+            base = graph_us(lambda: step(0, "bulk128"))
+            for method in METHODS:
+                for mb in (8, 16, 24):
+                    us = graph_us(lambda: step(mb * 2**20, method))
+                    rows.append({"N": n, "K": k, "what": "window", "sleep_cycles": sleep_cycles, "method": method,
+                                 "prefetch_mb": mb, "us": round(us, 2), "base_us": round(base, 2),
+                                 "saving_us": round(base - us, 2)})
+                    print(f"{n}x{k} sleep {sleep_cycles:6d} {method:12s} {mb:3d} MB {us:8.2f} us "
+                          f"(none {base:8.2f}) saving {base - us:6.2f}", flush=True)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "git_sha": os.environ.get("LOWBIT_GIT_SHA", "unknown"), "rows": rows}
     if args.out:

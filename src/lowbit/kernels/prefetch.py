@@ -42,22 +42,37 @@ def _prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr, EVI
     _bulk_prefetch(base + off, tl.full([BLOCK], CHUNK, tl.int32), EVICT_LAST)
 
 
+@triton.jit
+def _line_prefetch_kernel(base, nbytes, BLOCK: tl.constexpr):
+    # one `prefetch.global.L2::evict_last` per 128-byte line; BLOCK lines per program
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    off = tl.minimum(idx.to(tl.int64) * 128, nbytes - 128)
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                              [base + off], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @functools.cache
 def supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def l2_prefetch(t: torch.Tensor, nbytes: int, policy: str = "normal") -> None:
-    """Prefetch the first nbytes (rounded down to whole chunks) of t's storage into L2."""
+def l2_prefetch(t: torch.Tensor, nbytes: int, policy: str = "normal", chunk: int = PREFETCH_CHUNK,
+                block: int = 128, mode: str = "bulk") -> None:
+    """Prefetch the first nbytes (rounded down to whole chunks) of t's storage into L2: `block`
+    bulk prefetches of `chunk` bytes per program (mode "bulk"), or one per 128-byte line ("line")."""
     if policy not in ("normal", "evict_last"):
         raise ValueError(f"policy must be 'normal' or 'evict_last', got {policy!r}")
     if not t.is_cuda or not supported(t.device.index or 0):
         return
-    nbytes = min(nbytes, t.numel() * t.element_size()) // PREFETCH_CHUNK * PREFETCH_CHUNK
+    if mode == "line":
+        chunk = 128
+    nbytes = min(nbytes, t.numel() * t.element_size()) // chunk * chunk
     if nbytes <= 0 or t.data_ptr() % 16:
         return
-    chunks = nbytes // PREFETCH_CHUNK
-    block = 128
-    _prefetch_kernel[(triton.cdiv(chunks, block),)](
-        t.data_ptr(), nbytes, CHUNK=PREFETCH_CHUNK, BLOCK=block, EVICT_LAST=policy == "evict_last",
-        num_warps=4)
+    chunks = nbytes // chunk
+    grid = (triton.cdiv(chunks, block),)
+    if mode == "line":
+        _line_prefetch_kernel[grid](t.data_ptr(), nbytes, BLOCK=block, num_warps=4)
+    else:
+        _prefetch_kernel[grid](t.data_ptr(), nbytes, CHUNK=chunk, BLOCK=block,
+                               EVICT_LAST=policy == "evict_last", num_warps=max(1, min(4, block // 32)))
