@@ -67,13 +67,14 @@ def main() -> None:
             else:
                 l2_prefetch(flat, p, **kw)
 
-        def join():
-            torch.cuda.current_stream().wait_stream(side)
+        def join(method):
+            if method == "side":
+                torch.cuda.current_stream().wait_stream(side)
 
         evict_us = graph_us(lambda: torch.sum(evict, dim=0, out=sink))
         for method in METHODS:
             for mb in (8, 16):
-                us = graph_us(lambda: (torch.sum(evict, dim=0, out=sink), prefetch(mb * 2**20, method), join()))
+                us = graph_us(lambda: (torch.sum(evict, dim=0, out=sink), prefetch(mb * 2**20, method), join(method)))
                 rows.append({"N": n, "K": k, "what": "alone", "method": method, "prefetch_mb": mb,
                              "us_minus_evict": round(us - evict_us, 2)})
                 print(f"{n}x{k} alone {method:12s} {mb:3d} MB: {us - evict_us:7.2f} us over the evict", flush=True)
@@ -85,7 +86,7 @@ def main() -> None:
                 if sleep_cycles:
                     torch.cuda._sleep(sleep_cycles)
                 gemv()
-                join()
+                join(method)
             base = graph_us(lambda: step(0, "bulk128"))
             for method in METHODS:
                 for mb in (8, 16, 24):
