@@ -4,9 +4,9 @@ The M=1 acceptance numbers are do_bench medians with L2 flushed. do_bench flushe
 256 MB buffer, which leaves L2 full of dirty lines: the timed kernel's first reads evict them and
 HBM spends part of the kernel's time writing them back. This probe times, per Llama-2-7B M=1
 shape and in one run:
-  - lowbit W4A8 per row (F.linear on the quantized weight, as bench_linear), torch tinygemm
-    W4A16 g128 and bf16 cuBLAS;
-  - `read_floor`: the best of 24 configs of a Triton kernel that only reads the packed weight
+  - lowbit W4A8 per row (F.linear on the quantized weight), torch tinygemm W4A16 g128 and bf16
+    cuBLAS, each called eagerly and as a CUDA-graph replay (`_graphed`, no host time);
+  - `read_floor`: the best of 48 configs of a Triton kernel that only reads the packed weight
     and its scales (same bytes as W4A8 per row) and XORs them into one word per program;
 under three timings: do_bench (dirty flush), the same loop with a dirty flush written out here
 (`dirty`, a check of the first), and with a clean flush (`clean`: L2 filled by *reading* 256 MB).
@@ -51,6 +51,15 @@ def read_fn(words: torch.Tensor, block: int, pps: int, warps: int, stages: int):
     return lambda: _read_kernel[grid](words, out, n, BLOCK=block, num_warps=warps, num_stages=stages)
 
 
+def graphed(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def flushed_us(fn, dirty: bool, reps: int = 100) -> float:
     cache = torch.empty(2**26, dtype=torch.float32, device="cuda")  # 256 MB, as do_bench
     sink = torch.empty((), dtype=torch.float32, device="cuda")
@@ -87,12 +96,14 @@ def main() -> None:
                  "tinygemm_g128": lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz),
                  "bf16": lambda: F.linear(x, w)}
         row: dict = {"N": n, "K": k, "w4a8_bytes": blob.numel() * 4}
+        for name in list(impls):  # the same calls as CUDA-graph replays (no host time)
+            impls[name + "_graphed"] = graphed(impls[name])
         for name, fn in impls.items():
             row[name] = {"do_bench": triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median") * 1e3,
                          "dirty": flushed_us(fn, True), "clean": flushed_us(fn, False)}
         best: dict = {}
-        for block in (1024, 4096):
-            for pps in (2, 4, 8):
+        for block in (1024, 4096, 8192):
+            for pps in (2, 4, 8, 16):
                 for warps in (4, 8):
                     for stages in (1, 3):
                         fn = read_fn(blob, block, pps, warps, stages)
@@ -107,13 +118,14 @@ def main() -> None:
         row["tinygemm_over_1.6"] = row["tinygemm_g128"]["do_bench"] / 1.6
         row["bf16_over_3"] = row["bf16"]["do_bench"] / 3
         rows.append(row)
-    print(f"{'shape':12s} {'timing':9s} {'w4a8_row':>9s} {'tinygemm':>9s} {'bf16':>9s} {'read':>9s}  "
-          f"target=min(tg/1.6, bf16/3)")
+    print(f"{'shape':12s} {'timing':9s} {'w4a8_row':>9s} {'tinygemm':>9s} {'bf16':>9s} {'w4a8 gr':>9s} "
+          f"{'tg gr':>9s} {'bf16 gr':>9s} {'read':>9s}  target=min(tg/1.6, bf16/3)")
     for r in rows:
         for how in ("do_bench", "dirty", "clean"):
             tgt = min(r["tinygemm_over_1.6"], r["bf16_over_3"]) if how == "do_bench" else float("nan")
             print(f"{r['N']}x{r['K']:<6d} {how:9s} {r['w4a8_row'][how]:9.2f} {r['tinygemm_g128'][how]:9.2f} "
-                  f"{r['bf16'][how]:9.2f} {r['read_floor'][how]:9.2f}  {tgt:6.2f}")
+                  f"{r['bf16'][how]:9.2f} {r['w4a8_row_graphed'][how]:9.2f} {r['tinygemm_g128_graphed'][how]:9.2f} "
+                  f"{r['bf16_graphed'][how]:9.2f} {r['read_floor'][how]:9.2f}  {tgt:6.2f}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "git_sha": os.environ.get("LOWBIT_GIT_SHA", "unknown"), "unit": "us", "rows": rows}
     if args.out:
