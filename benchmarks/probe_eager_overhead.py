@@ -4,7 +4,8 @@ A decode GEMV takes ~6-20 us on the GPU; an eager call that costs more host time
 the GPU idle. This times 2000 back-to-back calls (no sync inside the loop, so the figure is
 host time whenever host > GPU) at M=1 for each level of the W4A8 per-row call stack, from
 F.linear on the quantized weight down to the raw Triton launch, next to bf16 F.linear and torch's
-tinygemm, then prints a cProfile of the top level. Usage (GPU):
+tinygemm, with lowbit's cached Triton launch (kernels/launch.py) off and on, then prints a cProfile
+of the top level. Usage (GPU):
 
     python benchmarks/probe_eager_overhead.py [--n 4096 --k 4096] [--out FILE]
 """
@@ -65,7 +66,10 @@ def main() -> None:
         "w4a8 w4a8_gemv_dp4a": lambda: w4a8_gemv_dp4a(x, qw.qdata, qw.scale, None, qw.group_size),
         "w4a8 gemv_stream.stream (raw launch)": lambda: gemv_stream.stream(x, words, qw.scale, None, out, 0, cfg),
     }
-    res = {name: round(per_call_us(fn), 2) for name, fn in levels.items()}
+    res = {}
+    for fast in ("0", "1"):  # lowbit's cached Triton launch (kernels/launch.py) off, then on
+        os.environ["LOWBIT_FAST_LAUNCH"] = fast
+        res[f"fast_launch={fast}"] = {name: round(per_call_us(fn), 2) for name, fn in levels.items()}
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(500):
@@ -76,8 +80,9 @@ def main() -> None:
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
     print(s.getvalue()[-9000:])
     print(f"{n}x{k} M=1, host+GPU us per call (2000 calls back to back):")
-    for name, us in res.items():
-        print(f"  {name:40s} {us:8.2f}")
+    print(f"  {'':40s} {'plain':>8s} {'cached':>8s}  (Triton launch)")
+    for name in levels:
+        print(f"  {name:40s} {res['fast_launch=0'][name]:8.2f} {res['fast_launch=1'][name]:8.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
