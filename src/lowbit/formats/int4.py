@@ -117,8 +117,10 @@ class Int4Tensor(QuantizedTensor):
         """(quantize activations?, kernel) for x. Eager CUDA calls that resolve to the Triton
         kernels remember the answer per (device, dtype, tokens): resolving costs ~25 us of host
         time per call, as much as a decode GEMV on the GPU."""
+        from lowbit.kernels.launch import fast_launch_enabled  # LOWBIT_FAST_LAUNCH=0: no memo either
+
         cacheable = (x.is_cuda and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-                     and self.kernel in (KernelChoice.AUTO, KernelChoice.TRITON))
+                     and self.kernel in (KernelChoice.AUTO, KernelChoice.TRITON) and fast_launch_enabled())
         if cacheable:
             key = (x.device, x.dtype, token_count(x))
             routes = _ROUTES.get(id(self))
