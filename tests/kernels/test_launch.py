@@ -45,7 +45,6 @@ class _Compiled:
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(L, "fast_launch_enabled", lambda: True)
-    monkeypatch.setattr(L, "_hooks_installed", lambda: False)
 
     class _S:
         cuda_stream = 7

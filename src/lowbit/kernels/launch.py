@@ -9,8 +9,9 @@ keyed by what Triton specializes on (per tensor: dtype, 16-byte alignment and de
 directly. The key is at least as fine as Triton's, so a cached kernel is always the one
 `fn[grid]` would run. The first call of each key goes through `fn[grid]` (compiling if needed).
 
-Plain `fn[grid]` is used instead under the interpreter, for autotuned kernels, while launch
-hooks are installed (profilers), and with LOWBIT_FAST_LAUNCH=0.
+The re-launch goes through the compiled kernel's own runner (`compiled[grid](*args)`), which
+calls Triton's launch hooks (profilers) as `fn[grid]` does. Plain `fn[grid]` is used instead
+under the interpreter, for autotuned kernels, for callable grids, and with LOWBIT_FAST_LAUNCH=0.
 """
 
 from __future__ import annotations
@@ -39,15 +40,6 @@ def _spec(v: Any) -> Any:
     return ("?", v)  # anything else: by value (must be hashable)
 
 
-def _hooks_installed() -> bool:
-    try:
-        from triton import knobs
-
-        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    except (ImportError, AttributeError):
-        return True
-
-
 def _constexpr_positions(fn: Any) -> frozenset[int]:
     """Positions of fn's constexpr parameters (a constexpr passed by position keys by value)."""
     pos = _CONSTEXPR_POS.get(fn)
@@ -64,7 +56,7 @@ def launch(fn: Any, grid: tuple, *args: Any, **kw: Any) -> None:
     """Same effect as fn[grid](*args, **kw) for a @triton.jit function (constexprs by keyword)."""
     names = getattr(fn, "arg_names", None)
     if (type(fn).__name__ != "JITFunction" or names is None or not isinstance(grid, tuple)
-            or not fast_launch_enabled() or _hooks_installed()):
+            or not fast_launch_enabled()):
         fn[grid](*args, **kw)
         return
     try:
