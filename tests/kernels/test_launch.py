@@ -60,7 +60,7 @@ def test_second_call_reuses_the_compiled_kernel(fake):
     L.launch(fake, (4,), x, 32, 8, C=2, num_warps=4)
     L.launch(fake, (4,), x, 48, 8, C=2, num_warps=4)  # 48: still divisible by 16, != 1
     assert len(fake.compiles) == 1
-    assert fake.runs == [((4,), (x, 48, 8, 2), 7)]  # positional args, then the constexpr tail
+    assert fake.runs == [((4, 1, 1), (x, 48, 8, 2), 7)]  # 3-d grid; positional args, then the constexprs
 
 
 @pytest.mark.parametrize("change", ["int_is_one", "int_not_div16", "misaligned", "dtype", "constexpr_pos",

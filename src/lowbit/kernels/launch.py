@@ -24,7 +24,7 @@ import torch
 from lowbit.kernels import interpreter_enabled
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
-_CACHE: dict[tuple, tuple[Any, tuple]] = {}
+_CACHE: dict[tuple, tuple[Any, tuple]] = {}  # key -> (compiled kernel's runner, constexpr tail)
 _CONSTEXPR_POS: dict[Any, frozenset[int]] = {}
 
 
@@ -73,12 +73,13 @@ def launch(fn: Any, grid: tuple, *args: Any, **kw: Any) -> None:
         if kernel is None or not hasattr(kernel, "__getitem__") or len(args) + len(consts) != len(names) \
                 or any(n not in consts for n in names[len(args):]):
             return  # launched; not cached (an unexpected signature or Triton API)
-        _CACHE[key] = (kernel, tuple(consts[n] for n in names[len(args):]))
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner reads 3 dims
+        _CACHE[key] = (kernel[grid3], tuple(consts[n] for n in names[len(args):]))
         return
-    kernel, tail = hit
+    runner, tail = hit
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    kernel[grid](*args, *tail, stream=stream)
+    runner(*args, *tail, stream=stream)
 
 
 def cache_clear() -> None:
