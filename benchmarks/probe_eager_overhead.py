@@ -1,11 +1,10 @@
 """Probe: host (CPU) time of one eager quantized linear call, layer by layer down the call stack.
 
 A decode GEMV takes ~6-20 us on the GPU; an eager call that costs more host time than that leaves
-the GPU idle. This times 1000 back-to-back calls (best of 5) (no sync inside the loop, so the figure is
+the GPU idle. This times 2000 back-to-back calls (no sync inside the loop, so the figure is
 host time whenever host > GPU) at M=1 for each level of the W4A8 per-row call stack, from
 F.linear on the quantized weight down to the raw Triton launch, next to bf16 F.linear and torch's
-tinygemm, with lowbit's cached Triton launch (kernels/launch.py) off and on, then prints a cProfile
-of the top level. Usage (GPU):
+tinygemm, then prints a cProfile of the top level. Usage (GPU):
 
     python benchmarks/probe_eager_overhead.py [--n 4096 --k 4096] [--out FILE]
 """
@@ -30,19 +29,15 @@ from lowbit.kernels.w4a8 import gemv_stream, op
 from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
 
 
-def per_call_us(fn, calls: int = 1000, repeats: int = 5) -> float:
-    """Best of `repeats` runs of `calls` back-to-back calls (the machine's CPU is shared: noisy)."""
+def per_call_us(fn, calls: int = 2000) -> float:
     for _ in range(50):
         fn()
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def main() -> None:
@@ -70,10 +65,7 @@ def main() -> None:
         "w4a8 w4a8_gemv_dp4a": lambda: w4a8_gemv_dp4a(x, qw.qdata, qw.scale, None, qw.group_size),
         "w4a8 gemv_stream.stream (raw launch)": lambda: gemv_stream.stream(x, words, qw.scale, None, out, 0, cfg),
     }
-    res = {}
-    for fast in ("0", "1"):  # lowbit's cached Triton launch (kernels/launch.py) off, then on
-        os.environ["LOWBIT_FAST_LAUNCH"] = fast
-        res[f"fast_launch={fast}"] = {name: round(per_call_us(fn), 2) for name, fn in levels.items()}
+    res = {name: round(per_call_us(fn), 2) for name, fn in levels.items()}
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(500):
@@ -83,10 +75,9 @@ def main() -> None:
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
     print(s.getvalue()[-9000:])
-    print(f"{n}x{k} M=1, host+GPU us per call (best of 5 x 1000 calls back to back):")
-    print(f"  {'':40s} {'plain':>8s} {'cached':>8s}  (Triton launch)")
-    for name in levels:
-        print(f"  {name:40s} {res['fast_launch=0'][name]:8.2f} {res['fast_launch=1'][name]:8.2f}")
+    print(f"{n}x{k} M=1, host+GPU us per call (2000 calls back to back):")
+    for name, us in res.items():
+        print(f"  {name:40s} {us:8.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

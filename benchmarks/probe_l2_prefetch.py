@@ -21,9 +21,66 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
-from lowbit.kernels.prefetch import l2_prefetch
 from lowbit.kernels.w4a8 import gemv_stream
+
+# -- L2 prefetch kernels (Hopper `cp.async.bulk.prefetch.L2`, `prefetch.global.L2`) ----------
+PREFETCH_CHUNK = 32768  # bytes per bulk prefetch instruction
+
+
+@triton.jit
+def _bulk_prefetch(addr, nbytes, EVICT_LAST: tl.constexpr):
+    """One `cp.async.bulk.prefetch.L2` per element: addr int64 byte addresses (16-aligned),
+    nbytes int32 (a multiple of 16). Returns a dummy int32 (the asm must produce a value)."""
+    if EVICT_LAST:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0;"
+            " cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; } mov.u32 $0, 0;",
+            "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+            "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, BLOCK: tl.constexpr, EVICT_LAST: tl.constexpr):
+    # base: int64 byte address; chunks past the end re-prefetch the last full chunk (harmless).
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    off = tl.minimum(idx.to(tl.int64) * CHUNK, nbytes - CHUNK)
+    _bulk_prefetch(base + off, tl.full([BLOCK], CHUNK, tl.int32), EVICT_LAST)
+
+
+@triton.jit
+def _line_prefetch_kernel(base, nbytes, BLOCK: tl.constexpr):
+    # one `prefetch.global.L2::evict_last` per 128-byte line; BLOCK lines per program
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    off = tl.minimum(idx.to(tl.int64) * 128, nbytes - 128)
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                              [base + off], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def l2_prefetch(t: torch.Tensor, nbytes: int, policy: str = "normal", chunk: int = PREFETCH_CHUNK,
+                block: int = 128, mode: str = "bulk") -> None:
+    """Prefetch the first nbytes (rounded down to whole chunks) of t's storage into L2: `block`
+    bulk prefetches of `chunk` bytes per program (mode "bulk"), or one per 128-byte line ("line")."""
+    if policy not in ("normal", "evict_last"):
+        raise ValueError(f"policy must be 'normal' or 'evict_last', got {policy!r}")
+    if mode == "line":
+        chunk = 128
+    nbytes = min(nbytes, t.numel() * t.element_size()) // chunk * chunk
+    if nbytes <= 0 or t.data_ptr() % 16:
+        return
+    chunks = nbytes // chunk
+    grid = (triton.cdiv(chunks, block),)
+    if mode == "line":
+        _line_prefetch_kernel[grid](t.data_ptr(), nbytes, BLOCK=block, num_warps=4)
+    else:
+        _prefetch_kernel[grid](t.data_ptr(), nbytes, CHUNK=chunk, BLOCK=block,
+                               EVICT_LAST=policy == "evict_last", num_warps=max(1, min(4, block // 32)))
+
+
 
 METHODS = {"bulk128": dict(chunk=32768, block=128), "bulk_spread": dict(chunk=16384, block=32),
            "side": dict(chunk=16384, block=32), "line": dict(mode="line", block=1024)}

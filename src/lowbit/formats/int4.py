@@ -11,8 +11,6 @@ W4A8 math (reference and kernels): with per-token int8 activations qx, sx,
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from lowbit.core.kernel_choice import KernelChoice
@@ -34,10 +32,6 @@ from lowbit.formats.common import (
     token_count,
     uses_act_quant,
 )
-
-# id(weight) -> {(device, dtype, tokens): (dynamic, kernel)}; entries leave with their weight
-_ROUTES: dict[int, dict[tuple, tuple[bool, KernelChoice]]] = {}
-_ROUTES_PER_WEIGHT = 64
 
 
 class Int4Tensor(QuantizedTensor):
@@ -113,35 +107,11 @@ class Int4Tensor(QuantizedTensor):
         tokens = x.numel() // max(x.shape[-1], 1)
         return auto_prefers_cutlass(self.shape[0], self.shape[1], tokens)
 
-    def _route(self, x: torch.Tensor, fmt: str) -> tuple[bool, KernelChoice]:
-        """(quantize activations?, kernel) for x. Eager CUDA calls that resolve to the Triton
-        kernels remember the answer per (device, dtype, tokens): resolving costs ~25 us of host
-        time per call, as much as a decode GEMV on the GPU."""
-        from lowbit.kernels.launch import fast_launch_enabled  # LOWBIT_FAST_LAUNCH=0: no memo either
-
-        cacheable = (x.is_cuda and type(x) is torch.Tensor and not torch.compiler.is_compiling()
-                     and self.kernel in (KernelChoice.AUTO, KernelChoice.TRITON) and fast_launch_enabled())
-        if cacheable:
-            key = (x.device, x.dtype, token_count(x))
-            routes = _ROUTES.get(id(self))
-            hit = routes.get(key) if routes is not None else None
-            if hit is not None:
-                return hit
-        dynamic = uses_act_quant(self.act_quant, x)
-        path = resolve_kernel(self.kernel, x, self._available(x, dynamic), fmt)
-        if cacheable and path is KernelChoice.TRITON:
-            if routes is None:
-                routes = _ROUTES[id(self)] = {}
-                weakref.finalize(self, _ROUTES.pop, id(self), None)
-            if len(routes) >= _ROUTES_PER_WEIGHT:
-                routes.clear()
-            routes[key] = (dynamic, path)
-        return dynamic, path
-
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         fmt = "w4a8" if self.act_quant is not None else "int4"
         check_activation(x, self.shape[1], fmt)
-        dynamic, path = self._route(x, fmt)
+        dynamic = uses_act_quant(self.act_quant, x)
+        path = resolve_kernel(self.kernel, x, self._available(x, dynamic), fmt)
         x2 = x.reshape(-1, x.shape[-1])
         if path is KernelChoice.TRITON:
             from lowbit.kernels.w4a8 import op

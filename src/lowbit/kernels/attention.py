@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a8.gemv_dp4a import num_sms
 
 BLOCK_S = 64
@@ -165,13 +164,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     else:
         m = lsum = acc = out  # unused
     sm_scale_log2 = d ** -0.5 * _LOG2E
-    launch(_decode_attn_kernel, (b * kv, nsplit),
+    _decode_attn_kernel[(b * kv, nsplit)](
         q, k, v, pos, out, m, lsum, acc, kv, chunk, sm_scale_log2,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         NSPLIT=nsplit, G=g, G_PAD=g_pad, D=d, BLOCK=BLOCK_S, num_warps=4)
     if nsplit > 1:
-        launch(_combine_kernel, (b * kv, g), m, lsum, acc, out, kv, out.stride(0), out.stride(1),
+        _combine_kernel[(b * kv, g)](m, lsum, acc, out, kv, out.stride(0), out.stride(1),
                                      NSPLIT=nsplit, G=g, G_PAD=g_pad, D=d, num_warps=4)
     return out
 

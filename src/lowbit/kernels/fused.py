@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 
@@ -71,7 +70,7 @@ def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.
                  s: torch.Tensor | None) -> None:
     """out: (M, K) in x's dtype, or int8 with s (M, 1) fp32 for the quantized variant."""
     block = max(triton.next_power_of_2(x2.shape[1]), 128)
-    launch(_rms_norm_kernel, (x2.shape[0],),
+    _rms_norm_kernel[(x2.shape[0],)](
         x2, weight, out, s if s is not None else weight, x2.shape[1], x2.stride(0), out.stride(0), eps,
         BLOCK_K=block, QUANT=s is not None, num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
 
@@ -156,7 +155,7 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     h = torch.empty((g2.shape[0], f), dtype=gu.dtype, device=gu.device)
     if g2.shape[0]:
         block = 1024
-        launch(_swiglu_kernel, (g2.shape[0], triton.cdiv(f, block)), g2, h, f, g2.stride(0), h.stride(0),
+        _swiglu_kernel[(g2.shape[0], triton.cdiv(f, block))](g2, h, f, g2.stride(0), h.stride(0),
                                                              BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return h.view(*gu.shape[:-1], f)
 
@@ -169,7 +168,7 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((g2.shape[0], 1), dtype=torch.float32, device=gu.device)
     if g2.shape[0]:
         block = min(max(triton.next_power_of_2(f), 128), 4096)
-        launch(_swiglu_quant_kernel, (g2.shape[0],), g2, q, s, f, g2.stride(0), q.stride(0),
+        _swiglu_quant_kernel[(g2.shape[0],)](g2, q, s, f, g2.stride(0), q.stride(0),
                                              OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block,
                                              num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
     return q, s
@@ -233,8 +232,7 @@ def rope_qk(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Ten
     q = torch.empty((b, t, n_q, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((b, t, n_k, head_dim), dtype=qkv.dtype, device=qkv.device)
     if b * t:
-        launch(_rope_kernel, (b * t,), qkv, cos.contiguous(), sin.contiguous(), q, k, t,
-               qkv.stride(0), qkv.stride(1),
+        _rope_kernel[(b * t,)](qkv, cos.contiguous(), sin.contiguous(), q, k, t, qkv.stride(0), qkv.stride(1),
                                n_q, n_k,
                                HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_q + n_k),
                                num_warps=4, enable_fp_fusion=False)
@@ -300,7 +298,7 @@ def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
         qkv = qkv.contiguous()
     q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)
     if b * t:
-        launch(_rope_cache_kernel, (b * t,),
+        _rope_cache_kernel[(b * t,)](
             qkv, cos.contiguous(), sin.contiguous(), pos.contiguous(), q, kc, vc, t, kc.shape[2],
             qkv.stride(0), qkv.stride(1), n_q, n_k, kc.stride(0), kc.stride(1), kc.stride(2), HALF=d // 2,
             BLOCK_H=triton.next_power_of_2(n_q + n_k), BLOCK_KV=triton.next_power_of_2(n_k), num_warps=4,

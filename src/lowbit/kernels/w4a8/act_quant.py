@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import launch
-
 PERM_CHUNK = 128  # K chunk of the permuted layout (see act_quant(permute=True))
 
 
@@ -93,7 +91,7 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
     block = triton.next_power_of_2(k) if one_pass else 4096
     block = max(block, 128)
     num_warps = 4 if block <= 4096 else 8
-    launch(_act_quant_kernel, (m,), x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
+    _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
                             PERMUTE=permute, num_warps=num_warps)
     return q, s
 

@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import launch
-
 
 @triton.jit
 def _w4_decode_kernel(
@@ -200,7 +198,7 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
     target = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else out
     dummy = scale
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-    launch(_w4_decode_kernel, grid,
+    _w4_decode_kernel[grid](
         x, sa if sa is not None else dummy, packed.view(torch.int8), scale,
         zero if zero is not None else dummy, bias if bias is not None else dummy, target,
         m, n, k, k_per_split, x.stride(0), packed.stride(0), scale.stride(0), target.stride(0),
@@ -210,7 +208,7 @@ def w4_decode(x: torch.Tensor, sa: torch.Tensor | None, packed: torch.Tensor, sc
     )
     if atomic:
         block = 1024
-        launch(_finalize_kernel, (triton.cdiv(m * n, block),),
+        _finalize_kernel[(triton.cdiv(m * n, block),)](
             target, bias if bias is not None else dummy, out, m, n, HAS_BIAS=bias is not None,
             BLOCK=block,
         )

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 GEMV_MAX_M = 4
@@ -135,7 +134,7 @@ def w4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: to
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = scale
-    launch(_w4_gemv_kernel, (triton.cdiv(n, cfg["BLOCK_N"]),),
+    _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, packed.view(torch.int8), scale, zero if zero is not None else dummy,
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), packed.stride(0), scale.stride(0),
         out.stride(0), GROUP=group, QUANT_A=quantize_activations, HAS_ZERO=zero is not None,

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 DP4A_MAX_M = 4
@@ -203,5 +202,5 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     cfg = dict(config or dp4a_config(n, k, group))
     if k % cfg["BLOCK_K"] or (group and cfg["BLOCK_K"] % group):
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide K={k} and be a multiple of the group")
-    launch(_w4a8_dp4a_kernel, (triton.cdiv(n, cfg["BLOCK_N"]), m), *args, **flags, **cfg)
+    _w4a8_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
     return out

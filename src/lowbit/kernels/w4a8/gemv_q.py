@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, _dp4a
 
 
@@ -179,7 +178,7 @@ def w4a8_gemv_q(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale:
     if group and (cfg["BLOCK_W"] * 8) % group:
         raise ValueError(f"BLOCK_W={cfg['BLOCK_W']} words must hold whole groups of {group}")
     kw = k // 8
-    launch(_w4a8_gemv_q_kernel, (triton.cdiv(n, cfg["BLOCK_N"]),),
+    _w4a8_gemv_q_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         qw, sa, words, scale, bias if bias is not None else scale, out,
         m, n, kw, kw // 4, qw.stride(0), words.stride(0), scale.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),

@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 from lowbit.kernels.w4a8.gemv_dp4a import _dp4a, num_sms
 
@@ -167,5 +166,5 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
         _tuned_kernel()[grid](*args, **flags)
     else:
         cfg = dict(config or stream_config(m, n, k))
-        launch(_w4a8_stream_kernel, grid(cfg), *args, **flags, **cfg)
+        _w4a8_stream_kernel[grid(cfg)](*args, **flags, **cfg)
     return out

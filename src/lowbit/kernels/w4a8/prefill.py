@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.launch import launch
 
 
 # -- step 1: expand ---------------------------------------------------------------------
@@ -51,8 +50,7 @@ def unpack_int4_triton(packed: torch.Tensor, out: torch.Tensor | None = None) ->
         out = torch.empty((n, 2 * kh), dtype=torch.int8, device=packed.device)
     total = n * kh
     block = 4096
-    launch(_unpack_int4_kernel, (triton.cdiv(total, block),), packed.view(torch.int8), out, total,
-           BLOCK=block,
+    _unpack_int4_kernel[(triton.cdiv(total, block),)](packed.view(torch.int8), out, total, BLOCK=block,
                                                       num_warps=8)
     return out
 
@@ -178,7 +176,7 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         if group:
             cfg["BLOCK_K"] = group
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        launch(_int8_gemm_kernel, grid, *args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+        _int8_gemm_kernel[grid](*args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
         return c
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)
@@ -217,7 +215,7 @@ def dequant_int4_triton(packed: torch.Tensor, scale: torch.Tensor, zero: torch.T
     out = torch.empty((n, 2 * kh), dtype=dtype, device=packed.device)
     total = n * kh
     block = 2048
-    launch(_dequant_int4_kernel, (triton.cdiv(total, block),),
+    _dequant_int4_kernel[(triton.cdiv(total, block),)](
         packed.contiguous().view(torch.int8), scale, zero.contiguous() if zero is not None else scale,
         out, total, kh, group_size // 2, scale.shape[1], HAS_ZERO=zero is not None, BLOCK=block,
         num_warps=8,

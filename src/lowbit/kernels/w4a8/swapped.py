@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.launch import launch
 
 
 @triton.jit
@@ -140,7 +139,7 @@ def w4a8_gemm_swapped(qx_perm: torch.Tensor, sa: torch.Tensor, packed: torch.Ten
     if config is not None or interpreter_enabled():
         cfg = dict(config or {"BLOCK_N": 32, "BLOCK_M": 32, "GROUP_N": 4})
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        launch(_w4a8_swapped_kernel, grid, *args, *strides, GROUP=group, HAS_BIAS=bias is not None, **cfg)
+        _w4a8_swapped_kernel[grid](*args, *strides, GROUP=group, HAS_BIAS=bias is not None, **cfg)
         return c
     tuned_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _tuned()[tuned_grid](*args, min(triton.next_power_of_2(m), 8192), *strides, GROUP=group,
