@@ -1,7 +1,8 @@
 """Prefill + decode loop with greedy or top-k/temperature sampling.
 
 Prefill runs eagerly (one big compute-bound call per prompt); the decode step can be
-compiled (`mode="reduce-overhead"` captures it into a CUDA graph on GPU). Both are timed with
+compiled (`mode="reduce-overhead"` captures it into a CUDA graph on GPU), or captured eagerly
+into a CUDA graph without compiling (`cuda_graph=True`). Both are timed with
 device synchronisation so TTFT and tokens/s are wall-clock facts, not launch times.
 """
 
@@ -137,12 +138,48 @@ class _PrefillGraph:
         return self.logits
 
 
+class _DecodeGraph:
+    """The eager decode step of one batch size, captured: static token / position inputs.
+
+    Captured at the first step it serves, from that step's own token and position: the eager
+    warm-up runs compute exactly that step (the same KV-cache writes the replay then repeats)."""
+
+    def __init__(self, model: Transformer, tok: torch.Tensor, pos: torch.Tensor, sampling: Sampling,
+                 pool: Any) -> None:
+        self.tok = tok.clone()
+        self.pos = pos.clone()
+        self.model = model
+        self.sampling = sampling
+        device = tok.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # eager runs first: autotuning, lazy workspaces, caches
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = self._run()
+
+    def _run(self) -> torch.Tensor:
+        return decode_step(self.model, self.tok, self.pos, self.sampling.temperature, self.sampling.top_k)
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.out
+
+
 class Generator:
     """Runs prefill + decode on a model whose caches are set up (`model.setup_caches`).
 
     compile=True compiles the decode step (CUDA graphs with mode="reduce-overhead") and, on CUDA,
     replays prompts of up to GRAPH_PREFILL_MAX tokens as captured prefills (graph_prefill=None
-    means: when compiled on CUDA), one graph per (batch, padded length) captured on first use.
+    means: when compiled on CUDA or with cuda_graph), one graph per (batch, padded length)
+    captured on first use. cuda_graph=True (not with compile) captures the *eager* decode step
+    in a CUDA graph per batch size instead: no compile time, no per-kernel host launch cost;
+    without Inductor's fusions of the small ops. Off CUDA it does nothing.
     """
 
     def __init__(
@@ -153,7 +190,11 @@ class Generator:
         compile: bool = False,
         compile_mode: str | None = None,
         graph_prefill: bool | None = None,
+        cuda_graph: bool = False,
     ) -> None:
+        if cuda_graph and compile:
+            raise ValueError("cuda_graph captures the eager decode step; compile=True already replays "
+                             "CUDA graphs (mode='reduce-overhead'): choose one")
         if compile:
             # NOTE: plain inner tensors instead of weight subclasses at the compiled call: the
             # per-call subclass flattening cost ~3 ms per decode step on Llama-2-7B (H100, W4A8:
@@ -165,8 +206,10 @@ class Generator:
         self.sampling = sampling
         self.compiled = compile
         self.compile_mode = compile_mode
-        self.graph_prefill = compile if graph_prefill is None else graph_prefill
+        self.cuda_graph = cuda_graph
+        self.graph_prefill = (compile or cuda_graph) if graph_prefill is None else graph_prefill
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph | None] = {}
+        self._decode_graphs: dict[int, _DecodeGraph | None] = {}
         self._graph_pool: Any = None
         self._graphs_version = model.cache_version
         self._step = (
@@ -210,9 +253,7 @@ class Generator:
         """The captured prefill for this prompt's (batch, bucket), capturing it on first use; None
         (eager prefill) when capture failed for that key. Graphs hold the KV cache buffers they
         were captured with: new caches (setup_caches) drop them."""
-        if self._graphs_version != self.model.cache_version:
-            self._prefill_graphs.clear()
-            self._graphs_version = self.model.cache_version
+        self._check_graphs_version()
         key = (prompt.shape[0], prefill_bucket(prompt.shape[1]))
         if key not in self._prefill_graphs:
             if self._graph_pool is None:
@@ -225,6 +266,32 @@ class Generator:
                               f"prefill runs eagerly: {str(e).splitlines()[0]}", stacklevel=3)
                 self._prefill_graphs[key] = None
         return self._prefill_graphs[key]
+
+    def _check_graphs_version(self) -> None:
+        if self._graphs_version != self.model.cache_version:
+            self._prefill_graphs.clear()
+            self._decode_graphs.clear()
+            self._graphs_version = self.model.cache_version
+
+    def _decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step: the captured eager step (cuda_graph) or self._step."""
+        if self.cuda_graph and tok.is_cuda and not torch.is_grad_enabled():
+            self._check_graphs_version()
+            b = tok.shape[0]
+            if b not in self._decode_graphs:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                try:
+                    self._decode_graphs[b] = _DecodeGraph(self.model, tok, pos, self.sampling,
+                                                          self._graph_pool)
+                except RuntimeError as e:  # a kernel that cannot be captured: stay eager
+                    warnings.warn(f"CUDA-graph decode unavailable for batch {b}, decode runs eagerly: "
+                                  f"{str(e).splitlines()[0]}", stacklevel=3)
+                    self._decode_graphs[b] = None
+            graph = self._decode_graphs[b]
+            if graph is not None:
+                return graph(tok, pos)
+        return self._step(self.model, tok, pos, self.sampling.temperature, self.sampling.top_k)
 
     def _prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         graph = None
@@ -251,9 +318,7 @@ class Generator:
             pos = torch.zeros(1, dtype=torch.long, device=device)
             with use_phase(self.model, Phase.DECODE):
                 for _ in range(decode_steps):
-                    tok = self._step(
-                        self.model, tok, pos, self.sampling.temperature, self.sampling.top_k
-                    ).clone()
+                    tok = self._decode(tok, pos).clone()
             synchronize(device)
         return time.perf_counter() - t0
 
@@ -274,7 +339,7 @@ class Generator:
         with use_phase(self.model, Phase.DECODE):
             for i in range(1, max_new_tokens):
                 # clone: a CUDA-graph output buffer is overwritten by the next replay
-                tok = self._step(self.model, tok, pos, self.sampling.temperature, self.sampling.top_k).clone()
+                tok = self._decode(tok, pos).clone()
                 out[:, t + i] = tok[:, 0]
                 pos += 1
         synchronize(device)

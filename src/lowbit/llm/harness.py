@@ -15,6 +15,9 @@ is measured the same way:
                       included); load_peak_* covers building the model. CPU: process peak RSS.
   compile_time_s      wall time of the warm-up decode steps with torch.compile (trace, compile,
                       CUDA-graph recording); None when not compiled.
+  warmup_s            wall time of the warm-up decode steps (with cuda_graph: eager runs and
+                      the capture of the eager step's CUDA graph).
+  cuda_graph          the eager decode step replayed as a CUDA graph (RunOptions.cuda_graph).
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ class RunOptions:
     max_seq_len: int | None = None  # KV cache length; None: prompt_len + max_new_tokens
     compile: bool = False
     compile_mode: str | None = "auto"  # auto: reduce-overhead (CUDA graphs) on CUDA, default on CPU
+    cuda_graph: bool = False  # capture the eager decode step in a CUDA graph (not with compile)
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 0
@@ -187,7 +191,7 @@ def run(loaded: Loaded, opts: RunOptions) -> dict[str, Any]:
     mode = _compile_mode(opts, device)
     meter = MemoryMeter(device)
     sampling = Sampling(opts.temperature, opts.top_k)
-    gen = Generator(model, sampling, compile=opts.compile, compile_mode=mode)
+    gen = Generator(model, sampling, compile=opts.compile, compile_mode=mode, cuda_graph=opts.cuda_graph)
     meter.reset()
     model.setup_caches(b, max_seq)
     try:
@@ -213,6 +217,7 @@ def run(loaded: Loaded, opts: RunOptions) -> dict[str, Any]:
         "max_seq_len": max_seq,
         "compile": opts.compile,
         "compile_mode": mode,
+        "cuda_graph": opts.cuda_graph,
         "sampling": {"temperature": opts.temperature, "top_k": opts.top_k, "seed": opts.seed},
         "device": str(device),
         "device_name": device_name(device),
@@ -259,6 +264,8 @@ def format_row(r: dict[str, Any]) -> str:
         else f"peak RSS {_fmt(r['peak_rss_gb'], '.2f')} GB (process)"
     )
     comp = f" | compile {r['compile_time_s']:.1f} s" if r["compile_time_s"] is not None else ""
+    if r.get("cuda_graph"):
+        comp += f" | CUDA graph (eager step), warm-up {_fmt(r['warmup_s'], '.1f')} s"
     return (
         f"{r['model']} {r['quant']} {r['dtype']} bs={r['batch_size']} prompt={r['prompt_len']} "
         f"new={r['max_new_tokens']}: TTFT {r['ttft_s'] * 1e3:.1f} ms | prefill "
