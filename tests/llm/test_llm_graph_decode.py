@@ -49,7 +49,8 @@ def test_cli_records_cuda_graph(tmp_path, capsys):
     assert rc == 0
     assert json.loads(out.read_text())["cuda_graph"] is True
     capsys.readouterr()
-    rc = main(["generate", "--model", "tiny", "--random-weights", "--device", "cpu", "--cuda-graph", "--compile"])
+    rc = main(["generate", "--model", "tiny", "--random-weights", "--device", "cpu", "--cuda-graph",
+               "--compile"])
     assert rc == 1 and "choose one" in capsys.readouterr().err
 
 
