@@ -271,6 +271,9 @@ class Generator:
         if self._graphs_version != self.model.cache_version:
             self._prefill_graphs.clear()
             self._decode_graphs.clear()
+            # NOTE: a fresh pool for the new graphs: capturing into the pool of graphs just freed
+            # failed an allocator assertion (torch 2.11, `use_count > 0`, CUDACachingAllocator).
+            self._graph_pool = None
             self._graphs_version = self.model.cache_version
 
     def _decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -279,11 +282,8 @@ class Generator:
             self._check_graphs_version()
             b = tok.shape[0]
             if b not in self._decode_graphs:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                try:
-                    self._decode_graphs[b] = _DecodeGraph(self.model, tok, pos, self.sampling,
-                                                          self._graph_pool)
+                try:  # each decode graph has its own memory pool (pool=None)
+                    self._decode_graphs[b] = _DecodeGraph(self.model, tok, pos, self.sampling, None)
                 except RuntimeError as e:  # a kernel that cannot be captured: stay eager
                     warnings.warn(f"CUDA-graph decode unavailable for batch {b}, decode runs eagerly: "
                                   f"{str(e).splitlines()[0]}", stacklevel=3)
