@@ -49,6 +49,8 @@ def test_generate_tiny_random_writes_every_field(tmp_path, capsys):
             "--model",
             "tiny",
             "--random-weights",
+            "--device",
+            "cpu",
             "--prompt-len",
             "12",
             "--max-new-tokens",
