@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,21 @@ def prefill_bucket(tokens: int) -> int:
     return max(GRAPH_PREFILL_MIN_BUCKET, 1 << max(tokens - 1, 0).bit_length())
 
 
+def _warm_and_capture(run: Callable[[], torch.Tensor], device: torch.device,
+                      pool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Two eager runs on a side stream (autotuning, lazy workspaces, caches), then run captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
+
+
 class _PrefillGraph:
     """One captured prefill of a (batch, padded length): static inputs, a replayable graph."""
 
@@ -113,15 +129,7 @@ class _PrefillGraph:
         self.pos = torch.arange(length, device=device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
         self.model = model
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # eager runs first: autotuning, lazy workspaces, caches
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self._run()
+        self.graph, self.logits = _warm_and_capture(self._run, device, pool)
 
     def _run(self) -> torch.Tensor:
         with use_phase(self.model, Phase.PREFILL):
@@ -150,16 +158,7 @@ class _DecodeGraph:
         self.pos = pos.clone()
         self.model = model
         self.sampling = sampling
-        device = tok.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # eager runs first: autotuning, lazy workspaces, caches
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = self._run()
+        self.graph, self.out = _warm_and_capture(self._run, tok.device, pool)
 
     def _run(self) -> torch.Tensor:
         return decode_step(self.model, self.tok, self.pos, self.sampling.temperature, self.sampling.top_k)
