@@ -107,17 +107,28 @@ def prefill_bucket(tokens: int) -> int:
 
 def _warm_and_capture(run: Callable[[], torch.Tensor], device: torch.device,
                       pool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Two eager runs on a side stream (autotuning, lazy workspaces, caches), then run captured."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = run()
+    """Two eager runs on a side stream (autotuning, lazy workspaces, caches), then run captured.
+
+    On the device's own current stream, restored on exit: a capture that fails inside
+    torch.cuda.graph leaves its capture stream current otherwise."""
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
     return graph, out
+
+
+def _capture_error(e: BaseException) -> str:
+    """The first line of the error that broke a capture (torch re-raises it as 'operation failed
+    due to a previous error during capture', with the cause as the context)."""
+    cause = e.__context__ if e.__context__ is not None else e
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
 
 
 class _PrefillGraph:
@@ -177,8 +188,10 @@ class Generator:
     replays prompts of up to GRAPH_PREFILL_MAX tokens as captured prefills (graph_prefill=None
     means: when compiled on CUDA or with cuda_graph), one graph per (batch, padded length)
     captured on first use. cuda_graph=True (not with compile) captures the *eager* decode step
-    in a CUDA graph per batch size instead: no compile time, no per-kernel host launch cost;
-    without Inductor's fusions of the small ops. Off CUDA it does nothing.
+    in a CUDA graph per (batch size, sampling settings) instead: no compile time, no per-kernel
+    host launch cost; without Inductor's fusions of the small ops. Off CUDA it does nothing.
+    Captured graphs read the model's tensors as they were at capture: new KV caches or RoPE
+    tables (model.cache_version) drop them; after replacing weights, make a new Generator.
     """
 
     def __init__(
@@ -208,7 +221,11 @@ class Generator:
         self.cuda_graph = cuda_graph
         self.graph_prefill = (compile or cuda_graph) if graph_prefill is None else graph_prefill
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph | None] = {}
-        self._decode_graphs: dict[int, _DecodeGraph | None] = {}
+        self._decode_graphs: dict[tuple[int, float, int | None], _DecodeGraph | None] = {}
+        self.decode_graphed = False  # did the last decode step replay a captured graph?
+        if cuda_graph and model.device.type != "cuda":
+            warnings.warn(f"cuda_graph has no effect on {model.device.type}: decode runs eagerly",
+                          stacklevel=2)
         self._graph_pool: Any = None
         self._graphs_version = model.cache_version
         self._step = (
@@ -262,7 +279,7 @@ class Generator:
                                                           self._graph_pool)
             except RuntimeError as e:  # a kernel that cannot be captured: stay eager for this key
                 warnings.warn(f"CUDA-graph prefill unavailable for batch {key[0]} x {key[1]} tokens, "
-                              f"prefill runs eagerly: {str(e).splitlines()[0]}", stacklevel=3)
+                              f"prefill runs eagerly: {_capture_error(e)}", stacklevel=3)
                 self._prefill_graphs[key] = None
         return self._prefill_graphs[key]
 
@@ -279,17 +296,20 @@ class Generator:
         """One decode step: the captured eager step (cuda_graph) or self._step."""
         if self.cuda_graph and tok.is_cuda and not torch.is_grad_enabled():
             self._check_graphs_version()
-            b = tok.shape[0]
-            if b not in self._decode_graphs:
+            # the sampling settings are baked into the graph: part of the key
+            key = (tok.shape[0], self.sampling.temperature, self.sampling.top_k)
+            if key not in self._decode_graphs:
                 try:  # each decode graph has its own memory pool (pool=None)
-                    self._decode_graphs[b] = _DecodeGraph(self.model, tok, pos, self.sampling, None)
+                    self._decode_graphs[key] = _DecodeGraph(self.model, tok, pos, self.sampling, None)
                 except RuntimeError as e:  # a kernel that cannot be captured: stay eager
-                    warnings.warn(f"CUDA-graph decode unavailable for batch {b}, decode runs eagerly: "
-                                  f"{str(e).splitlines()[0]}", stacklevel=3)
-                    self._decode_graphs[b] = None
-            graph = self._decode_graphs[b]
+                    warnings.warn(f"CUDA-graph decode unavailable for batch {key[0]}, decode runs eagerly: "
+                                  f"{_capture_error(e)}", stacklevel=3)
+                    self._decode_graphs[key] = None
+            graph = self._decode_graphs[key]
             if graph is not None:
+                self.decode_graphed = True
                 return graph(tok, pos)
+        self.decode_graphed = False
         return self._step(self.model, tok, pos, self.sampling.temperature, self.sampling.top_k)
 
     def _prefill(self, prompt: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ is measured the same way:
                       CUDA-graph recording); None when not compiled.
   warmup_s            wall time of the warm-up decode steps (with cuda_graph: eager runs and
                       the capture of the eager step's CUDA graph).
-  cuda_graph          the eager decode step replayed as a CUDA graph (RunOptions.cuda_graph).
+  cuda_graph          RunOptions.cuda_graph: capture the eager decode step as a CUDA graph;
+  cuda_graph_replayed   whether the timed decode steps actually replayed one (False off CUDA or
+                      when the capture failed: decode then ran eagerly).
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ def run(loaded: Loaded, opts: RunOptions) -> dict[str, Any]:
         "compile": opts.compile,
         "compile_mode": mode,
         "cuda_graph": opts.cuda_graph,
+        "cuda_graph_replayed": gen.decode_graphed,
         "sampling": {"temperature": opts.temperature, "top_k": opts.top_k, "seed": opts.seed},
         "device": str(device),
         "device_name": device_name(device),
@@ -265,7 +268,8 @@ def format_row(r: dict[str, Any]) -> str:
     )
     comp = f" | compile {r['compile_time_s']:.1f} s" if r["compile_time_s"] is not None else ""
     if r.get("cuda_graph"):
-        comp += f" | CUDA graph (eager step), warm-up {_fmt(r['warmup_s'], '.1f')} s"
+        how = "replayed" if r.get("cuda_graph_replayed") else "NOT replayed: eager decode"
+        comp += f" | CUDA graph of the eager step {how}, warm-up {_fmt(r['warmup_s'], '.1f')} s"
     return (
         f"{r['model']} {r['quant']} {r['dtype']} bs={r['batch_size']} prompt={r['prompt_len']} "
         f"new={r['max_new_tokens']}: TTFT {r['ttft_s'] * 1e3:.1f} ms | prefill "

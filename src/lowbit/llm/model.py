@@ -248,7 +248,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_len = 0
-        self.cache_version = 0  # bumped whenever the caches are replaced (captured graphs go stale)
+        self.cache_version = 0  # bumped whenever the KV caches or RoPE tables are replaced (graphs go stale)
         self.rope_len = 0
         self.quantizer_label = "none"
 
@@ -271,6 +271,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.rope_len = length
+        self.cache_version += 1  # captured graphs read the old tables
 
     def setup_caches(self, batch: int, max_seq_len: int) -> None:
         """(Re)allocate the static KV caches; frees the previous ones first."""
