@@ -76,6 +76,8 @@ def main() -> None:
                 q2, s2 = act_quant(x)
                 gemv_q_any_m(q2, s2.reshape(m), words, scale, out, best[1])
 
+            got = gemv_q_any_m(qa, sa, words, scale, out, best[1]).float()
+            err = max(err, ((got - ref).abs().max() / ref.abs().max()).item())  # the winner too
             row = {"N": n, "K": k, "M": m, "gemv_q_best_us": best[0], "gemv_q_best_cfg": best[1],
                    "act_quant_plus_gemv_q_us": time_cuda_graphed(with_quant),
                    "act_quant_us": time_cuda_graphed(lambda: act_quant(x)),
