@@ -137,6 +137,7 @@ def test_graphed_decode_samples_with_temperature():
     greedy = _eager(model, p, 30)
     model.setup_caches(2, 64)
     gen = Generator(model, Sampling(temperature=1.0, top_k=20), cuda_graph=True)
+    gen.generate(p, 30)  # captures: its eager warm-up steps draw random numbers too
     torch.manual_seed(7)
     a = gen.generate(p, 30).tokens
     b = gen.generate(p, 30).tokens
@@ -170,3 +171,4 @@ def test_a_failed_capture_warns_with_its_cause_and_decodes_eagerly(monkeypatch):
     assert torch.equal(got, want) and gen._decode_graphs == {(1, 0.0, None): None} and not gen.decode_graphed
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.randint(0, 10, (4,), device="cuda")  # the RNG still works after the failed capture
+    torch.randn(4, device="cuda").exponential_()

@@ -119,9 +119,23 @@ def _warm_and_capture(run: Callable[[], torch.Tensor], device: torch.device,
                 run()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = run()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                out = run()
+        except BaseException:
+            _restore_cuda_rng(device)
+            raise
     return graph, out
+
+
+def _restore_cuda_rng(device: torch.device) -> None:
+    """After a failed capture torch's CUDA generator stays registered to the dead graph: every
+    later random op raises 'Offset increment outside graph capture encountered unexpectedly'
+    (torch 2.11). A fresh copy of its state (same seed and offset) makes it usable again."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[index]
+    if hasattr(gen, "graphsafe_set_state") and hasattr(gen, "clone_state"):
+        gen.graphsafe_set_state(gen.clone_state())
 
 
 def _capture_error(e: BaseException) -> str:
