@@ -163,7 +163,8 @@ def test_eval_matches_a_direct_and_a_transformers_computation(hf_tiny, tmp_path)
     ids = torch.tensor(list(text.read_bytes()))  # the checkpoint has no tokenizer: bytes
     out = tmp_path / "ppl.json"
     assert (
-        main(["eval", "--model", str(d), "--text", str(text), "--seq-len", "128", "--json-out", str(out)])
+        main(["eval", "--model", str(d), "--text", str(text), "--seq-len", "128", "--device", "cpu",
+              "--json-out", str(out)])
         == 0
     )
     row = json.loads(out.read_text())

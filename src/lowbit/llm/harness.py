@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,9 @@ def configure_cuda_allocator() -> str:
     setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
     if setter is None or not torch.cuda.is_available():
         return "default"
-    setter("expandable_segments:True")
+    with warnings.catch_warnings():  # torch 2.11 warns about this private setter on every use
+        warnings.simplefilter("ignore")
+        setter("expandable_segments:True")
     return "expandable_segments:True"
 
 
