@@ -28,8 +28,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tune_w4a8 import graphed  # noqa: E402  (one warm-up call, capture; returns the replay)
-
+from lowbit.bench import cuda_graphed  # noqa: E402
 from lowbit.core.packing import pack_int4  # noqa: E402
 from lowbit.kernels.w4a8.act_quant import act_quant  # noqa: E402
 from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a  # noqa: E402
@@ -40,12 +39,12 @@ LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def t_us(fn, rep: int = 40) -> float:
-    return triton.testing.do_bench(graphed(fn), warmup=10, rep=rep, return_mode="median") * 1e3
+    return triton.testing.do_bench(cuda_graphed(fn), warmup=10, rep=rep, return_mode="median") * 1e3
 
 
 def seq_us(fn) -> float:
     """Median of 20 replays of one graph, no flush (the graph streams far more than L2)."""
-    replay = graphed(fn)
+    replay = cuda_graphed(fn)
     for _ in range(3):
         replay()
     ts = []

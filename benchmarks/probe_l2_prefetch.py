@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.bench import cuda_graphed
 from lowbit.kernels.w4a8 import gemv_stream
 
 # -- L2 prefetch kernels (Hopper `cp.async.bulk.prefetch.L2`, `prefetch.global.L2`) ----------
@@ -87,12 +88,7 @@ METHODS = {"bulk128": dict(chunk=32768, block=128), "bulk_spread": dict(chunk=16
 
 
 def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median") * 1e3
+    return triton.testing.do_bench(cuda_graphed(fn), warmup=20, rep=100, return_mode="median") * 1e3
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import triton.language as tl
 from bench_linear import tinygemm_weight
 
 import lowbit
+from lowbit.bench import cuda_graphed
 
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
 
@@ -49,15 +50,6 @@ def read_fn(words: torch.Tensor, block: int, pps: int, warps: int, stages: int):
     grid = (min(triton.cdiv(n, block), sms * pps),)
     out = torch.empty(grid[0], dtype=torch.int32, device=words.device)
     return lambda: _read_kernel[grid](words, out, n, BLOCK=block, num_warps=warps, num_stages=stages)
-
-
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def flushed_us(fn, dirty: bool, reps: int = 100) -> float:
@@ -97,7 +89,7 @@ def main() -> None:
                  "bf16": lambda: F.linear(x, w)}
         row: dict = {"N": n, "K": k, "w4a8_bytes": blob.numel() * 4}
         for name in list(impls):  # the same calls as CUDA-graph replays (no host time)
-            impls[name + "_graphed"] = graphed(impls[name])
+            impls[name + "_graphed"] = cuda_graphed(impls[name])
         for name, fn in impls.items():
             row[name] = {"do_bench": triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median") * 1e3,
                          "dirty": flushed_us(fn, True), "clean": flushed_us(fn, False)}

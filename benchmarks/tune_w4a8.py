@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import triton
 
+from lowbit.bench import cuda_graphed
 from lowbit.core.packing import pack_int4
 from lowbit.kernels.w4a8.act_quant import act_quant
 from lowbit.kernels.w4a8.decode import w4_decode
@@ -25,17 +26,8 @@ from lowbit.kernels.w4a8.swapped import w4a8_gemm_swapped
 SHAPES = [(4096, 4096), (22016, 4096), (4096, 11008), (12288, 4096), (1024, 4096)]
 
 
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return lambda: g.replay()
-
-
 def t_us(fn, graph: bool = False) -> float:
-    f = graphed(fn) if graph else fn
+    f = cuda_graphed(fn) if graph else fn
     return triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median") * 1e3
 
 

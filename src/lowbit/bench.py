@@ -64,16 +64,21 @@ CPU_SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096)]
 GPU_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def time_cuda_graphed(fn) -> float:
-    """Median microseconds of fn as a CUDA-graph replay (no launch overhead in the timing)."""
-    import triton
-
+def cuda_graphed(fn):
+    """fn run once eagerly (compiles, autotunes), then captured: returns the graph's replay."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
+    return g.replay
+
+
+def time_cuda_graphed(fn) -> float:
+    """Median microseconds of fn as a CUDA-graph replay (no launch overhead in the timing)."""
+    import triton
+
+    return triton.testing.do_bench(cuda_graphed(fn), warmup=10, rep=50, return_mode="median") * 1e3
 
 
 def _time_cpu(fn) -> float:

@@ -142,7 +142,7 @@ def _capture_error(e: BaseException) -> str:
     """The first line of the error that broke a capture (torch re-raises it as 'operation failed
     due to a previous error during capture', with the cause as the context)."""
     cause = e.__context__ if e.__context__ is not None else e
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
 
 
 class _PrefillGraph:
@@ -177,13 +177,12 @@ class _DecodeGraph:
     Captured at the first step it serves, from that step's own token and position: the eager
     warm-up runs compute exactly that step (the same KV-cache writes the replay then repeats)."""
 
-    def __init__(self, model: Transformer, tok: torch.Tensor, pos: torch.Tensor, sampling: Sampling,
-                 pool: Any) -> None:
+    def __init__(self, model: Transformer, tok: torch.Tensor, pos: torch.Tensor, sampling: Sampling) -> None:
         self.tok = tok.clone()
         self.pos = pos.clone()
         self.model = model
         self.sampling = sampling
-        self.graph, self.out = _warm_and_capture(self._run, tok.device, pool)
+        self.graph, self.out = _warm_and_capture(self._run, tok.device, None)  # a private pool
 
     def _run(self) -> torch.Tensor:
         return decode_step(self.model, self.tok, self.pos, self.sampling.temperature, self.sampling.top_k)
@@ -313,8 +312,8 @@ class Generator:
             # the sampling settings are baked into the graph: part of the key
             key = (tok.shape[0], self.sampling.temperature, self.sampling.top_k)
             if key not in self._decode_graphs:
-                try:  # each decode graph has its own memory pool (pool=None)
-                    self._decode_graphs[key] = _DecodeGraph(self.model, tok, pos, self.sampling, None)
+                try:
+                    self._decode_graphs[key] = _DecodeGraph(self.model, tok, pos, self.sampling)
                 except RuntimeError as e:  # a kernel that cannot be captured: stay eager
                     warnings.warn(f"CUDA-graph decode unavailable for batch {key[0]}, decode runs eagerly: "
                                   f"{_capture_error(e)}", stacklevel=3)
