@@ -5,7 +5,7 @@ Run with torchrun on one host (NCCL), e.g. on 2 GPUs:
     torchrun --nproc-per-node 2 benchmarks/bench_distributed.py fsdp --dim 4096 --layers 8
     python benchmarks/bench_distributed.py --help
     # CPU smoke test of the plumbing (gloo, tiny shapes; timings meaningless):
-    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py tp --model tiny --kernel reference \
+    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py tp --model tiny --kernel reference --group-size 32 \
         --prompt-len 8 --new-tokens 8
 
 tp:   every rank builds the same W4A8 model (random weights at the preset's shapes, or a HF
