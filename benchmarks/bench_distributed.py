@@ -79,10 +79,10 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, steps: int, setup) -> tuple[torch.Tensor, float]:
+def greedy(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
     device = prompt.device
     t = prompt.shape[1]
-    setup(model, 1, t + steps)
+    model.setup_caches(1, t + steps)
     toks = [model(prompt, torch.arange(t, device=prompt.device), prefill=True, last_only=True).argmax(-1)]
     sync(device)
     start = time.perf_counter()
@@ -95,12 +95,11 @@ def greedy(model, prompt: torch.Tensor, steps: int, setup) -> tuple[torch.Tensor
 
 def run_tp(args: argparse.Namespace, device: torch.device) -> None:
     from lowbit.core.kernel_choice import KernelChoice
-    from lowbit.distributed.llama import parallelize_llama, setup_tp_caches
+    from lowbit.distributed.llama import parallelize_llama
     from lowbit.formats.configs import Int8DynamicActivationInt4WeightConfig
     from lowbit.llm.checkpoint import HFCheckpoint, RandomWeights
     from lowbit.llm.config import preset
     from lowbit.llm.loading import ConfigQuantizer, build_model
-    from lowbit.llm.model import Transformer
 
     kernel = KernelChoice.REFERENCE if args.kernel == "reference" else KernelChoice.AUTO
     cfg = Int8DynamicActivationInt4WeightConfig(group_size=args.group_size, kernel=kernel)
@@ -115,9 +114,9 @@ def run_tp(args: argparse.Namespace, device: torch.device) -> None:
     )
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model_args.vocab_size, (1, args.prompt_len), generator=g).to(device)
-    ref, ref_tps = greedy(model, prompt, args.new_tokens, Transformer.setup_caches)
+    ref, ref_tps = greedy(model, prompt, args.new_tokens)
     parallelize_llama(model, exact=args.kernel == "reference")
-    out, tp_tps = greedy(model, prompt, args.new_tokens, setup_tp_caches)
+    out, tp_tps = greedy(model, prompt, args.new_tokens)
     same = int((out == ref).all(0).cumprod(0).sum())  # tokens equal before the first difference
     emit(
         args,

@@ -24,27 +24,53 @@ LINEAR_CONFIGS = {
 }
 
 BF16_CASES = ("int8dq", "w4a8", "fp8dq")
-TP_LINEAR_CASES = list(LINEAR_CONFIGS) + [f"{n}_bf16" for n in BF16_CASES]
+# Explicit Triton kernels (TRITON_INTERPRET=1 on CPU): row-wise shards then run the W4A8 op on
+# their int8 activations instead of the pure-PyTorch reference (fp16: the interpreter's bf16 dots
+# are not trustworthy).
+KERNEL_CONFIGS = {
+    "w4a8_triton_g32_fp16": C.Int8DynamicActivationInt4WeightConfig(group_size=32, kernel="triton"),
+    "w4a8_triton_row_fp16": C.Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="triton"),
+}
+TP_LINEAR_CASES = list(LINEAR_CONFIGS) + [f"{n}_bf16" for n in BF16_CASES] + list(KERNEL_CONFIGS)
 
 
 def tp_linear(rank: int, world: int) -> dict:
     from lowbit.distributed import ColwiseQuantLinear, RowwiseQuantLinear
 
     out = {}
-    cases = [(n, torch.float32) for n in LINEAR_CONFIGS] + [(n, torch.bfloat16) for n in BF16_CASES]
-    for name, dtype in cases:
+    cases = [(n, torch.float32, LINEAR_CONFIGS[n]) for n in LINEAR_CONFIGS]
+    cases += [(f"{n}_bf16", torch.bfloat16, LINEAR_CONFIGS[n]) for n in BF16_CASES]
+    cases += [(n, torch.float16, cfg) for n, cfg in KERNEL_CONFIGS.items()]
+    for key, dtype, cfg in cases:
         torch.manual_seed(1)  # same weights and inputs on every rank
         lin = nn.Linear(128, 96).to(dtype)
         x = torch.randn(2, 7, 128, dtype=dtype)
-        lowbit.quantize_(lin, LINEAR_CONFIGS[name])
+        lowbit.quantize_(lin, cfg)
         with torch.no_grad():
             ref = lin(x)
             col = ColwiseQuantLinear(lin.weight, lin.bias, gather_output=True)(x)
             row = RowwiseQuantLinear(lin.weight, lin.bias, input_is_sharded=False, exact=True)(x)
-            row_fast = RowwiseQuantLinear(lin.weight, lin.bias, input_is_sharded=False)(x)
-        key = name if dtype == torch.float32 else f"{name}_bf16"
-        out[key] = {"ref": ref, "col": col, "row": row, "row_fast": row_fast}
+            fast = RowwiseQuantLinear(lin.weight, lin.bias, input_is_sharded=False)
+            row_fast, kernel_calls = _count_w4a8_q_calls(fast, x)
+        out[key] = {"ref": ref, "col": col, "row": row, "row_fast": row_fast, "kernel_calls": kernel_calls}
     return out
+
+
+def _count_w4a8_q_calls(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """module(x) and how many times it called the W4A8 op on int8 activations."""
+    from lowbit.kernels.w4a8 import op
+
+    calls, orig = [], op.w4a8_linear_q_op
+
+    def counted(*args):
+        calls.append(1)
+        return orig(*args)
+
+    op.w4a8_linear_q_op = counted
+    try:
+        return module(x), len(calls)
+    finally:
+        op.w4a8_linear_q_op = orig
 
 
 def _init_(module: nn.Module) -> None:
@@ -62,7 +88,7 @@ BLOCK_CONFIGS = ("int8dq", "w4a8", "fp8dq", "int4wo")
 
 
 def tp_llama(rank: int, world: int) -> dict:
-    from lowbit.distributed.llama import parallelize_llama, parallelize_llama_block, setup_tp_caches
+    from lowbit.distributed.llama import parallelize_llama, parallelize_llama_block
     from lowbit.llm.config import ModelArgs
     from lowbit.llm.model import Block, Transformer, rope_tables
 
@@ -97,16 +123,16 @@ def tp_llama(rank: int, world: int) -> dict:
     tp_model = parallelize_llama(copy.deepcopy(model), exact=True)
     prompt = torch.tensor([[5, 17, 42, 8]])
     out["tokens"] = {
-        "ref": _greedy(model, prompt, 6, setup=Transformer.setup_caches),
-        "tp": _greedy(tp_model, prompt, 6, setup=setup_tp_caches),
+        "ref": _greedy(model, prompt, 6),
+        "tp": _greedy(tp_model, prompt, 6),
     }
     return out
 
 
 @torch.no_grad()
-def _greedy(model, prompt: torch.Tensor, steps: int, setup) -> torch.Tensor:
+def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     t = prompt.shape[1]
-    setup(model, 1, t + steps)
+    model.setup_caches(1, t + steps)
     logits = model(prompt, torch.arange(t), prefill=True, last_only=True)
     toks = [logits.argmax(-1)]
     for i in range(steps - 1):

@@ -130,10 +130,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--runs", type=int, default=1, help="repeat the timed generation N times")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallel over N GPUs of one host: launch with "
+        "`torchrun --nproc-per-node N -m lowbit generate --tp N ...` (rank 0 prints and writes JSON)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lowbit.distributed.launch import is_main_rank
     from lowbit.llm.harness import RunOptions, format_row, load
     from lowbit.llm.harness import run as run_once
 
@@ -142,7 +150,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graph and args.compile:
         raise ValueError("--cuda-graph captures the eager decode step; --compile already replays "
                          "CUDA graphs: choose one")
-    loaded = load(load_options(args))
+    options = load_options(args)
+    options.tp = args.tp
+    loaded = load(options)
+    main = is_main_rank()  # --tp: rank 0 prints and writes the JSON
     opts = RunOptions(
         batch_size=args.batch_size,
         prompt_len=args.prompt_len,
@@ -157,9 +168,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     rows = []
-    for _ in range(args.runs):
-        row = run_once(loaded, opts)
-        rows.append(row)
-        print(format_row(row))
-    write_json(args.json_out, rows[0] if len(rows) == 1 else rows)
+    try:
+        for _ in range(args.runs):
+            row = run_once(loaded, opts)
+            rows.append(row)
+            if main:
+                print(format_row(row))
+    finally:
+        loaded.close()
+    if main:
+        write_json(args.json_out, rows[0] if len(rows) == 1 else rows)
     return 0

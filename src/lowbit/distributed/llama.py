@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.distributed.tp import ColwiseQuantLinear, Group, RowwiseQuantLinear
-from lowbit.llm.model import Block, KVCache, Transformer
+from lowbit.llm.model import Block, Transformer
 
 
 def parallelize_llama_block(block: Block, group: Group = None, exact: bool = False) -> Block:
@@ -37,18 +37,12 @@ def parallelize_llama_block(block: Block, group: Group = None, exact: bool = Fal
 
 
 def parallelize_llama(model: Transformer, group: Group = None, exact: bool = False) -> Transformer:
-    """Shard every block of a (quantized) Transformer in place; call `setup_tp_caches` for decoding."""
+    """Shard every block of a (quantized) Transformer in place.
+
+    `model.setup_caches` then sizes each KV cache for the rank's local kv heads."""
     for block in model.blocks():
         parallelize_llama_block(block, group, exact)
     return model
-
-
-def setup_tp_caches(model: Transformer, batch: int, max_seq_len: int) -> None:
-    """Transformer.setup_caches with KV caches sized for each rank's local kv heads."""
-    model.setup_caches(batch, max_seq_len)
-    for block in model.blocks():
-        att = block.attention
-        att.kv_cache = KVCache(batch, att.n_kv, max_seq_len, att.head_dim, model.dtype, model.device)
 
 
 def _colwise(linear: nn.Module, group: Group, sections: list[int]) -> ColwiseQuantLinear:

@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowbit.core.kernel_choice import KernelChoice
 from lowbit.core.qtype import INT8_SYM, QType, qtype_by_name
 from lowbit.core.tensor import QuantizedTensor
-from lowbit.formats.common import ActGranularity, uses_act_quant
+from lowbit.formats.common import ActGranularity, resolve_kernel, uses_act_quant
 from lowbit.formats.float8 import Float8Tensor
 from lowbit.formats.int4 import Int4Tensor
 from lowbit.formats.int8 import Int8Tensor
@@ -231,8 +232,30 @@ def _int8_rowwise(qx, sx, w: Int8Tensor, bias, full_k: int, out_dtype, group) ->
     return y if bias is None else y + bias
 
 
+def _w4a8_kernel_ok(x2: torch.Tensor, w: Int4Tensor) -> bool:
+    """True when w's own W4A8 call on x2 would run a GPU kernel (Triton or CUTLASS), not the
+    pure-PyTorch reference: the shard then runs the Triton W4A8 op on the int8 activations."""
+    if w.zero_correction() is not None:
+        return False
+    try:
+        path = resolve_kernel(w.kernel, x2, w._available(x2, dynamic=True), "w4a8")
+    except RuntimeError:
+        return False
+    return path is not KernelChoice.REFERENCE
+
+
 def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype, group, exact: bool) -> torch.Tensor:
     from lowbit.formats.common import int_group_dot
+
+    if not exact and _w4a8_kernel_ok(qx.new_empty(qx.shape, dtype=out_dtype), w):
+        from lowbit.kernels.w4a8.op import w4a8_linear_q_op
+
+        # float32 partial sums (the kernel applies both scales), one all-reduce, one rounding
+        out = w4a8_linear_q_op(qx, sx, w.qdata, w.scale, None, w.group_size, torch.float32, "auto")
+        dist.all_reduce(out, group=group)
+        if bias is not None:
+            out = out + bias.to(torch.float32)
+        return out.to(out_dtype)
 
     g = w.group_size
     acc = int_group_dot(qx, w.int_data(), g, 8)  # (G_local, M, N) exact integers

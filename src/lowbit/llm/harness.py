@@ -17,6 +17,8 @@ is measured the same way:
                       CUDA-graph recording); None when not compiled.
   warmup_s            wall time of the warm-up decode steps (with cuda_graph: eager runs and
                       the capture of the eager step's CUDA graph).
+  tp                  tensor-parallel ranks (lowbit generate --tp N under torchrun); with tp > 1
+                      model_size_*, bandwidth and peak_* are this rank's (rank 0 reports)
   cuda_graph          RunOptions.cuda_graph: capture the eager decode step as a CUDA graph;
   cuda_graph_replayed   whether the timed decode steps actually replayed one (False off CUDA or
                       when the capture failed: decode then ran eagerly).
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from lowbit.llm.generate import Generator, Sampling, synchronize
-from lowbit.llm.loading import Quantizer, build_model, make_quantizer, resolve_source
+from lowbit.llm.loading import LOWBIT_FORMATS, Quantizer, build_model, make_quantizer, resolve_source
 from lowbit.llm.metrics import GB, MemoryMeter, device_name, model_size, versions
 from lowbit.llm.model import Transformer
 from lowbit.llm.tokenizer import Tokenizer, encode_checked, load_tokenizer
@@ -81,6 +83,7 @@ class LoadOptions:
     dtype: str = "auto"
     seed: int = 0
     quantize_output: bool = True
+    tp: int = 1  # tensor-parallel ranks (> 1: run under torchrun, one process per GPU)
 
 
 @dataclass
@@ -95,6 +98,16 @@ class Loaded:
     load_memory: dict[str, Any]
     options: LoadOptions
     cuda_allocator: str | None = None  # the allocator setting load() applied (CUDA only)
+    owns_process_group: bool = False  # load() created the --tp process group: close() ends it
+
+    def close(self) -> None:
+        """End the process group that load() started for --tp (no-op otherwise)."""
+        if self.owns_process_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_process_group = False
 
 
 def configure_cuda_allocator() -> str:
@@ -117,8 +130,32 @@ def configure_cuda_allocator() -> str:
     return "expandable_segments:True"
 
 
+def _tensor_parallel(opts: LoadOptions) -> tuple[torch.device, bool, Any]:
+    """--tp N: this rank's device, whether the process group is ours, and the build hook that
+    shards each block right after it is quantized (a rank never holds more than one whole block)."""
+    if opts.decode_quant is not None:
+        raise ValueError("--tp does not take --decode-quant (one weight per linear is sharded)")
+    if opts.quant not in ("none", *LOWBIT_FORMATS):
+        raise ValueError(f"--tp shards lowbit's formats ({', '.join(LOWBIT_FORMATS)}) or none, "
+                         f"not {opts.quant}")
+    from lowbit.distributed.launch import init_tensor_parallel
+    from lowbit.distributed.llama import parallelize_llama_block
+
+    device, owns = init_tensor_parallel(opts.tp, opts.device)
+
+    def shard(i: int, model: Transformer) -> None:
+        parallelize_llama_block(model.layers[i])
+
+    return device, owns, shard
+
+
 def load(opts: LoadOptions, quantizer: Quantizer | None = None) -> Loaded:
-    device = resolve_device(opts.device)
+    if opts.tp < 1:
+        raise ValueError(f"--tp {opts.tp} must be >= 1")
+    if opts.tp > 1:
+        device, owns_group, on_block = _tensor_parallel(opts)
+    else:
+        device, owns_group, on_block = resolve_device(opts.device), False, None
     allocator = configure_cuda_allocator() if device.type == "cuda" else None
     dtype = resolve_dtype(opts.dtype, device)
     quantizer = quantizer or make_quantizer(
@@ -128,13 +165,15 @@ def load(opts: LoadOptions, quantizer: Quantizer | None = None) -> Loaded:
     meter = MemoryMeter(device)
     meter.reset()
     t0 = time.perf_counter()
-    model = build_model(args, source, quantizer, device, dtype, quantize_output=opts.quantize_output)
+    model = build_model(
+        args, source, quantizer, device, dtype, quantize_output=opts.quantize_output, on_block=on_block
+    )
     synchronize(device)
     load_time = time.perf_counter() - t0
     tokenizer = load_tokenizer(opts.model, args.vocab_size)
     return Loaded(
         model, tokenizer, quantizer, source.describe(), device, dtype, load_time, meter.read(), opts,
-        allocator,
+        allocator, owns_group,
     )
 
 
@@ -216,6 +255,7 @@ def run(loaded: Loaded, opts: RunOptions) -> dict[str, Any]:
         "quant": loaded.quantizer.label,
         "quant_config": loaded.quantizer.describe(),
         "quantize_output": loaded.options.quantize_output,
+        "tp": loaded.options.tp,
         "batch_size": b,
         "prompt_len": t,
         "max_new_tokens": opts.max_new_tokens,
@@ -274,7 +314,8 @@ def format_row(r: dict[str, Any]) -> str:
         how = "replayed" if r.get("cuda_graph_replayed") else "NOT replayed: eager decode"
         comp += f" | CUDA graph of the eager step {how}, warm-up {_fmt(r['warmup_s'], '.1f')} s"
     return (
-        f"{r['model']} {r['quant']} {r['dtype']} bs={r['batch_size']} prompt={r['prompt_len']} "
+        f"{r['model']} {r['quant']} {r['dtype']}{' tp=%d' % r['tp'] if r.get('tp', 1) > 1 else ''} "
+        f"bs={r['batch_size']} prompt={r['prompt_len']} "
         f"new={r['max_new_tokens']}: TTFT {r['ttft_s'] * 1e3:.1f} ms | prefill "
         f"{r['prefill_tokens_per_s']:.0f} tok/s | decode {_fmt(r['decode_tokens_per_s'], '.1f')} tok/s"
         f" | {_fmt(r['bandwidth_gb_s'], '.1f')} GB/s | size {r['model_size_gb']:.3f} GB | {mem}{comp}"

@@ -278,11 +278,9 @@ class Transformer(nn.Module):
         if batch <= 0 or max_seq_len <= 0:
             raise ValueError(f"setup_caches: batch={batch} and max_seq_len={max_seq_len} must be > 0")
         self.free_caches()
-        a = self.args
         for layer in self.blocks():
-            layer.attention.kv_cache = KVCache(
-                batch, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, self.device
-            )
+            att = layer.attention  # n_kv: this rank's kv heads under tensor parallelism
+            att.kv_cache = KVCache(batch, att.n_kv, max_seq_len, att.head_dim, self.dtype, self.device)
         self.cache_batch, self.cache_len = batch, max_seq_len
         self.ensure_rope(max_seq_len)
 
