@@ -313,8 +313,9 @@ def format_row(r: dict[str, Any]) -> str:
     if r.get("cuda_graph"):
         how = "replayed" if r.get("cuda_graph_replayed") else "NOT replayed: eager decode"
         comp += f" | CUDA graph of the eager step {how}, warm-up {_fmt(r['warmup_s'], '.1f')} s"
+    tp = f" tp={r['tp']}" if r.get("tp", 1) > 1 else ""
     return (
-        f"{r['model']} {r['quant']} {r['dtype']}{' tp=%d' % r['tp'] if r.get('tp', 1) > 1 else ''} "
+        f"{r['model']} {r['quant']} {r['dtype']}{tp} "
         f"bs={r['batch_size']} prompt={r['prompt_len']} "
         f"new={r['max_new_tokens']}: TTFT {r['ttft_s'] * 1e3:.1f} ms | prefill "
         f"{r['prefill_tokens_per_s']:.0f} tok/s | decode {_fmt(r['decode_tokens_per_s'], '.1f')} tok/s"
