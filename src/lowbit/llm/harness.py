@@ -144,7 +144,7 @@ def _tensor_parallel(opts: LoadOptions) -> tuple[torch.device, bool, Any]:
     device, owns = init_tensor_parallel(opts.tp, opts.device)
 
     def shard(i: int, model: Transformer) -> None:
-        parallelize_llama_block(model.layers[i])
+        parallelize_llama_block(model.blocks()[i])
 
     return device, owns, shard
 
