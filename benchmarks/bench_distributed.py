@@ -16,7 +16,9 @@ tp:   every rank builds the same W4A8 model (random weights at the preset's shap
       tokens must then be identical. With the default kernels the TP=1 run uses the Triton
       kernels while row-wise shards use the reference epilogue, so rare argmax ties may differ.
 fsdp: a stack of MLP blocks (bf16 weights), fully_shard per block; median step time of
-      float8 training (convert_to_float8_training, --recipe) vs plain bf16, both under FSDP2.
+      float8 training (convert_to_float8_training, --recipe) vs plain bf16, both under FSDP2;
+      with the tensorwise recipe also float8 training whose weights are all-gathered in float8
+      (Float8TrainingConfig(fsdp_float8_all_gather=True)).
 Rank 0 prints one JSON line per result (and appends them to --out when given).
 """
 
@@ -141,7 +143,7 @@ def mlp_stack(dim: int, layers: int, device: torch.device) -> nn.Module:
     return nn.Sequential(*blocks).to(device=device, dtype=torch.bfloat16)
 
 
-def time_fsdp(args: argparse.Namespace, device: torch.device, float8: bool) -> float:
+def time_fsdp(args: argparse.Namespace, device: torch.device, float8: bool, f8_gather: bool = False) -> float:
     from torch.distributed.fsdp import fully_shard
 
     from lowbit.float8_training import Float8TrainingConfig, convert_to_float8_training
@@ -149,7 +151,8 @@ def time_fsdp(args: argparse.Namespace, device: torch.device, float8: bool) -> f
     torch.manual_seed(0)
     model = mlp_stack(args.dim, args.layers, device)
     if float8:
-        convert_to_float8_training(model, Float8TrainingConfig.from_recipe(args.recipe))
+        config = Float8TrainingConfig.from_recipe(args.recipe, fsdp_float8_all_gather=f8_gather)
+        convert_to_float8_training(model, config)
     for block in model:
         fully_shard(block)
         if args.compile:
@@ -174,6 +177,8 @@ def time_fsdp(args: argparse.Namespace, device: torch.device, float8: bool) -> f
 def run_fsdp(args: argparse.Namespace, device: torch.device) -> None:
     bf16 = time_fsdp(args, device, float8=False)
     f8 = time_fsdp(args, device, float8=True)
+    # float8 all-gather of the weights: tensorwise weight scaling only
+    f8_gather = time_fsdp(args, device, float8=True, f8_gather=True) if args.recipe == "tensorwise" else None
     emit(
         args,
         {
@@ -186,6 +191,8 @@ def run_fsdp(args: argparse.Namespace, device: torch.device) -> None:
             "bf16_ms": bf16 * 1e3,
             "float8_ms": f8 * 1e3,
             "speedup": bf16 / f8,
+            "float8_all_gather_ms": None if f8_gather is None else f8_gather * 1e3,
+            "speedup_float8_all_gather": None if f8_gather is None else bf16 / f8_gather,
         },
     )
 

@@ -182,6 +182,56 @@ def fsdp_float8(rank: int, world: int) -> dict:
     return out
 
 
+def fsdp_float8_all_gather(rank: int, world: int) -> dict:
+    """Three AdamW steps of FSDP2 float8 training (emulated on CPU), the weights all-gathered in
+    float8 vs in high precision; data-parallel halves of the batch on each rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lowbit.float8_training import Float8TrainingConfig, convert_to_float8_training
+
+    runs = {}
+    for f8_gather in (False, True):
+        torch.manual_seed(5)
+        # (the bias-free layer is all-gathered alone: a group of float8 bytes only)
+        model = nn.Sequential(
+            nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 48, bias=False), nn.SiLU(), nn.Linear(48, 64)
+        )
+        convert_to_float8_training(
+            model, Float8TrainingConfig.from_recipe("tensorwise", fsdp_float8_all_gather=f8_gather)
+        )
+        seen: list = []
+
+        def record(m: nn.Module, _, seen: list = seen) -> None:
+            # runs after FSDP2's own pre-forward hook: the weight the forward GEMM receives
+            seen.append((type(m.weight).__name__, getattr(m.weight, "_data", m.weight).dtype))
+
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+            layer.register_forward_pre_hook(record)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 + step)
+            x, target = torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
+            loss = nn.functional.mse_loss(model(x.chunk(world)[rank]), target.chunk(world)[rank])
+            loss.backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        state = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        runs["float8" if f8_gather else "hp"] = {
+            "losses": losses,
+            "grads": grads,
+            "params": {n: p.detach().full_tensor() for n, p in model.named_parameters()},
+            "state_types": sorted({type(v).__name__ for v in state.values()}),
+            "state": state,
+            "seen": seen,
+        }
+    return runs
+
+
 def hang_on_rank1(rank: int, world: int) -> None:
     """Rank 1 never joins the collective: the launcher must kill both and fail, not hang."""
     if rank == 1:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lowbit.float8_training.config import Float8TrainingConfig, ScalingGranularity
+from lowbit.float8_training.fsdp import Float8GatheredWeight
 from lowbit.float8_training.kernels import Float8Operand, cast_to_float8, float8_mm
 
 _TENSORWISE = ScalingGranularity.TENSORWISE
@@ -41,7 +42,10 @@ class Float8LinearFunction(torch.autograd.Function):
                 y = x @ w.to(x.dtype).t()
             else:
                 xq = cast_to_float8(x, config.cast_input)
-                wq = cast_to_float8(w, config.cast_weight)
+                if isinstance(w, Float8GatheredWeight):  # FSDP2 gathered it already cast
+                    wq = w.operand()
+                else:
+                    wq = cast_to_float8(w, config.cast_weight)
                 y = float8_mm(xq, wq, x.dtype, gemm.use_fast_accum, emulate)
         # Save the least that the backward needs: a tensorwise float8 input serves the grad_weight
         # GEMM as it is (half the bytes of a bf16 input); otherwise the high-precision tensors.

@@ -113,6 +113,7 @@ class GemmConfig:
 _E4M3 = torch.float8_e4m3fn
 _E5M2 = torch.float8_e5m2
 _ROW = ScalingGranularity.AXISWISE
+_TENSOR = ScalingGranularity.TENSORWISE
 
 # GEMM name -> the two operands it reads (first operand, second operand).
 GEMM_OPERANDS: dict[str, tuple[str, str]] = {
@@ -126,6 +127,9 @@ GEMM_OPERANDS: dict[str, tuple[str, str]] = {
 class Float8TrainingConfig:
     """Float8 training of nn.Linear layers. The defaults are the `tensorwise` recipe.
 
+    `fsdp_float8_all_gather`: under FSDP2 (fully_shard), each rank casts its weight shard to float8
+    before the all-gather (tensorwise weight scaling only): half the all-gather bytes of bf16, the
+    same float8 values (lowbit.float8_training.fsdp).
     `emulate`: None picks automatically (emulate on CPU and other non-CUDA devices; on a CUDA GPU
     use torch._scaled_mm and raise if the GPU cannot), True always emulates (fp32 math on the
     dequantized float8 values: the numerical reference), False requires the float8 kernels.
@@ -138,6 +142,7 @@ class Float8TrainingConfig:
     gemm_grad_input: GemmConfig = field(default_factory=GemmConfig)
     gemm_grad_weight: GemmConfig = field(default_factory=GemmConfig)
     emulate: bool | None = None
+    fsdp_float8_all_gather: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -148,6 +153,13 @@ class Float8TrainingConfig:
                 raise ValueError(f"Float8TrainingConfig.{f.name}={value!r} must be a GemmConfig")
         if self.emulate is not None:
             _check_bool("Float8TrainingConfig", "emulate", self.emulate)
+        _check_bool("Float8TrainingConfig", "fsdp_float8_all_gather", self.fsdp_float8_all_gather)
+        if self.fsdp_float8_all_gather and self.cast_weight.granularity is not _TENSOR:
+            raise ValueError(
+                "fsdp_float8_all_gather=True needs a tensorwise weight cast (one scale for the whole "
+                "weight, agreed across shards); this config casts the weight "
+                f"{self.cast_weight.granularity.value}"
+            )
         float8_gemms = [g for g in GEMM_OPERANDS if not self.gemm(g).high_precision]
         if not float8_gemms:
             raise ValueError(
@@ -183,7 +195,9 @@ class Float8TrainingConfig:
         )
 
     @staticmethod
-    def from_recipe(name: str | Recipe, emulate: bool | None = None) -> "Float8TrainingConfig":
+    def from_recipe(
+        name: str | Recipe, emulate: bool | None = None, fsdp_float8_all_gather: bool = False
+    ) -> "Float8TrainingConfig":
         """`tensorwise`: e4m3 input/weight, e5m2 grad_output, one scale per tensor, fast accumulation
         in the forward GEMM. `rowwise`: e4m3 everywhere with axiswise scales (per-row scales absorb
         the range e5m2 would otherwise provide), fast accumulation in the forward, exact
@@ -195,7 +209,7 @@ class Float8TrainingConfig:
         except ValueError:
             raise ValueError(f"recipe={name!r} is unknown; allowed: {[r.value for r in Recipe]}") from None
         if recipe is Recipe.TENSORWISE:
-            return Float8TrainingConfig(emulate=emulate)
+            return Float8TrainingConfig(emulate=emulate, fsdp_float8_all_gather=fsdp_float8_all_gather)
         row = CastConfig(_E4M3, _ROW)
         gw = GemmConfig(high_precision=recipe is Recipe.ROWWISE_WITH_GW_HP)
         return Float8TrainingConfig(
@@ -206,6 +220,7 @@ class Float8TrainingConfig:
             gemm_grad_input=GemmConfig(),
             gemm_grad_weight=gw,
             emulate=emulate,
+            fsdp_float8_all_gather=fsdp_float8_all_gather,  # (refused: the weight cast is axiswise)
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from lowbit.float8_training.autograd import Float8LinearFunction
 from lowbit.float8_training.config import Float8TrainingConfig
+from lowbit.float8_training.fsdp import Float8AllGatherWeight, unwrap_state_dict_hook
 from lowbit.float8_training.kernels import MM_ALIGN, float8_unsupported_reason, resolve_emulate
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -41,6 +42,7 @@ class Float8Linear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config if config is not None else Float8TrainingConfig()
+        self.register_state_dict_post_hook(unwrap_state_dict_hook)  # fsdp_float8_all_gather
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Float8TrainingConfig) -> "Float8Linear":
@@ -110,6 +112,9 @@ def convert_to_float8_training(
     """Swap every eligible nn.Linear of `model` (in place) for a Float8Linear sharing its Parameters.
 
     `module_filter_fn(module, fqn) -> bool` chooses among the nn.Linear layers (None: all).
+    With `config.fsdp_float8_all_gather` each converted weight becomes a new Parameter (a
+    Float8AllGatherWeight over the same data): convert before fully_shard and before creating
+    the optimizer.
     Eligible: in_features and out_features divisible by 16 (what float8 GEMMs take); others are
     skipped with one warning and listed in the returned report. On a model already on a CUDA GPU
     that cannot run float8 GEMMs this raises before changing anything (unless config.emulate=True).
@@ -142,7 +147,13 @@ def convert_to_float8_training(
         if not config.emulate and float8_unsupported_reason(config, device) is not None:
             resolve_emulate(config, device)  # raises the error naming the requirement
     for fqn, module in targets:
-        model.set_submodule(fqn, Float8Linear.from_linear(module, config))
+        new = Float8Linear.from_linear(module, config)
+        if config.fsdp_float8_all_gather:  # a new Parameter: create the optimizer after converting
+            w = module.weight
+            new.weight = nn.Parameter(
+                Float8AllGatherWeight(w.detach(), config.cast_weight), requires_grad=w.requires_grad
+            )
+        model.set_submodule(fqn, new)
         report.converted.append(fqn)
     if report.skipped:
         first = "; ".join(f"{fqn} ({why})" for fqn, why in list(report.skipped.items())[:4])
