@@ -244,14 +244,20 @@ def _w4a8_kernel_ok(x2: torch.Tensor, w: Int4Tensor) -> bool:
     return path is not KernelChoice.REFERENCE
 
 
+def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> torch.Tensor:
+    """A K shard's float32 W4A8 partial output from the Triton op: sx * (qx @ (q * s)^T), with qx
+    this shard's int8 activations and sx the full-row per-token scale."""
+    from lowbit.kernels.w4a8.op import w4a8_linear_q_op
+
+    return w4a8_linear_q_op(qx, sx, w.qdata, w.scale, None, w.group_size, torch.float32, "auto")
+
+
 def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype, group, exact: bool) -> torch.Tensor:
     from lowbit.formats.common import int_group_dot
 
     if not exact and _w4a8_kernel_ok(qx.new_empty(qx.shape, dtype=out_dtype), w):
-        from lowbit.kernels.w4a8.op import w4a8_linear_q_op
-
-        # float32 partial sums (the kernel applies both scales), one all-reduce, one rounding
-        out = w4a8_linear_q_op(qx, sx, w.qdata, w.scale, None, w.group_size, torch.float32, "auto")
+        # float32 partial sums, one all-reduce, one rounding
+        out = w4a8_kernel_partial(qx, sx, w)
         dist.all_reduce(out, group=group)
         if bias is not None:
             out = out + bias.to(torch.float32)

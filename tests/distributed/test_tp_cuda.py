@@ -1,0 +1,34 @@
+"""GPU: a row-wise W4A8 shard's kernel path (float32 partials of the Triton op) on real kernels.
+CPU twin: test_tp.py's w4a8_triton_* cases (2 gloo ranks, TRITON_INTERPRET)."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.core.primitives import quantize_per_token_sym
+from lowbit.core.qtype import INT8_SYM
+from lowbit.distributed.tp import _w4a8_kernel_ok, shard_quantized, w4a8_kernel_partial
+from lowbit.formats.configs import Int8DynamicActivationInt4WeightConfig
+from lowbit.testing.sqnr import sqnr_db
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("group", [None, 128])
+@pytest.mark.parametrize("m", [1, 7, 33, 300])
+def test_rowwise_w4a8_kernel_partials_sum_to_one_process(m, group):
+    torch.manual_seed(0)
+    lin = nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16)
+    lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=group))
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = lin(x)  # one process, the AUTO kernels
+        qx, sx = quantize_per_token_sym(x, INT8_SYM)  # the full-row scale every rank agrees on
+        world, out = 4, torch.zeros(m, 1024, device="cuda", dtype=torch.float32)
+        for rank in range(world):
+            shard = shard_quantized(lin.weight, 1, rank, world)
+            assert _w4a8_kernel_ok(x[:, : shard.shape[1]], shard)
+            k = shard.shape[1]
+            out += w4a8_kernel_partial(qx[:, rank * k : (rank + 1) * k].contiguous(), sx, shard)
+    assert sqnr_db(ref.float(), out.to(torch.bfloat16).float()) >= 40  # a few bf16 ulps
