@@ -141,6 +141,13 @@ def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat(toks, 1)
 
 
+def cpu_mesh(world: int):
+    """A CPU device mesh: without one, FSDP2 moves the model to CUDA on a machine with a GPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))
+
+
 def fsdp_float8(rank: int, world: int) -> dict:
     """One float8 training step (emulated on CPU) under FSDP2 vs the same step in one process."""
     from torch.distributed.fsdp import fully_shard
@@ -158,8 +165,8 @@ def fsdp_float8(rank: int, world: int) -> dict:
         ref_loss.backward()
         torch.optim.SGD(ref.parameters(), lr=0.5).step()
         for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=cpu_mesh(world))
+        fully_shard(model, mesh=cpu_mesh(world))
         # Data parallel: each rank takes its half of the batch; FSDP2 averages the gradients.
         # same_batch: every rank takes the whole batch, so FSDP2's sharding, all-gathers and
         # gradient reduce-scatter are the only difference from one process.
@@ -206,9 +213,9 @@ def fsdp_float8_all_gather(rank: int, world: int) -> dict:
             seen.append((type(m.weight).__name__, getattr(m.weight, "_data", m.weight).dtype))
 
         for layer in (model[0], model[2], model[4]):
-            fully_shard(layer)
+            fully_shard(layer, mesh=cpu_mesh(world))
             layer.register_forward_pre_hook(record)
-        fully_shard(model)
+        fully_shard(model, mesh=cpu_mesh(world))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
         for step in range(3):
