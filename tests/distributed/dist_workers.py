@@ -239,6 +239,58 @@ def fsdp_float8_all_gather(rank: int, world: int) -> dict:
     return runs
 
 
+def dtensor_roundtrip(rank: int, world: int) -> dict:
+    """Quantized weights as DTensors: shard, gather back, and DTensor's own distribute_tensor."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowbit.distributed import distribute_quantized, gather_quantized, shard_quantized
+
+    mesh = cpu_mesh(world)
+    configs = {**LINEAR_CONFIGS, "w4a8_row": C.Int8DynamicActivationInt4WeightConfig(group_size=None),
+               "w4a8_one_group_per_shard": C.Int8DynamicActivationInt4WeightConfig(group_size=64)}
+    out = {}
+    for name, cfg in configs.items():
+        for dim in (0, 1):
+            torch.manual_seed(3)
+            lin = nn.Linear(128, 96)
+            lowbit.quantize_(lin, cfg)
+            w = lin.weight
+            dw = distribute_quantized(w, mesh, dim)
+            full = gather_quantized(dw)
+            mine = shard_quantized(w, dim, rank, world)
+            theirs = distribute_tensor(w, mesh, [Shard(dim)], src_data_rank=None).to_local()
+            out[(name, dim)] = {
+                "placements": [str(p) for p in dw.placements],
+                "local_is_shard": _same_quantized(dw.to_local(), mine),
+                "gathered_is_original": _same_quantized(full, w),
+                "distribute_tensor_is_shard": _same_quantized(theirs, mine),
+            }
+    return out
+
+
+def _same_quantized(a: torch.Tensor, b: torch.Tensor) -> bool:
+    from lowbit.core.tensor import QuantizedTensor
+
+    if not isinstance(b, QuantizedTensor):
+        return torch.equal(a, b)
+    return (
+        type(a) is type(b)
+        and a.shape == b.shape
+        and a.attributes() == b.attributes()
+        and all(_same_bytes(x, y) for x, y in zip(a.inner_tensors(), b.inner_tensors()))
+    )
+
+
+def _same_bytes(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    if x is None or y is None:
+        return x is None and y is None
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if x.element_size() == 1:  # (float8 has no CPU equality kernel)
+        x, y = x.view(torch.uint8), y.view(torch.uint8)
+    return torch.equal(x, y)
+
+
 def hang_on_rank1(rank: int, world: int) -> None:
     """Rank 1 never joins the collective: the launcher must kill both and fail, not hang."""
     if rank == 1:

@@ -31,6 +31,8 @@ class QuantizedTensor(torch.Tensor):
 
     tensor_data_names: ClassVar[tuple[str, ...]] = ("qdata", "scale", "zero_point")
     tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
+    # inner tensors tile the weight blockwise along both dims (lowbit.core.shard_ops: DTensor)
+    blockwise: ClassVar[bool] = False
     _aten_table: ClassVar[dict[Any, Callable[..., Any]]] = {}
 
     @staticmethod
@@ -116,6 +118,8 @@ class QuantizedTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _COMMON_OPS.get(func)
+        if handler is None and func.overloadpacket.__name__ in _COLLECTIVE_NAMES:
+            handler = shard_ops.NAMED_OPS.get(func.name())
         if handler is not None:
             return handler(func, args, kwargs)
         raise NotImplementedError(
@@ -171,3 +175,8 @@ _COMMON_OPS = {
     aten._to_copy.default: _to_copy,
     aten.copy_.default: _copy_,
 }
+
+from lowbit.core import shard_ops  # noqa: E402  (DTensor sharding ops of blockwise formats)
+
+_COMMON_OPS.update(shard_ops.OPS)
+_COLLECTIVE_NAMES = {name.split("::")[1] for name in shard_ops.NAMED_OPS}

@@ -22,6 +22,7 @@ class Float8Tensor(QuantizedTensor):
 
     tensor_data_names = ("qdata", "scale", "zero_point")
     tensor_attribute_names = ("block_size", "act_quant", "kernel")
+    blockwise = True
 
     @classmethod
     def from_hp(cls, w: torch.Tensor, qtype: QType, per_row: bool,

@@ -37,6 +37,7 @@ from lowbit.formats.common import (
 class Int4Tensor(QuantizedTensor):
     tensor_data_names = ("qdata", "scale", "zero_point")
     tensor_attribute_names = ("block_size", "zero_point_domain", "act_quant", "kernel")
+    blockwise = True
 
     @classmethod
     def from_hp(cls, w: torch.Tensor, group_size: int | None, mapping: Mapping,
