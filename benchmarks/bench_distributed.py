@@ -13,8 +13,9 @@ tp:   every rank builds the same W4A8 model (random weights at the preset's shap
       it with lowbit.distributed.llama.parallelize_llama and decodes again (TP=world). Reports
       whether the tokens are equal and decode tokens/s of both. With --kernel reference both
       runs use the pure-PyTorch integer path and the row-wise layers run with exact=True: the
-      tokens must then be identical. With the default kernels the TP=1 run uses the Triton
-      kernels while row-wise shards use the reference epilogue, so rare argmax ties may differ.
+      tokens must then be identical. With the default kernels the row-wise shards run the same
+      Triton W4A8 op on their int8 activations and all-reduce float32 partial outputs: a
+      different summation order than one process, so a rare argmax tie may differ.
 fsdp: a stack of MLP blocks (bf16 weights), fully_shard per block; median step time of
       float8 training (convert_to_float8_training, --recipe) vs plain bf16, both under FSDP2;
       with the tensorwise recipe also float8 training whose weights are all-gathered in float8

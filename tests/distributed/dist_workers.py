@@ -60,17 +60,17 @@ def _count_w4a8_q_calls(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     """module(x) and how many times it called the W4A8 op on int8 activations."""
     from lowbit.kernels.w4a8 import op
 
-    calls, orig = [], op.w4a8_linear_q_op
+    calls, orig = [], op._w4a8_linear_q_impl
 
     def counted(*args):
         calls.append(1)
         return orig(*args)
 
-    op.w4a8_linear_q_op = counted
+    op._w4a8_linear_q_impl = counted
     try:
         return module(x), len(calls)
     finally:
-        op.w4a8_linear_q_op = orig
+        op._w4a8_linear_q_impl = orig
 
 
 def _init_(module: nn.Module) -> None:
@@ -191,51 +191,56 @@ def fsdp_float8(rank: int, world: int) -> dict:
 
 def fsdp_float8_all_gather(rank: int, world: int) -> dict:
     """Three AdamW steps of FSDP2 float8 training (emulated on CPU), the weights all-gathered in
-    float8 vs in high precision; data-parallel halves of the batch on each rank."""
-    from torch.distributed.fsdp import fully_shard
+    float8 vs in high precision; data-parallel parts of the batch on each rank. With and without
+    mixed precision (fp32 weights, bf16 compute). Over 3 ranks the shards are uneven (N=128, 64)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lowbit.float8_training import Float8TrainingConfig, convert_to_float8_training
 
     runs = {}
-    for f8_gather in (False, True):
-        torch.manual_seed(5)
-        # (the bias-free layer is all-gathered alone: a group of float8 bytes only)
-        model = nn.Sequential(
-            nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 48, bias=False), nn.SiLU(), nn.Linear(48, 64)
-        )
-        convert_to_float8_training(
-            model, Float8TrainingConfig.from_recipe("tensorwise", fsdp_float8_all_gather=f8_gather)
-        )
-        seen: list = []
+    for mp in ("fp32", "bf16"):
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if mp == "bf16" else MixedPrecisionPolicy()
+        for f8_gather in (False, True):
+            torch.manual_seed(5)
+            # (the bias-free layer is all-gathered alone: a group of float8 bytes only)
+            model = nn.Sequential(
+                nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 48, bias=False), nn.SiLU(), nn.Linear(48, 64)
+            )
+            convert_to_float8_training(
+                model, Float8TrainingConfig.from_recipe("tensorwise", fsdp_float8_all_gather=f8_gather)
+            )
+            seen: list = []
 
-        def record(m: nn.Module, _, seen: list = seen) -> None:
-            # runs after FSDP2's own pre-forward hook: the weight the forward GEMM receives
-            seen.append((type(m.weight).__name__, getattr(m.weight, "_data", m.weight).dtype))
+            def record(m: nn.Module, _, seen: list = seen) -> None:
+                # runs after FSDP2's own pre-forward hook: the weight the forward GEMM receives
+                seen.append((type(m.weight).__name__, getattr(m.weight, "_data", m.weight).dtype))
 
-        for layer in (model[0], model[2], model[4]):
-            fully_shard(layer, mesh=cpu_mesh(world))
-            layer.register_forward_pre_hook(record)
-        fully_shard(model, mesh=cpu_mesh(world))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
-        for step in range(3):
-            g = torch.Generator().manual_seed(10 + step)
-            x, target = torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
-            loss = nn.functional.mse_loss(model(x.chunk(world)[rank]), target.chunk(world)[rank])
-            loss.backward()
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
-        state = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        runs["float8" if f8_gather else "hp"] = {
-            "losses": losses,
-            "grads": grads,
-            "params": {n: p.detach().full_tensor() for n, p in model.named_parameters()},
-            "state_types": sorted({type(v).__name__ for v in state.values()}),
-            "state": state,
-            "seen": seen,
-        }
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=cpu_mesh(world), mp_policy=policy)
+                layer.register_forward_pre_hook(record)
+            fully_shard(model, mesh=cpu_mesh(world), mp_policy=policy)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            losses = []
+            for step in range(3):
+                g = torch.Generator().manual_seed(10 + step)
+                x, target = torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
+                y = model(x.chunk(world)[rank])
+                loss = nn.functional.mse_loss(y.float(), target.chunk(world)[rank])
+                loss.backward()
+                grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.detach())
+            state = model.state_dict()
+            runs[(mp, "float8" if f8_gather else "hp")] = {
+                "losses": losses,
+                "grads": grads,
+                "params": {n: p.detach().full_tensor() for n, p in model.named_parameters()},
+                # what a sharded checkpoint holds: the DTensors' local tensors
+                "state_local_types": sorted({type(v.to_local()).__name__ for v in state.values()}),
+                "state": {k: v.full_tensor() for k, v in state.items()},
+                "seen": seen,
+            }
     return runs
 
 

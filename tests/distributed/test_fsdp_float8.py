@@ -37,41 +37,72 @@ def test_fsdp2_float8_same_batch_is_exact(results):
             assert torch.equal(r["params"][n], r["ref_params"][n]), n
 
 
-@pytest.fixture(scope="module")
-def all_gather_results(tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks_uneven"])
+def all_gather_results(request, tmp_path_factory):
     from dist_workers import fsdp_float8_all_gather
 
-    return run_distributed(fsdp_float8_all_gather, tmp_path_factory.mktemp("fsdp_f8_gather"), timeout_s=90)
+    world = request.param
+    return run_distributed(
+        fsdp_float8_all_gather, tmp_path_factory.mktemp(f"fsdp_f8_gather{world}"), world=world, timeout_s=120
+    )
 
 
-def test_float8_all_gather_gathers_float8(all_gather_results):
+@pytest.mark.parametrize("mp", ["fp32", "bf16"])
+def test_float8_all_gather_gathers_float8(all_gather_results, mp):
     for rank_out in all_gather_results:
-        hp, f8 = rank_out["hp"]["seen"], rank_out["float8"]["seen"]
+        hp, f8 = rank_out[(mp, "hp")]["seen"], rank_out[(mp, "float8")]["seen"]
         assert len(hp) == len(f8) == 9  # 3 layers x 3 steps
-        assert {t for t, _ in hp} == {"Parameter"} and {d for _, d in hp} == {torch.float32}
+        param_dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+        assert {t for t, _ in hp} == {"Parameter"} and {d for _, d in hp} == {param_dtype}
         assert {t for t, _ in f8} == {"Float8GatheredWeight"} and {d for _, d in f8} == {torch.float8_e4m3fn}
 
 
-def test_float8_all_gather_trains_bit_identically(all_gather_results):
-    """Same float8 values and scales as casting the gathered weight: every number is equal."""
+@pytest.mark.parametrize("mp", ["fp32", "bf16"])
+def test_float8_all_gather_trains_bit_identically(all_gather_results, mp):
+    """Same float8 values and scales as casting the gathered weight: every number is equal
+    (also with bf16 mixed precision, and with uneven shards over 3 ranks)."""
     for rank_out in all_gather_results:
-        hp, f8 = rank_out["hp"], rank_out["float8"]
+        hp, f8 = rank_out[(mp, "hp")], rank_out[(mp, "float8")]
         for a, b in zip(hp["losses"], f8["losses"]):
             assert torch.equal(a, b)
         for n in hp["grads"]:
             assert torch.equal(hp["grads"][n], f8["grads"][n]), n
             assert torch.equal(hp["params"][n], f8["params"][n]), n
-        # state_dict gives plain tensors (the wrapper never leaks into checkpoints)
-        assert f8["state_types"] == ["Tensor"]
+        # a sharded checkpoint holds plain local tensors (the wrapper never leaks into it)
+        assert f8["state_local_types"] == ["Tensor"]
         for k, v in hp["state"].items():
             assert torch.equal(v, f8["state"][k]), k
 
 
-def test_float8_all_gather_needs_tensorwise_weight():
-    from lowbit.float8_training import Float8TrainingConfig
+def test_float8_all_gather_needs_tensorwise_float8_weight_gemms():
+    from lowbit.float8_training import Float8TrainingConfig, GemmConfig
 
     with pytest.raises(ValueError, match="needs a tensorwise weight cast"):
         Float8TrainingConfig.from_recipe("rowwise", fsdp_float8_all_gather=True)
+    for gemm in ("gemm_output", "gemm_grad_input"):
+        with pytest.raises(ValueError, match=f"{gemm} runs in high precision"):
+            Float8TrainingConfig(fsdp_float8_all_gather=True, **{gemm: GemmConfig(high_precision=True)})
+
+
+def test_float8_all_gather_keeps_tied_weights_tied():
+    from torch import nn
+
+    from lowbit.float8_training import Float8TrainingConfig, convert_to_float8_training
+    from lowbit.float8_training.fsdp import Float8AllGatherWeight
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.a, self.b = nn.Embedding(64, 32), nn.Linear(32, 64), nn.Linear(32, 64)
+            self.head = nn.Linear(32, 64, bias=False)
+            self.b.weight = self.a.weight  # tied between two converted layers
+            self.head.weight = self.emb.weight  # tied to a module that stays as is
+
+    m = Tied()
+    convert_to_float8_training(m, Float8TrainingConfig.from_recipe("tensorwise", fsdp_float8_all_gather=True))
+    assert isinstance(m.a.weight, Float8AllGatherWeight) and m.a.weight is m.b.weight
+    assert type(m.head.weight) is nn.Parameter and m.head.weight is m.emb.weight
+    assert len(list(m.parameters())) == 4  # emb/head, a/b weight, a bias, b bias
 
 
 def test_float8_all_gather_weight_without_fsdp(tmp_path):

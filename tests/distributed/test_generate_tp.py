@@ -57,3 +57,32 @@ def test_tp_world_size_mismatch(tmp_path):
     proc = _torchrun(["generate", "--tp", "3", *TINY])
     assert proc.returncode != 0
     assert "torchrun started 2 processes: --nproc-per-node must equal --tp" in proc.stderr
+
+
+def test_torchrun_without_tp_is_refused():
+    proc = _torchrun(["generate", *TINY])
+    assert proc.returncode != 0
+    assert "torchrun started 2 processes but --tp is 1: pass --tp 2" in proc.stderr
+
+
+def test_failed_tp_load_ends_its_process_group(tmp_path):
+    """A --tp load that fails after joining the group (K=384 does not split into 128-groups over
+    2 ranks) leaves no process group: the same process can start a new one."""
+    code = (
+        "import torch.distributed as dist\n"
+        "from lowbit.llm.harness import LoadOptions, load\n"
+        "try:\n"
+        "    load(LoadOptions(model='tiny', random_weights=True, quant='w4a8', group_size=128,"
+        " device='cpu', tp=2))\n"
+        "except ValueError as e:\n"
+        "    assert 'whole scale groups' in str(e), e\n"
+        "assert not dist.is_initialized()\n"
+        "print('OK')\n"
+    )
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "failed_load.py"
+    script.write_text(code)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*launcher, str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0 and proc.stdout.count("OK") == 2, proc.stderr[-2000:]
+

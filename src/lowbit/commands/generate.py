@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graph and args.compile:
         raise ValueError("--cuda-graph captures the eager decode step; --compile already replays "
                          "CUDA graphs: choose one")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp == 1 and world > 1:
+        raise ValueError(f"torchrun started {world} processes but --tp is 1: pass --tp {world} "
+                         "(or run one process)")
     options = load_options(args)
     options.tp = args.tp
     loaded = load(options)

@@ -208,7 +208,7 @@ class RowwiseQuantLinear(nn.Module):
         if isinstance(w, Int8Tensor) and qt == INT8_SYM:
             return _int8_rowwise(qx, sx, w, bias, self.full_k, x2.dtype, self.group)
         if isinstance(w, Int4Tensor) and qt == INT8_SYM:
-            return _w4a8_rowwise(qx, sx, w, bias, x2.dtype, self.group, self.exact)
+            return _w4a8_rowwise(qx, sx, w, bias, x2, self.group, self.exact)
         if isinstance(w, Float8Tensor):
             y = (qx.to(torch.float32) @ w.qdata.to(torch.float32).t()) * sx * w.scale.t()
             dist.all_reduce(y, group=self.group)
@@ -247,15 +247,18 @@ def _w4a8_kernel_ok(x2: torch.Tensor, w: Int4Tensor) -> bool:
 def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> torch.Tensor:
     """A K shard's float32 W4A8 partial output from the Triton op: sx * (qx @ (q * s)^T), with qx
     this shard's int8 activations and sx the full-row per-token scale."""
-    from lowbit.kernels.w4a8.op import w4a8_linear_q_op
+    from lowbit.kernels.w4a8.op import _w4a8_linear_q_impl, w4a8_linear_q_op
 
-    return w4a8_linear_q_op(qx, sx, w.qdata, w.scale, None, w.group_size, torch.float32, "auto")
+    # the registered op for torch.compile; eagerly its body (no dispatcher round trip per call)
+    op = w4a8_linear_q_op if torch.compiler.is_compiling() else _w4a8_linear_q_impl
+    return op(qx, sx, w.qdata, w.scale, None, w.group_size, torch.float32, "auto")
 
 
-def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype, group, exact: bool) -> torch.Tensor:
+def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, x2: torch.Tensor, group, exact: bool) -> torch.Tensor:
     from lowbit.formats.common import int_group_dot
 
-    if not exact and _w4a8_kernel_ok(qx.new_empty(qx.shape, dtype=out_dtype), w):
+    out_dtype = x2.dtype
+    if not exact and _w4a8_kernel_ok(x2, w):
         # float32 partial sums, one all-reduce, one rounding
         out = w4a8_kernel_partial(qx, sx, w)
         dist.all_reduce(out, group=group)

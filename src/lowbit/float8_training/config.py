@@ -160,6 +160,12 @@ class Float8TrainingConfig:
                 "weight, agreed across shards); this config casts the weight "
                 f"{self.cast_weight.granularity.value}"
             )
+        hp_weight = [g for g in ("output", "grad_input") if self.gemm(g).high_precision]
+        if self.fsdp_float8_all_gather and hp_weight:
+            raise ValueError(
+                f"fsdp_float8_all_gather=True gathers only the float8 weight, but gemm_{hp_weight[0]} "
+                "runs in high precision and needs the high-precision weight"
+            )
         float8_gemms = [g for g in GEMM_OPERANDS if not self.gemm(g).high_precision]
         if not float8_gemms:
             raise ValueError(

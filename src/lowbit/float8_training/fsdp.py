@@ -85,7 +85,8 @@ def tensorwise_cast(t: torch.Tensor, amax: torch.Tensor, cast: CastConfig) -> Fl
         if _fused_scale_and_saturate is None:
             _fused_scale_and_saturate = torch.compile(_scale_and_saturate, dynamic=True)
         fn = _fused_scale_and_saturate
-    q = fn(t, inv_scale, fmax, cast.dtype)
+    with torch.no_grad():  # (one compiled graph per dtype pair, not per grad mode)
+        q = fn(t, inv_scale, fmax, cast.dtype)
     return Float8Operand(q.contiguous(), inv_scale.reciprocal())
 
 
@@ -166,11 +167,22 @@ class Float8AllGatherWeight(torch.Tensor):
         if mesh.ndim != 1:
             raise NotImplementedError("float8 all-gather supports a 1-D FSDP mesh (not HSDP)")
         shard = self._tensor
+        param_dtype = getattr(mp_policy, "param_dtype", None)
+        if param_dtype is not None and param_dtype != shard.dtype:
+            # mixed precision: cast what the plain path gathers (the weight in param_dtype)
+            shard = shard.to(param_dtype)
         amax = absmax(shard)  # (a rank may hold an empty shard of a small weight)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())  # the whole weight's amax
         q = tensorwise_cast(shard, amax, self._cast)
         # the bytes travel as uint8: every backend gathers bytes (gloo has no float8 type)
-        return (q.qdata.view(torch.uint8),), (q.scale, q.qdata.dtype)
+        data = q.qdata.view(torch.uint8)
+        # uneven sharding: FSDP2 gathers equal padded shards of ceil(N / world) rows
+        rows = -(-outer_size[0] // mesh.size())
+        if data.shape[0] != rows:
+            padded = data.new_zeros((rows, *data.shape[1:]))
+            padded[: data.shape[0]].copy_(data)
+            data = padded
+        return (data,), (q.scale, q.qdata.dtype)
 
     def fsdp_post_all_gather(
         self,

@@ -113,8 +113,9 @@ def convert_to_float8_training(
 
     `module_filter_fn(module, fqn) -> bool` chooses among the nn.Linear layers (None: all).
     With `config.fsdp_float8_all_gather` each converted weight becomes a new Parameter (a
-    Float8AllGatherWeight over the same data): convert before fully_shard and before creating
-    the optimizer.
+    Float8AllGatherWeight over the same data; weights shared between converted layers stay
+    shared): convert before fully_shard and before creating the optimizer. A weight that a
+    module left as is also uses (an embedding tied to the LM head) keeps its plain Parameter.
     Eligible: in_features and out_features divisible by 16 (what float8 GEMMs take); others are
     skipped with one warning and listed in the returned report. On a model already on a CUDA GPU
     that cannot run float8 GEMMs this raises before changing anything (unless config.emulate=True).
@@ -146,13 +147,20 @@ def convert_to_float8_training(
     for device in devices:  # fail fast, before any swap, when the GPU is known already
         if not config.emulate and float8_unsupported_reason(config, device) is not None:
             resolve_emulate(config, device)  # raises the error naming the requirement
+    wrapped: dict[int, nn.Parameter] = {}  # id(old weight) -> its wrapper: tied weights stay tied
+    # A weight also used by a module that stays as is (an embedding tied to the LM head) keeps
+    # its plain Parameter: that module needs the high-precision weight, not a float8 copy.
+    converted = {id(m) for _, m in targets}
+    shared = {id(p) for m in model.modules() if id(m) not in converted for p in m._parameters.values()}
     for fqn, module in targets:
         new = Float8Linear.from_linear(module, config)
-        if config.fsdp_float8_all_gather:  # a new Parameter: create the optimizer after converting
-            w = module.weight
-            new.weight = nn.Parameter(
-                Float8AllGatherWeight(w.detach(), config.cast_weight), requires_grad=w.requires_grad
-            )
+        if config.fsdp_float8_all_gather and id(module.weight) not in shared:
+            w = module.weight  # a new Parameter: create the optimizer after converting
+            if id(w) not in wrapped:
+                wrapped[id(w)] = nn.Parameter(
+                    Float8AllGatherWeight(w.detach(), config.cast_weight), requires_grad=w.requires_grad
+                )
+            new.weight = wrapped[id(w)]
         model.set_submodule(fqn, new)
         report.converted.append(fqn)
     if report.skipped:

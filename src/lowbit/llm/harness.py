@@ -156,6 +156,18 @@ def load(opts: LoadOptions, quantizer: Quantizer | None = None) -> Loaded:
         device, owns_group, on_block = _tensor_parallel(opts)
     else:
         device, owns_group, on_block = resolve_device(opts.device), False, None
+    try:
+        return _load(opts, quantizer, device, on_block, owns_group)
+    except BaseException:
+        if owns_group:  # a failed load leaves no process group behind
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        raise
+
+
+def _load(opts: LoadOptions, quantizer: Quantizer | None, device: torch.device, on_block: Any,
+          owns_group: bool) -> Loaded:
     allocator = configure_cuda_allocator() if device.type == "cuda" else None
     dtype = resolve_dtype(opts.dtype, device)
     quantizer = quantizer or make_quantizer(
