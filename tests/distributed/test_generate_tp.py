@@ -20,18 +20,18 @@ def _torchrun(args: list[str], timeout: float = 180) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_tp2_greedy_tokens_equal_one_process(fmt, tmp_path, capsys):
+@pytest.mark.parametrize("fmt, extra", [("w4a8", []), ("int8dq", []), ("w4a8", ["--compile"])])
+def test_tp2_greedy_tokens_equal_one_process(fmt, extra, tmp_path, capsys):
     one = tmp_path / "one.json"
     assert main(["generate", *TINY, *FORMATS[fmt], "--json-out", str(one)]) == 0
     capsys.readouterr()
     two = tmp_path / "tp.json"
-    proc = _torchrun(["generate", "--tp", "2", *TINY, *FORMATS[fmt], "--json-out", str(two)])
+    proc = _torchrun(["generate", "--tp", "2", *TINY, *FORMATS[fmt], *extra, "--json-out", str(two)], 400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("tiny ")]
     assert len(lines) == 1 and " tp=2 " in lines[0], proc.stdout  # rank 0 alone prints
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert b["tp"] == 2 and a["tp"] == 1
+    assert b["tp"] == 2 and a["tp"] == 1 and b["compile"] == ("--compile" in extra)
     assert len(b["generated_ids"]) == 8
     assert b["generated_ids"] == a["generated_ids"]
     # each rank holds half of every block's linears (embedding, norms and head are replicated)

@@ -116,6 +116,37 @@ def shard_quantized(
     return type(weight)(*tensors, shape=tuple(shape), dtype=weight.dtype, **attrs)
 
 
+def _group_or_world(group: Group) -> dist.ProcessGroup:
+    g = group if group is not None else dist.group.WORLD
+    if g is None:
+        raise RuntimeError("torch.distributed is not initialized")
+    return g
+
+
+def _all_reduce(t: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
+    """all-reduce returning the result: in place eagerly; a functional collective while
+    torch.compile traces (Dynamo cannot trace the in-place op, which returns no tensor)."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(t, op, _group_or_world(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _all_gather_cat(t: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """Every rank's t concatenated along dim (rank order)."""
+    t = t.contiguous()
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        gathered = funcol.all_gather_tensor(t, 0, _group_or_world(group))
+        return torch.cat(gathered.chunk(dist.get_world_size(group)), dim)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.cat(parts, dim)
+
+
 def _world(group: Group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -144,9 +175,7 @@ class ColwiseQuantLinear(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return y
-        parts = [torch.empty_like(y) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, y.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        return _all_gather_cat(y, self.group, -1)
 
 
 class RowwiseQuantLinear(nn.Module):
@@ -171,6 +200,18 @@ class RowwiseQuantLinear(nn.Module):
         self.k_range = shard_range(self.full_k, rank, world, _align(weight, 1), "K")
         self.weight = nn.Parameter(shard_quantized(weight, 1, rank, world), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # Decided here, not per call: torch.compile traces the forward and cannot call the weight's
+        # Python methods (kernel routing, zero correction) on a traced tensor.
+        w = self.weight
+        self._kernel_ok: dict[torch.dtype, bool] = {}
+        self._zero_corr: torch.Tensor | None = None
+        if isinstance(w, Int4Tensor):
+            k = w.shape[1]
+            self._kernel_ok = {
+                dt: _w4a8_kernel_ok(torch.empty(1, k, dtype=dt, device=w.device), w)
+                for dt in (torch.float16, torch.bfloat16, torch.float32)
+            }
+            self._zero_corr = w.zero_correction()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_sharded:
@@ -183,7 +224,7 @@ class RowwiseQuantLinear(nn.Module):
             y = self._dynamic(x2, w, act)
         else:
             y = nn.functional.linear(x2, w)
-            dist.all_reduce(y, group=self.group)
+            y = _all_reduce(y, self.group)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -192,7 +233,7 @@ class RowwiseQuantLinear(nn.Module):
         """The activation scale over the FULL row: all-reduce(MAX) of the local absmax."""
         xf = x2.to(torch.float32)
         amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax().reshape(1, 1)
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+        amax = _all_reduce(amax, self.group, "max")
         # Same arithmetic as core.primitives.quantize_per_token_sym (a true IEEE division).
         return (amax / torch.full_like(amax, qt.qmax)).clamp(min=torch.finfo(torch.float32).tiny)
 
@@ -208,11 +249,11 @@ class RowwiseQuantLinear(nn.Module):
         if isinstance(w, Int8Tensor) and qt == INT8_SYM:
             return _int8_rowwise(qx, sx, w, bias, self.full_k, x2.dtype, self.group)
         if isinstance(w, Int4Tensor) and qt == INT8_SYM:
-            return _w4a8_rowwise(qx, sx, w, bias, x2, self.group, self.exact)
+            kernel = not self.exact and self._kernel_ok.get(x2.dtype, False)
+            return _w4a8_rowwise(qx, sx, w, bias, x2.dtype, self.group, self.exact, kernel, self._zero_corr)
         if isinstance(w, Float8Tensor):
             y = (qx.to(torch.float32) @ w.qdata.to(torch.float32).t()) * sx * w.scale.t()
-            dist.all_reduce(y, group=self.group)
-            y = y.to(x2.dtype)
+            y = _all_reduce(y, self.group).to(x2.dtype)
             return y if bias is None else y + bias
         raise TypeError(f"row-wise dynamic activations: unsupported {type(w).__name__} with {act}")
 
@@ -226,7 +267,7 @@ def _int8_rowwise(qx, sx, w: Int8Tensor, bias, full_k: int, out_dtype, group) ->
         acc = _int_mm_padded(qx, w.qdata).to(torch.int64)  # int32 tensor-core GEMM, exact
     else:
         acc = (qx.to(torch.float64) @ w.qdata.to(torch.float64).t()).to(torch.int64)
-    dist.all_reduce(acc, group=group)
+    acc = _all_reduce(acc, group)
     ftype = torch.float32 if full_k * 128 * 128 < 2**24 else torch.float64
     y = (acc.to(ftype) * sx * w.scale.t()).to(out_dtype)
     return y if bias is None else y + bias
@@ -251,36 +292,33 @@ def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> to
 
     # the registered op for torch.compile; eagerly its body (no dispatcher round trip per call)
     op = w4a8_linear_q_op if torch.compiler.is_compiling() else _w4a8_linear_q_impl
-    return op(qx, sx, w.qdata, w.scale, None, w.group_size, torch.float32, "auto")
+    return op(qx, sx, w.qdata, w.scale, None, w.block_size[1], torch.float32, "auto")
 
 
-def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, x2: torch.Tensor, group, exact: bool) -> torch.Tensor:
+def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype: torch.dtype, group, exact: bool, kernel: bool,
+                  corr: torch.Tensor | None) -> torch.Tensor:
+    from lowbit.core.packing import unpack_int4
     from lowbit.formats.common import int_group_dot
 
-    out_dtype = x2.dtype
-    if not exact and _w4a8_kernel_ok(x2, w):
+    g = w.block_size[1]
+    if kernel:
         # float32 partial sums, one all-reduce, one rounding
         out = w4a8_kernel_partial(qx, sx, w)
-        dist.all_reduce(out, group=group)
+        out = _all_reduce(out, group)
         if bias is not None:
             out = out + bias.to(torch.float32)
         return out.to(out_dtype)
 
-    g = w.group_size
-    acc = int_group_dot(qx, w.int_data(), g, 8)  # (G_local, M, N) exact integers
+    acc = int_group_dot(qx, unpack_int4(w.qdata), g, 8)  # (G_local, M, N) exact integers
     y = acc.to(torch.float32) * w.scale.to(torch.float32).t().unsqueeze(1)
-    corr = w.zero_correction()
     if corr is not None:
         rowsum = qx.to(torch.float32).reshape(qx.shape[0], -1, g).sum(-1)
         y = y + rowsum.t().unsqueeze(-1) * corr.t().unsqueeze(1)
     if exact:
-        parts = [torch.empty_like(y) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, y.contiguous(), group=group)
-        out = torch.cat(parts, 0).sum(0) * sx
+        out = _all_gather_cat(y, group, 0).sum(0) * sx
     else:
         out = y.sum(0)
-        dist.all_reduce(out, group=group)
-        out = out * sx
+        out = _all_reduce(out, group) * sx
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
