@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tp.add_argument("--model", default="llama-2-7b", help="preset name (random weights) or HF checkpoint dir")
     tp.add_argument("--prompt-len", type=int, default=32)
     tp.add_argument("--new-tokens", type=int, default=64)
-    tp.add_argument("--group-size", type=int, default=128)
+    tp.add_argument("--group-size", type=int, default=128, help="int4 group size (0: per row)")
     tp.add_argument("--kernel", choices=["auto", "reference"], default="auto")
     fs = sub.add_parser("fsdp", help="FSDP2 float8 training step time vs bf16 FSDP2")
     fs.add_argument("--dim", type=int, default=4096)
@@ -105,7 +105,8 @@ def run_tp(args: argparse.Namespace, device: torch.device) -> None:
     from lowbit.llm.loading import ConfigQuantizer, build_model
 
     kernel = KernelChoice.REFERENCE if args.kernel == "reference" else KernelChoice.AUTO
-    cfg = Int8DynamicActivationInt4WeightConfig(group_size=args.group_size, kernel=kernel)
+    group = args.group_size or None  # 0: per row
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=group, kernel=kernel)
     if os.path.isdir(args.model):
         ckpt = HFCheckpoint(args.model)
         model_args, source = ckpt.args, ckpt
