@@ -135,10 +135,11 @@ def tp_llama(rank: int, world: int) -> dict:
 def _greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     t = prompt.shape[1]
     model.setup_caches(1, t + steps)
-    logits = model(prompt, torch.arange(t), prefill=True, last_only=True)
+    dev = prompt.device
+    logits = model(prompt, torch.arange(t, device=dev), prefill=True, last_only=True)
     toks = [logits.argmax(-1)]
     for i in range(steps - 1):
-        logits = model(toks[-1], torch.tensor([t + i]))
+        logits = model(toks[-1], torch.tensor([t + i], device=dev))
         toks.append(logits[:, -1:].argmax(-1))
     return torch.cat(toks, 1)
 
@@ -296,6 +297,32 @@ def _same_bytes(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
     if x.element_size() == 1:  # (float8 has no CPU equality kernel)
         x, y = x.view(torch.uint8), y.view(torch.uint8)
     return torch.equal(x, y)
+
+
+def tp_llama_cuda(rank: int, world: int) -> dict:
+    """GPU machine, both ranks on cuda:0 over gloo (NCCL needs one GPU per rank): a W4A8 Llama
+    on the real kernels, TP=1 vs TP=2 greedy tokens (column-wise kernels on N shards, row-wise
+    Triton op on int8 activations with float32 partials)."""
+    from lowbit.distributed.llama import parallelize_llama
+    from lowbit.llm.checkpoint import RandomWeights
+    from lowbit.llm.config import ModelArgs
+    from lowbit.llm.loading import ConfigQuantizer, build_model
+
+    dev = torch.device("cuda", 0)
+    args = ModelArgs(dim=1024, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=2816, vocab_size=512)
+    out = {}
+    for group in (None, 128):
+        cfg = C.Int8DynamicActivationInt4WeightConfig(group_size=group)
+        model = build_model(args, RandomWeights(args, 0), ConfigQuantizer(cfg), dev, torch.bfloat16)
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, args.vocab_size, (1, 24), generator=g).to(dev)
+        ref = _greedy(model, prompt, 24)
+        parallelize_llama(model)
+        kernel_ok = [b.attention.wo._kernel_ok[torch.bfloat16] for b in model.blocks()]
+        out["row" if group is None else f"g{group}"] = {
+            "ref": ref.cpu(), "tp": _greedy(model, prompt, 24).cpu(), "kernel_ok": kernel_ok
+        }
+    return out
 
 
 def hang_on_rank1(rank: int, world: int) -> None:

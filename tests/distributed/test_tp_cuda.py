@@ -32,3 +32,14 @@ def test_rowwise_w4a8_kernel_partials_sum_to_one_process(m, group):
             k = shard.shape[1]
             out += w4a8_kernel_partial(qx[:, rank * k : (rank + 1) * k].contiguous(), sx, shard)
     assert sqnr_db(ref.float(), out.to(torch.bfloat16).float()) >= 40  # a few bf16 ulps
+
+
+def test_tp2_w4a8_llama_greedy_tokens_on_the_gpu_kernels(tmp_path):
+    from dist_launch import run_distributed
+    from dist_workers import tp_llama_cuda
+
+    results = run_distributed(tp_llama_cuda, tmp_path, timeout_s=240)
+    for rank_out in results:
+        for name, r in rank_out.items():
+            assert all(r["kernel_ok"]), name  # the row-wise shards run the Triton op
+            assert torch.equal(r["tp"], r["ref"]), (name, r["ref"], r["tp"])
