@@ -316,13 +316,23 @@ def tp_llama_cuda(rank: int, world: int) -> dict:
         model = build_model(args, RandomWeights(args, 0), ConfigQuantizer(cfg), dev, torch.bfloat16)
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, args.vocab_size, (1, 24), generator=g).to(dev)
-        ref = _greedy(model, prompt, 24)
+        text = torch.randint(0, args.vocab_size, (1, 64), generator=g).to(dev)
+        ref, ref_logits = _greedy(model, prompt, 24), _logits(model, text)
         parallelize_llama(model)
         kernel_ok = [b.attention.wo._kernel_ok[torch.bfloat16] for b in model.blocks()]
         out["row" if group is None else f"g{group}"] = {
-            "ref": ref.cpu(), "tp": _greedy(model, prompt, 24).cpu(), "kernel_ok": kernel_ok
+            "ref": ref.cpu(), "tp": _greedy(model, prompt, 24).cpu(), "kernel_ok": kernel_ok,
+            "ref_logits": ref_logits, "tp_logits": _logits(model, text),
         }
     return out
+
+
+@torch.no_grad()
+def _logits(model, text: torch.Tensor) -> torch.Tensor:
+    """Logits at every position of `text` (one prefill through the KV cache), float32 on CPU."""
+    t = text.shape[1]
+    model.setup_caches(1, t)
+    return model(text, torch.arange(t, device=text.device), prefill=True).float().cpu()
 
 
 def hang_on_rank1(rank: int, world: int) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from lowbit.core.kernel_choice import KernelChoice
 from lowbit.core.qtype import INT8_SYM, QType, qtype_by_name
 from lowbit.core.tensor import QuantizedTensor
-from lowbit.formats.common import ActGranularity, resolve_kernel, uses_act_quant
+from lowbit.formats.common import ActGranularity, uses_act_quant
 from lowbit.formats.float8 import Float8Tensor
 from lowbit.formats.int4 import Int4Tensor
 from lowbit.formats.int8 import Int8Tensor
@@ -276,13 +276,12 @@ def _int8_rowwise(qx, sx, w: Int8Tensor, bias, full_k: int, out_dtype, group) ->
 def _w4a8_kernel_ok(x2: torch.Tensor, w: Int4Tensor) -> bool:
     """True when w's own W4A8 call on x2 would run a GPU kernel (Triton or CUTLASS), not the
     pure-PyTorch reference: the shard then runs the Triton W4A8 op on the int8 activations."""
-    if w.zero_correction() is not None:
+    if w.zero_correction() is not None or w.kernel is KernelChoice.REFERENCE:
         return False
-    try:
-        path = resolve_kernel(w.kernel, x2, w._available(x2, dynamic=True), "w4a8")
-    except RuntimeError:
-        return False
-    return path is not KernelChoice.REFERENCE
+    available = w._available(x2, dynamic=True)
+    if w.kernel is KernelChoice.AUTO:  # (resolve_kernel's rule, without its one-time warning)
+        return x2.is_cuda and any(reason is None for reason in available.values())
+    return available.get(w.kernel, "unknown") is None
 
 
 def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> torch.Tensor:
