@@ -55,11 +55,23 @@ def tp_linear(rank: int, world: int) -> dict:
             fast = RowwiseQuantLinear(lin.weight, lin.bias, input_is_sharded=False)
             row_fast, kernel_calls = _count_w4a8_q_calls(fast, x)
         out[key] = {"ref": ref, "col": col, "row": row, "row_fast": row_fast, "kernel_calls": kernel_calls}
+    # Loading other weights into a built row-wise layer: its output follows the new weights
+    # (nothing derived from the weights at construction goes stale).
+    torch.manual_seed(2)
+    a, b = nn.Linear(128, 96), nn.Linear(128, 96)
+    for lin in (a, b):
+        lowbit.quantize_(lin, LINEAR_CONFIGS["w4a8_asym"])
+    x = torch.randn(5, 128)
+    loaded = RowwiseQuantLinear(a.weight, a.bias, input_is_sharded=False)
+    fresh = RowwiseQuantLinear(b.weight, b.bias, input_is_sharded=False)
+    loaded.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        out["reloaded"] = {"loaded": loaded(x), "fresh": fresh(x)}
     return out
 
 
-def _count_w4a8_q_calls(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """module(x) and how many times it called the W4A8 op on int8 activations."""
+def _count_w4a8_q_calls(fn, *args) -> tuple:
+    """fn(*args) and how many times it called the W4A8 op on int8 activations."""
     from lowbit.kernels.w4a8 import op
 
     calls, orig = [], op._w4a8_linear_q_impl
@@ -70,7 +82,7 @@ def _count_w4a8_q_calls(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
     op._w4a8_linear_q_impl = counted
     try:
-        return module(x), len(calls)
+        return fn(*args), len(calls)
     finally:
         op._w4a8_linear_q_impl = orig
 
@@ -247,6 +259,24 @@ def fsdp_float8_all_gather(rank: int, world: int) -> dict:
     return runs
 
 
+DTENSOR_CASES = {
+    **{name: (cfg, 96) for name, cfg in LINEAR_CONFIGS.items()},
+    "w4a8_row": (C.Int8DynamicActivationInt4WeightConfig(group_size=None), 96),
+    "w4a8_one_group_per_shard": (C.Int8DynamicActivationInt4WeightConfig(group_size=64), 96),
+    "w4a8_asym_one_group_per_shard": (
+        C.Int8DynamicActivationInt4WeightConfig(
+            group_size=64, mapping=C.Mapping.ASYMMETRIC, zero_point_domain=C.ZeroPointDomain.INT
+        ),
+        8,  # built so that the zero points coincide across the two K halves, the scales do not
+    ),
+    "fp8_per_tensor": (
+        C.Float8DynamicActivationFloat8WeightConfig(granularity=C.Float8Granularity.TENSOR), 96
+    ),
+    "int8_one_row_per_rank": (C.Int8DynamicActivationInt8WeightConfig(), 2),
+    "w4a8_row_one_row_per_rank": (C.Int8DynamicActivationInt4WeightConfig(group_size=None), 2),
+}
+
+
 def dtensor_roundtrip(rank: int, world: int) -> dict:
     """Quantized weights as DTensors: shard, gather back, and DTensor's own distribute_tensor."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -254,26 +284,55 @@ def dtensor_roundtrip(rank: int, world: int) -> dict:
     from lowbit.distributed import distribute_quantized, gather_quantized, shard_quantized
 
     mesh = cpu_mesh(world)
-    configs = {**LINEAR_CONFIGS, "w4a8_row": C.Int8DynamicActivationInt4WeightConfig(group_size=None),
-               "w4a8_one_group_per_shard": C.Int8DynamicActivationInt4WeightConfig(group_size=64)}
-    out = {}
-    for name, cfg in configs.items():
+    out: dict = {}
+    for name, (cfg, n) in DTENSOR_CASES.items():
         for dim in (0, 1):
             torch.manual_seed(3)
-            lin = nn.Linear(128, 96)
+            lin = nn.Linear(128, n)
+            if name == "w4a8_asym_one_group_per_shard":
+                with torch.no_grad():
+                    lin.weight.copy_(_same_zero_point_halves(n))
             lowbit.quantize_(lin, cfg)
             w = lin.weight
             dw = distribute_quantized(w, mesh, dim)
             full = gather_quantized(dw)
-            mine = shard_quantized(w, dim, rank, world)
-            theirs = distribute_tensor(w, mesh, [Shard(dim)], src_data_rank=None).to_local()
+            theirs = distribute_tensor(w, mesh, [Shard(dim)], src_data_rank=None)
             out[(name, dim)] = {
                 "placements": [str(p) for p in dw.placements],
-                "local_is_shard": _same_quantized(dw.to_local(), mine),
                 "gathered_is_original": _same_quantized(full, w),
-                "distribute_tensor_is_shard": _same_quantized(theirs, mine),
+                "gathered_dequantizes": torch.equal(full.dequantize(), w.dequantize()),
+                "distribute_tensor_is_shard": _same_quantized(
+                    theirs.to_local(), shard_quantized(w, dim, rank, world)
+                ),
+                "distribute_tensor_gathers_back": _same_quantized(gather_quantized(theirs), w),
             }
+    zp, sc = _asym_case_inner(DTENSOR_CASES["w4a8_asym_one_group_per_shard"][0])
+    out["asym_edge"] = torch.equal(zp[:, 0], zp[:, 1]) and not torch.equal(sc[:, 0], sc[:, 1])
+    # Uneven rows: every rank refuses alike (no rank left waiting in a collective).
+    lin = nn.Linear(128, 97)
+    lowbit.quantize_(lin, C.Int8DynamicActivationInt8WeightConfig())
+    try:
+        distribute_tensor(lin.weight, mesh, [Shard(0)], src_data_rank=None)
+        out["uneven"] = ""
+    except NotImplementedError as e:
+        out["uneven"] = str(e)
     return out
+
+
+def _same_zero_point_halves(n: int) -> torch.Tensor:
+    """(n, 128) rows whose halves span [-1, 2] and [-2, 4]: asymmetric int4 with 64-groups gives
+    both halves the same zero point and different scales."""
+    half = torch.rand(n, 64) * 3 - 1
+    half[:, 0], half[:, 1] = -1.0, 2.0
+    return torch.cat([half, 2 * half], 1)
+
+
+def _asym_case_inner(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    lin = nn.Linear(128, 8)
+    with torch.no_grad():
+        lin.weight.copy_(_same_zero_point_halves(8))
+    lowbit.quantize_(lin, cfg)
+    return lin.weight.zero_point, lin.weight.scale
 
 
 def _same_quantized(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -319,10 +378,10 @@ def tp_llama_cuda(rank: int, world: int) -> dict:
         text = torch.randint(0, args.vocab_size, (1, 64), generator=g).to(dev)
         ref, ref_logits = _greedy(model, prompt, 24), _logits(model, text)
         parallelize_llama(model)
-        kernel_ok = [b.attention.wo._kernel_ok[torch.bfloat16] for b in model.blocks()]
+        tp_logits, kernel_calls = _count_w4a8_q_calls(_logits, model, text)
         out["row" if group is None else f"g{group}"] = {
-            "ref": ref.cpu(), "tp": _greedy(model, prompt, 24).cpu(), "kernel_ok": kernel_ok,
-            "ref_logits": ref_logits, "tp_logits": _logits(model, text),
+            "ref": ref.cpu(), "tp": _greedy(model, prompt, 24).cpu(), "kernel_calls": kernel_calls,
+            "ref_logits": ref_logits, "tp_logits": tp_logits,
         }
     return out
 

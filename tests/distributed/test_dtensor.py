@@ -12,13 +12,24 @@ def results(tmp_path_factory):
 
 
 def test_every_format_and_dim_round_trips(results):
+    from dist_workers import DTENSOR_CASES
+
     for rank_out in results:
-        assert len(rank_out) == 2 * 9  # 9 formats x 2 dims
-        for (name, dim), r in rank_out.items():
+        # the asymmetric one-group case has equal zero points and different scales per shard
+        assert rank_out["asym_edge"]
+        cases = {k: v for k, v in rank_out.items() if k not in ("uneven", "asym_edge")}
+        assert set(cases) == {(name, dim) for name in DTENSOR_CASES for dim in (0, 1)}
+        for (name, dim), r in cases.items():
             assert r["placements"] == [f"S({dim})"], (name, dim)
-            assert r["local_is_shard"], (name, dim)
             assert r["gathered_is_original"], (name, dim)
+            assert r["gathered_dequantizes"], (name, dim)
             assert r["distribute_tensor_is_shard"], (name, dim)
+            assert r["distribute_tensor_gathers_back"], (name, dim)
+
+
+def test_uneven_rows_are_refused_on_every_rank(results):
+    for rank_out in results:
+        assert "splits only into equal pieces: 97" in rank_out["uneven"]
 
 
 def test_refusals():
@@ -29,6 +40,8 @@ def test_refusals():
     lin = torch.nn.Linear(128, 64)
     lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=32))
     with pytest.raises(NotImplementedError, match="is not on a block of 32"):
+        split(None, (lin.weight, 16, 1), {})
+    with pytest.raises(NotImplementedError, match="splits only into equal pieces: 128 by 48"):
         split(None, (lin.weight, 48, 1), {})
     with pytest.raises(NotImplementedError, match="can only be viewed as its shape"):
         lin.weight.view(64 * 128)

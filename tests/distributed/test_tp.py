@@ -63,3 +63,10 @@ def test_tp_bad_split_raises_and_leaves_block_untouched(llama_results):
     for rank_out in llama_results:
         r = rank_out["bad_split"]
         assert "multiple of 32" in r["raised"] and r["untouched"]
+
+
+def test_tp_row_layer_follows_loaded_weights(linear_results):
+    for rank_out in linear_results:
+        r = rank_out["reloaded"]
+        assert torch.equal(r["loaded"], r["fresh"])
+

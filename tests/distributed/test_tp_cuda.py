@@ -8,7 +8,7 @@ from torch import nn
 import lowbit
 from lowbit.core.primitives import quantize_per_token_sym
 from lowbit.core.qtype import INT8_SYM
-from lowbit.distributed.tp import _w4a8_kernel_ok, shard_quantized, w4a8_kernel_partial
+from lowbit.distributed.tp import shard_quantized, w4a8_kernel_partial
 from lowbit.formats.configs import Int8DynamicActivationInt4WeightConfig
 from lowbit.testing.sqnr import sqnr_db
 
@@ -28,7 +28,6 @@ def test_rowwise_w4a8_kernel_partials_sum_to_one_process(m, group):
         world, out = 4, torch.zeros(m, 1024, device="cuda", dtype=torch.float32)
         for rank in range(world):
             shard = shard_quantized(lin.weight, 1, rank, world)
-            assert _w4a8_kernel_ok(x[:, : shard.shape[1]], shard)
             k = shard.shape[1]
             out += w4a8_kernel_partial(qx[:, rank * k : (rank + 1) * k].contiguous(), sx, shard)
     assert sqnr_db(ref.float(), out.to(torch.bfloat16).float()) >= 40  # a few bf16 ulps
@@ -41,7 +40,8 @@ def test_tp2_w4a8_llama_greedy_tokens_on_the_gpu_kernels(tmp_path):
     results = run_distributed(tp_llama_cuda, tmp_path, timeout_s=240)
     for rank_out in results:
         for name, r in rank_out.items():
-            assert all(r["kernel_ok"]), name  # the row-wise shards run the Triton op
+            # every block's two row-wise shards (wo, w2) ran the Triton op in the prefill
+            assert r["kernel_calls"] == 2 * 4, (name, r["kernel_calls"])
             # float32 partials summed in another order than one process: the logits agree to a
             # few bf16 ulps, so the top token agrees except at near-ties
             ref, tp = r["ref_logits"], r["tp_logits"]

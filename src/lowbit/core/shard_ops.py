@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
 
 aten = torch.ops.aten
 
@@ -32,11 +33,12 @@ def _spans(inner: torch.Tensor, dim: int, logical: int) -> bool:
     return inner.shape[dim] == 1 and logical != 1
 
 
-def _block(qt: Any, dim: int, new_size: int) -> tuple[int, ...]:
-    """block_size for the weight resized to new_size along dim: a block spanning the whole dim
-    keeps spanning it; a smaller block (a group, a row) is unchanged."""
+def _block(qt: Any, dim: int, new_size: int, scale_kept: bool) -> tuple[int, ...]:
+    """block_size for the weight resized to new_size along dim. The scale decides: kept whole (one
+    value spanning the dim) means the block spans the new size; split or joined along the dim
+    means the block (a group, a row) is unchanged."""
     block = list(qt.block_size)
-    if block[dim] >= qt.shape[dim]:
+    if scale_kept:
         block[dim] = new_size
     return tuple(block)
 
@@ -50,7 +52,7 @@ def view(func, args, kwargs):
     qt, size = args[0], list(args[1])
     if size != list(qt.shape):
         raise NotImplementedError(f"{type(qt).__name__} can only be viewed as its shape {tuple(qt.shape)}")
-    return qt._rebuild(lambda t: t.view(t.shape))
+    return return_and_correct_aliasing(func, args, kwargs, qt._rebuild(lambda t: t.view(t.shape)))
 
 
 def _gather(t: torch.Tensor | None, n: int, group_size: int, group_name: str) -> torch.Tensor | None:
@@ -75,7 +77,7 @@ def all_gather_into_tensor(func, args, kwargs):
         for t in qt.inner_tensors()
     ]
     shape = [n * group_size, qt.shape[1]]
-    return _make(qt, tensors, shape, _block(qt, 0, shape[0]))
+    return _make(qt, tensors, shape, _block(qt, 0, shape[0], _spans(qt.scale, 0, n)))
 
 
 def wait_tensor(func, args, kwargs):
@@ -88,6 +90,8 @@ def split(func, args, kwargs):
     _check(qt, "split")
     dim = dim % 2
     full = qt.shape[dim]
+    if full % size:  # (every rank refuses alike: DTensor would pad only some ranks' shards)
+        raise NotImplementedError(f"{type(qt).__name__} splits only into equal pieces: {full} by {size}")
     starts = list(range(0, full, size))
     pieces = []
     for a in starts:
@@ -103,7 +107,7 @@ def split(func, args, kwargs):
             tensors.append(t.narrow(dim, a // per, (b - a) // per))
         shape = list(qt.shape)
         shape[dim] = b - a
-        pieces.append(_make(qt, tensors, shape, _block(qt, dim, b - a)))
+        pieces.append(_make(qt, tensors, shape, _block(qt, dim, b - a, _spans(qt.scale, dim, full))))
     return pieces
 
 
@@ -114,34 +118,38 @@ def cat(func, args, kwargs):
     _check(first, "cat")
     dim = dim % 2
     other = 1 - dim
+    same = {k: v for k, v in first.attributes().items() if k != "block_size"}
     for p in parts[1:]:
         if type(p) is not type(first) or p.shape[other] != first.shape[other]:
             raise NotImplementedError("cat of quantized weights needs one format and matching shapes")
-        rest = {k: v for k, v in p.attributes().items() if k != "block_size"}
-        if rest != {k: v for k, v in first.attributes().items() if k != "block_size"}:
+        if {k: v for k, v in p.attributes().items() if k != "block_size"} != same:
             raise NotImplementedError("cat of quantized weights with different attributes")
-    total = sum(p.shape[dim] for p in parts)
-    tensors: list = []
-    spanning_kept = False
-    for i, t0 in enumerate(first.inner_tensors()):
-        ts = [p.inner_tensors()[i] for p in parts]
-        if t0 is None:
-            tensors.append(None)
-            continue
+        if p.block_size[other] != first.block_size[other]:
+            raise NotImplementedError("cat of quantized weights with different blocks along the other dim")
+    inner = [[p.inner_tensors()[i] for p in parts] for i in range(len(first.tensor_data_names))]
+    # One decision for every inner tensor: a part whose scale (and zero point) holds one value for
+    # the whole dim is a per-row / per-tensor weight when that value is the same in every part;
+    # then those single values span the joined dim too. Otherwise everything is concatenated
+    # (one group per part: the values differ, or coincide and mean the same).
+    single = [ts for ts in inner if ts[0] is not None and _spans(ts[0], dim, first.shape[dim])]
+
+    def one_value(ts: list) -> bool:
         spans = all(_spans(t, dim, p.shape[dim]) for t, p in zip(ts, parts))
-        if spans and all(torch.equal(t0, t) for t in ts[1:]):
-            # one value for the whole dim in every part (a per-row scale along K, a per-tensor
-            # scale), equal everywhere: it spans the joined dim too
-            tensors.append(t0)
-            spanning_kept = True
-            continue
-        tensors.append(torch.cat(ts, dim))
+        return spans and all(torch.equal(ts[0], t) for t in ts[1:])
+
+    keep = bool(single) and all(one_value(ts) for ts in single)
+    tensors: list = []
+    for ts in inner:
+        if ts[0] is None:
+            tensors.append(None)
+        elif keep and _spans(ts[0], dim, first.shape[dim]):
+            tensors.append(ts[0])
+        else:
+            tensors.append(torch.cat(ts, dim))
     shape = list(first.shape)
-    shape[dim] = total
-    block = list(first.block_size)
-    if block[dim] >= first.shape[dim] and spanning_kept:
-        block[dim] = total
-    return _make(first, tensors, shape, tuple(block))
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    scale_kept = keep and _spans(first.scale, dim, first.shape[dim])
+    return _make(first, tensors, shape, _block(first, dim, shape[dim], scale_kept))
 
 
 OPS = {

@@ -44,7 +44,4 @@ def gather_quantized(weight: DTensor) -> torch.Tensor:
     """The whole weight of a sharded quantized DTensor (an all-gather of its inner tensors)."""
     if not isinstance(weight, DTensor):
         raise TypeError(f"gather_quantized takes a DTensor, got {type(weight).__name__}")
-    from torch.distributed._functional_collectives import AsyncCollectiveTensor
-
-    full = weight.full_tensor()
-    return full.wait() if isinstance(full, AsyncCollectiveTensor) else full
+    return weight.full_tensor()  # (shard_ops waits for the collective: no async wrapper comes back)

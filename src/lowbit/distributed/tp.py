@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.core.kernel_choice import KernelChoice
-from lowbit.core.qtype import INT8_SYM, QType, qtype_by_name
+from lowbit.core.qtype import INT8_SYM, QType, ZeroPointDomain, qtype_by_name
 from lowbit.core.tensor import QuantizedTensor
 from lowbit.formats.common import ActGranularity, uses_act_quant
 from lowbit.formats.float8 import Float8Tensor
@@ -200,18 +200,12 @@ class RowwiseQuantLinear(nn.Module):
         self.k_range = shard_range(self.full_k, rank, world, _align(weight, 1), "K")
         self.weight = nn.Parameter(shard_quantized(weight, 1, rank, world), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # Decided here, not per call: torch.compile traces the forward and cannot call the weight's
-        # Python methods (kernel routing, zero correction) on a traced tensor.
-        w = self.weight
-        self._kernel_ok: dict[torch.dtype, bool] = {}
-        self._zero_corr: torch.Tensor | None = None
-        if isinstance(w, Int4Tensor):
-            k = w.shape[1]
-            self._kernel_ok = {
-                dt: _w4a8_kernel_ok(torch.empty(1, k, dtype=dt, device=w.device), w)
-                for dt in (torch.float16, torch.bfloat16, torch.float32)
-            }
-            self._zero_corr = w.zero_correction()
+        # Process-wide facts read once (torch.compile cannot trace the package lookup or the
+        # environment); the per-call decision below uses only them and the input's device/dtype.
+        from lowbit.kernels import _triton_installed, interpreter_enabled
+
+        self._triton = _triton_installed()
+        self._interpret = interpreter_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_sharded:
@@ -228,6 +222,20 @@ class RowwiseQuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _w4a8_kernel_ok(self, x2: torch.Tensor, w: Int4Tensor) -> bool:
+        """True when w's own W4A8 call on x2 would run a GPU kernel (Triton or CUTLASS), not the
+        pure-PyTorch reference: the shard then runs the Triton W4A8 op on its int8 activations.
+        (The rule of Int4Tensor._available + resolve_kernel, from attributes torch.compile sees
+        as constants: no call into the weight's methods.)"""
+        if w.kernel is KernelChoice.REFERENCE or w.zero_point_domain is not ZeroPointDomain.NONE:
+            return False
+        if x2.dtype not in (torch.float16, torch.bfloat16) or not self._triton:
+            return False
+        if x2.is_cuda:
+            return True
+        # CPU: AUTO is the reference; an explicit Triton/CUTLASS choice runs under the interpreter
+        return w.kernel is not KernelChoice.AUTO and self._interpret
 
     def _global_scale(self, x2: torch.Tensor, qt: QType, per_token: bool) -> torch.Tensor:
         """The activation scale over the FULL row: all-reduce(MAX) of the local absmax."""
@@ -249,8 +257,8 @@ class RowwiseQuantLinear(nn.Module):
         if isinstance(w, Int8Tensor) and qt == INT8_SYM:
             return _int8_rowwise(qx, sx, w, bias, self.full_k, x2.dtype, self.group)
         if isinstance(w, Int4Tensor) and qt == INT8_SYM:
-            kernel = not self.exact and self._kernel_ok.get(x2.dtype, False)
-            return _w4a8_rowwise(qx, sx, w, bias, x2.dtype, self.group, self.exact, kernel, self._zero_corr)
+            kernel = not self.exact and self._w4a8_kernel_ok(x2, w)
+            return _w4a8_rowwise(qx, sx, w, bias, x2.dtype, self.group, self.exact, kernel)
         if isinstance(w, Float8Tensor):
             y = (qx.to(torch.float32) @ w.qdata.to(torch.float32).t()) * sx * w.scale.t()
             y = _all_reduce(y, self.group).to(x2.dtype)
@@ -273,17 +281,6 @@ def _int8_rowwise(qx, sx, w: Int8Tensor, bias, full_k: int, out_dtype, group) ->
     return y if bias is None else y + bias
 
 
-def _w4a8_kernel_ok(x2: torch.Tensor, w: Int4Tensor) -> bool:
-    """True when w's own W4A8 call on x2 would run a GPU kernel (Triton or CUTLASS), not the
-    pure-PyTorch reference: the shard then runs the Triton W4A8 op on the int8 activations."""
-    if w.zero_correction() is not None or w.kernel is KernelChoice.REFERENCE:
-        return False
-    available = w._available(x2, dynamic=True)
-    if w.kernel is KernelChoice.AUTO:  # (resolve_kernel's rule, without its one-time warning)
-        return x2.is_cuda and any(reason is None for reason in available.values())
-    return available.get(w.kernel, "unknown") is None
-
-
 def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> torch.Tensor:
     """A K shard's float32 W4A8 partial output from the Triton op: sx * (qx @ (q * s)^T), with qx
     this shard's int8 activations and sx the full-row per-token scale."""
@@ -294,8 +291,8 @@ def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> to
     return op(qx, sx, w.qdata, w.scale, None, w.block_size[1], torch.float32, "auto")
 
 
-def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype: torch.dtype, group, exact: bool, kernel: bool,
-                  corr: torch.Tensor | None) -> torch.Tensor:
+def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype: torch.dtype, group, exact: bool,
+                  kernel: bool) -> torch.Tensor:
     from lowbit.core.packing import unpack_int4
     from lowbit.formats.common import int_group_dot
 
@@ -310,6 +307,7 @@ def _w4a8_rowwise(qx, sx, w: Int4Tensor, bias, out_dtype: torch.dtype, group, ex
 
     acc = int_group_dot(qx, unpack_int4(w.qdata), g, 8)  # (G_local, M, N) exact integers
     y = acc.to(torch.float32) * w.scale.to(torch.float32).t().unsqueeze(1)
+    corr = w.zero_correction()
     if corr is not None:
         rowsum = qx.to(torch.float32).reshape(qx.shape[0], -1, g).sum(-1)
         y = y + rowsum.t().unsqueeze(-1) * corr.t().unsqueeze(1)
