@@ -87,6 +87,23 @@ def _count_w4a8_q_calls(fn, *args) -> tuple:
         op._w4a8_linear_q_impl = orig
 
 
+def _count_partial_calls(fn, *args) -> tuple:
+    """fn(*args) and how many times a row-wise shard ran the W4A8 kernel partial."""
+    from lowbit.distributed import tp
+
+    calls, orig = [], tp.w4a8_kernel_partial
+
+    def counted(*a):
+        calls.append(1)
+        return orig(*a)
+
+    tp.w4a8_kernel_partial = counted
+    try:
+        return fn(*args), len(calls)
+    finally:
+        tp.w4a8_kernel_partial = orig
+
+
 def _init_(module: nn.Module) -> None:
     g = torch.Generator().manual_seed(2)
     for n, p in module.named_parameters():
@@ -378,7 +395,7 @@ def tp_llama_cuda(rank: int, world: int) -> dict:
         text = torch.randint(0, args.vocab_size, (1, 64), generator=g).to(dev)
         ref, ref_logits = _greedy(model, prompt, 24), _logits(model, text)
         parallelize_llama(model)
-        tp_logits, kernel_calls = _count_w4a8_q_calls(_logits, model, text)
+        tp_logits, kernel_calls = _count_partial_calls(_logits, model, text)
         out["row" if group is None else f"g{group}"] = {
             "ref": ref.cpu(), "tp": _greedy(model, prompt, 24).cpu(), "kernel_calls": kernel_calls,
             "ref_logits": ref_logits, "tp_logits": tp_logits,
