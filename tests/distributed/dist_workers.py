@@ -70,38 +70,33 @@ def tp_linear(rank: int, world: int) -> dict:
     return out
 
 
-def _count_w4a8_q_calls(fn, *args) -> tuple:
-    """fn(*args) and how many times it called the W4A8 op on int8 activations."""
-    from lowbit.kernels.w4a8 import op
+def _count_calls(owner, name: str, fn, *args) -> tuple:
+    """fn(*args) and how many times it called owner.<name> (looked up at call time)."""
+    calls, orig = [], getattr(owner, name)
 
-    calls, orig = [], op._w4a8_linear_q_impl
-
-    def counted(*args):
+    def counted(*a):
         calls.append(1)
-        return orig(*args)
+        return orig(*a)
 
-    op._w4a8_linear_q_impl = counted
+    setattr(owner, name, counted)
     try:
         return fn(*args), len(calls)
     finally:
-        op._w4a8_linear_q_impl = orig
+        setattr(owner, name, orig)
+
+
+def _count_w4a8_q_calls(fn, *args) -> tuple:
+    """fn(*args) and how many times it ran the W4A8 op body on int8 activations."""
+    from lowbit.kernels.w4a8 import op
+
+    return _count_calls(op, "_w4a8_linear_q_impl", fn, *args)
 
 
 def _count_partial_calls(fn, *args) -> tuple:
     """fn(*args) and how many times a row-wise shard ran the W4A8 kernel partial."""
     from lowbit.distributed import tp
 
-    calls, orig = [], tp.w4a8_kernel_partial
-
-    def counted(*a):
-        calls.append(1)
-        return orig(*a)
-
-    tp.w4a8_kernel_partial = counted
-    try:
-        return fn(*args), len(calls)
-    finally:
-        tp.w4a8_kernel_partial = orig
+    return _count_calls(tp, "w4a8_kernel_partial", fn, *args)
 
 
 def _init_(module: nn.Module) -> None:

@@ -31,15 +31,19 @@ from lowbit.float8_training.kernels import AMAX_EPS, Float8Operand
 
 aten = torch.ops.aten
 
-# Ops through which FSDP2 builds and views its sharded parameter: their results keep the wrapper
-# (so the shard still has the all-gather hooks). Every other op returns plain tensors.
-_KEEP_WRAPPER = {
+# View ops: FSDP2 views the all-gather output as the parameter's shape (the gathered weight
+# keeps its float8 bytes through them).
+_GATHERED_VIEWS = {
     aten.detach.default,
     aten.alias.default,
     aten.view.default,
     aten._unsafe_view.default,
     aten.as_strided.default,
     aten.slice.Tensor,
+}
+# Ops through which FSDP2 builds and views its sharded parameter: their results keep the wrapper
+# (so the shard still has the all-gather hooks). Every other op returns plain tensors.
+_KEEP_WRAPPER = _GATHERED_VIEWS | {
     aten.split.Tensor,
     aten.split_with_sizes.default,
     aten.clone.default,
@@ -49,15 +53,6 @@ _KEEP_WRAPPER = {
     aten.copy_.default,
     aten._to_copy.default,
     aten._pin_memory.default,
-}
-# View ops of the gathered weight: FSDP2 views the all-gather output as the parameter's shape.
-_GATHERED_VIEWS = {
-    aten.detach.default,
-    aten.alias.default,
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.as_strided.default,
-    aten.slice.Tensor,
 }
 
 
