@@ -15,7 +15,9 @@ MODEL=${MODEL:-llama-2-7b} DIM=${DIM:-4096} LAYERS=${LAYERS:-8} TOKENS=${TOKENS:
 B="torchrun --nproc-per-node 2 benchmarks/bench_distributed.py"
 keep() { grep '^{\|Error\|error' | tail -3; }
 timeout 240 $B fsdp --dim "$DIM" --layers "$LAYERS" --compile --tokens "$TOKENS" --out "$OUT/fsdp.jsonl" 2>&1 | keep
-timeout 240 $B fsdp --dim "$DIM" --layers "$LAYERS" --compile --tokens "$SMALL_TOKENS" --out "$OUT/fsdp.jsonl" 2>&1 | keep
+if [ "$SMALL_TOKENS" -gt 0 ]; then  # (SMALL_TOKENS=0 skips it)
+    timeout 240 $B fsdp --dim "$DIM" --layers "$LAYERS" --compile --tokens "$SMALL_TOKENS" --out "$OUT/fsdp.jsonl" 2>&1 | keep
+fi
 timeout 240 $B tp --model "$MODEL" --group-size 0 --new-tokens 64 --out "$OUT/tp.jsonl" 2>&1 | keep
 G="generate --model $MODEL --random-weights --prompt-len 128 --max-new-tokens 128 --cuda-graph"
 for q in "w4a8 --group-size 0" "none"; do
