@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
 from lowbit.float8_training.config import CastConfig, ScalingGranularity
-from lowbit.float8_training.kernels import AMAX_EPS, Float8Operand
+from lowbit.float8_training.kernels import Float8Operand, cast_with_amax, scale_and_saturate
 
 aten = torch.ops.aten
 
@@ -56,33 +56,23 @@ _KEEP_WRAPPER = _GATHERED_VIEWS | {
 }
 
 
-def _scale_and_saturate(
-    t: torch.Tensor, inv_scale: torch.Tensor, fmax: float, dtype: torch.dtype
-) -> torch.Tensor:
-    return (t.to(torch.float32) * inv_scale).clamp(-fmax, fmax).to(dtype)
-
-
 _fused_scale_and_saturate: Any = None
 
 
 def tensorwise_cast(t: torch.Tensor, amax: torch.Tensor, cast: CastConfig) -> Float8Operand:
-    """Float8Operand of t with the tensorwise scale of a tensor whose absmax is `amax` (float32).
-
-    Same arithmetic as kernels.cast_to_float8 for a tensorwise cast. FSDP2 calls this from its
-    eager all-gather hook, where four separate elementwise kernels would move ~6x the bytes of one:
-    on CUDA the elementwise part runs as one compiled (Inductor-fused) kernel.
+    """Float8Operand of t with the tensorwise scale of a tensor whose absmax is `amax`:
+    kernels.cast_with_amax, as Float8Linear casts. FSDP2 calls this from its eager all-gather
+    hook, where four separate elementwise kernels would move ~6x the bytes of one: on CUDA the
+    elementwise part runs as one compiled (Inductor-fused) kernel.
     """
     global _fused_scale_and_saturate
-    fmax = torch.finfo(cast.dtype).max
-    inv_scale = fmax / amax.to(torch.float32).clamp(min=AMAX_EPS)
-    fn = _scale_and_saturate
+    fn = scale_and_saturate
     if t.is_cuda and not torch.compiler.is_compiling():
         if _fused_scale_and_saturate is None:
-            _fused_scale_and_saturate = torch.compile(_scale_and_saturate, dynamic=True)
+            _fused_scale_and_saturate = torch.compile(scale_and_saturate, dynamic=True)
         fn = _fused_scale_and_saturate
     with torch.no_grad():  # (one compiled graph per dtype pair, not per grad mode)
-        q = fn(t, inv_scale, fmax, cast.dtype)
-    return Float8Operand(q.contiguous(), inv_scale.reciprocal())
+        return cast_with_amax(t, amax, cast.dtype, fn)
 
 
 def absmax(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ torch._scaled_mm's scale_a / scale_b).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -42,16 +43,28 @@ class Float8Operand(NamedTuple):
 
 def cast_to_float8(t: torch.Tensor, cast: CastConfig) -> Float8Operand:
     """Dynamic scaling of a 2-D tensor whose last axis is the GEMM's reduction axis."""
-    fmax = torch.finfo(cast.dtype).max
     if cast.granularity is ScalingGranularity.AXISWISE:
         amax = t.abs().amax(dim=-1, keepdim=True)
     else:
         amax = t.abs().amax()
-    amax = amax.to(torch.float32).clamp(min=AMAX_EPS)
-    inv_scale = fmax / amax
+    return cast_with_amax(t, amax, cast.dtype)
+
+
+def scale_and_saturate(
+    t: torch.Tensor, inv_scale: torch.Tensor, fmax: float, dtype: torch.dtype
+) -> torch.Tensor:
     # Multiply by the reciprocal, not divide: one fused mul per element. The clamp saturates the
     # rounding overshoot at the top of the range (e4m3fn has no inf: it would become NaN).
-    q = (t.to(torch.float32) * inv_scale).clamp(-fmax, fmax).to(cast.dtype)
+    return (t.to(torch.float32) * inv_scale).clamp(-fmax, fmax).to(dtype)
+
+
+def cast_with_amax(t: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype,
+                   elementwise: Callable[..., torch.Tensor] = scale_and_saturate) -> Float8Operand:
+    """t cast to float8 `dtype` with the scale of absmax `amax` (a scalar, or one per row).
+    `elementwise`: scale_and_saturate, or a fused (compiled) version of it."""
+    fmax = torch.finfo(dtype).max
+    inv_scale = fmax / amax.to(torch.float32).clamp(min=AMAX_EPS)
+    q = elementwise(t, inv_scale, fmax, dtype)
     return Float8Operand(q.contiguous(), inv_scale.reciprocal())
 
 
