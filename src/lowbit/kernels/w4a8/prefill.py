@@ -186,6 +186,104 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     return c
 
 
+# -- step 2 on Hopper: persistent grid, operand tiles by the tensor-memory copy engine ---------
+@triton.jit
+def _int8_gemm_tma_kernel(
+    a_desc, sa_ptr, b_desc, sb_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_sbn, stride_cm,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    # Same arithmetic as _int8_gemm_kernel; A (M, K) and B (N, K) tiles arrive through TMA
+    # descriptors (out-of-bounds rows and K columns read as zero, so no masks and no wrap-around),
+    # and each program walks output tiles NUM_PROGRAMS apart in grouped order.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    width = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        group_id = tile // width
+        first_m = group_id * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % size_m
+        pid_n = (tile % width) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            if GROUP == 0:
+                acc_i = tl.dot(a, b.T, acc=acc_i, out_dtype=tl.int32)
+            else:  # BLOCK_K == GROUP: one group per step
+                d = tl.dot(a, b.T, out_dtype=tl.int32)
+                sbg = tl.load(sb_ptr + offs_n * stride_sbn + ki, mask=mask_n, other=0.0).to(tl.float32)
+                acc += d.to(tl.float32) * sbg[None, :]
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        if GROUP == 0:
+            sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc_i.to(tl.float32) * sb[None, :]
+        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+        acc = acc * sa[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides and a unit last stride."""
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (qa, qw))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                  bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
+                  config: dict, num_programs: int | None = None) -> torch.Tensor:
+    """int8_gemm with TMA operand loads and a persistent grid (Hopper); same inputs and result.
+
+    config: BLOCK_M, BLOCK_N, BLOCK_K (== group_size for group-wise weights), GROUP_M, num_warps,
+    num_stages. num_programs defaults to the GPU's multiprocessor count (4 under the interpreter).
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = qa.shape
+    n = qw.shape[0]
+    if qw.shape[1] != k:
+        raise ValueError(f"weight K={qw.shape[1]} != activation K={k}")
+    if not tma_operands_ok(qa, qw):
+        raise ValueError("TMA int8 GEMM needs 16-byte aligned operands with K % 16 == 0 and unit last stride")
+    group = 0 if group_size >= k else group_size
+    cfg = dict(config)
+    warps, stages = cfg.pop("num_warps", 8), cfg.pop("num_stages", 3)
+    if group:
+        cfg["BLOCK_K"] = group
+    c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if m == 0:
+        return c
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    if num_programs is None:
+        num_programs = 4 if interpreter_enabled() else _num_sms(qa.device.index or 0)
+    programs = max(1, min(num_programs, tiles))
+    a_desc = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    b_desc = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    _int8_gemm_tma_kernel[(programs,)](
+        a_desc, sa, b_desc, sw, bias if bias is not None else sw, c, m, n, k, sw.stride(0), c.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, num_warps=warps,
+        num_stages=stages, **cfg,
+    )
+    return c
+
+
 # -- weight-only prefill: dequantize into a one-layer workspace, then a dense GEMM -----------
 @triton.jit
 def _dequant_int4_kernel(p_ptr, s_ptr, z_ptr, out_ptr, total_bytes, KH, GROUP_BYTES, G,

@@ -1,0 +1,146 @@
+"""Probe: the prefill int8 GEMM with TMA operand loads and a persistent grid vs today's kernel.
+
+One run on the GPU, every column timed as CUDA-graph replays under do_bench (L2 flushed, medians):
+bf16 F.linear, torch._int_mm alone, today's int8_gemm (autotuned), int8_gemm_tma over a config
+sweep (per row and g128), and the whole W4A8 prefill (act_quant + unpack + GEMM) with each GEMM.
+Also times act_quant variants for long rows (K > 8192). Checks the TMA output against int8_gemm
+bit for bit. Writes JSON (--out) and prints a table.
+
+    python benchmarks/probe_tma_gemm.py --out probe_tma_gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from lowbit.bench import cuda_graphed, run_metadata
+from lowbit.kernels.w4a8.act_quant import _act_quant_kernel, act_quant
+from lowbit.kernels.w4a8.prefill import int8_gemm, int8_gemm_tma, unpack_int4_triton
+
+SHAPES = [(1024, 4096), (4096, 4096), (6144, 4096), (4096, 11008), (11008, 4096), (4096, 14336),
+          (14336, 4096), (22016, 4096)]
+MS = [2048, 8192]
+CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+    (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+    (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4), (128, 256, 64, 8, 8, 4),
+    (128, 128, 64, 8, 4, 5), (256, 128, 64, 8, 8, 4), (64, 256, 128, 8, 4, 4),
+]
+
+
+def t_us(fn) -> float:
+    return triton.testing.do_bench(cuda_graphed(fn), warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def cfg_dict(c, group):
+    bm, bn, bk, gm, w, s = c
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": group or bk, "GROUP_M": gm, "num_warps": w,
+            "num_stages": s}
+
+
+def act_quant_variant(x, block, warps, one_pass):
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
+                            PERMUTE=False, num_warps=warps)
+    return q, s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="probe_tma_gemm.json")
+    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--ms", default=None)
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
+    res: dict = {"meta": run_metadata(0.0, "cuda"), "rows": [], "act_quant": []}
+    dev = "cuda"
+    torch.manual_seed(0)
+    table = []
+    for n, k in shapes:
+        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+        w8 = unpack_int4_triton(packed)
+        w_bf = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            qa, sa = act_quant(x)
+            row = {"N": n, "K": k, "M": m}
+            row["bf16"] = t_us(lambda: F.linear(x, w_bf))
+            row["int_mm_alone"] = t_us(lambda: torch._int_mm(qa, w8.t()))
+            for g in (0, 128):
+                sw = torch.rand(n, k // g if g else 1, device=dev) + 0.5
+                tag = f"g{g}" if g else "row"
+                ref = int8_gemm(qa, sa, w8, sw, None, g or k, torch.bfloat16)
+                row[f"gemm_{tag}"] = t_us(lambda: int8_gemm(qa, sa, w8, sw, None, g or k, torch.bfloat16))
+                best = None
+                sweep = []
+                for c in CONFIGS:
+                    if g and c[2] != 128:
+                        continue
+                    cd = cfg_dict(c, g)
+                    try:
+                        out = int8_gemm_tma(qa, sa, w8, sw, None, g or k, torch.bfloat16, cd)
+                        exact = bool(torch.equal(out, ref))
+                        us = t_us(lambda: int8_gemm_tma(qa, sa, w8, sw, None, g or k, torch.bfloat16, cd))
+                    except Exception as e:  # noqa: BLE001 -- a config that does not compile is a data point
+                        sweep.append({"cfg": c, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                        continue
+                    sweep.append({"cfg": c, "us": us, "exact": exact})
+                    if exact and (best is None or us < best[0]):
+                        best = (us, c)
+                row[f"tma_sweep_{tag}"] = sweep
+                if best:
+                    row[f"tma_{tag}"], row[f"tma_cfg_{tag}"] = best
+                    cd = cfg_dict(best[1], g)
+
+                    def full_tma():
+                        q, s = act_quant(x)
+                        return int8_gemm_tma(q, s, unpack_int4_triton(packed), sw, None, g or k,
+                                             torch.bfloat16, cd)
+
+                    row[f"w4a8_tma_{tag}"] = t_us(full_tma)
+
+                def full_now():
+                    q, s = act_quant(x)
+                    return int8_gemm(q, s, unpack_int4_triton(packed), sw, None, g or k, torch.bfloat16)
+
+                row[f"w4a8_now_{tag}"] = t_us(full_now)
+            res["rows"].append(row)
+            bf = row["bf16"]
+            line = (f"{n}x{k} M={m}: bf16 {bf:.1f} int_mm {row['int_mm_alone']:.1f} | row gemm now "
+                    f"{row['gemm_row']:.1f} tma {row.get('tma_row', float('nan')):.1f} | w4a8 row now "
+                    f"{row['w4a8_now_row']:.1f} ({bf / row['w4a8_now_row']:.2f}x) tma "
+                    f"{row.get('w4a8_tma_row', float('nan')):.1f} ({bf / row.get('w4a8_tma_row', float('nan')):.2f}x)"
+                    f" | g128 now {row['w4a8_now_g128']:.1f} ({bf / row['w4a8_now_g128']:.2f}x) tma "
+                    f"{row.get('w4a8_tma_g128', float('nan')):.1f} "
+                    f"({bf / row.get('w4a8_tma_g128', float('nan')):.2f}x)")
+            print(line, flush=True)
+            table.append(line)
+    # -- act_quant for long rows ----------------------------------------------------------
+    for k in (11008, 14336):
+        for m in (2048, 8192):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            ref_q, ref_s = act_quant(x)
+            for block, warps, one_pass in [(4096, 4, False), (2048, 4, False), (2048, 8, False),
+                                           (8192, 8, False), (4096, 8, False), (16384, 16, True),
+                                           (16384, 32, True)]:
+                q, s = act_quant_variant(x, block, warps, one_pass)
+                exact = bool(torch.equal(q, ref_q) and torch.equal(s, ref_s))
+                us = t_us(lambda: act_quant_variant(x, block, warps, one_pass))
+                res["act_quant"].append({"K": k, "M": m, "block": block, "warps": warps, "one_pass": one_pass,
+                                         "us": us, "exact": exact})
+                print(f"act_quant K={k} M={m} block={block} warps={warps} one_pass={one_pass}: {us:.1f} us"
+                      f" exact={exact}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
