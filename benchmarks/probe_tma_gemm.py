@@ -59,7 +59,10 @@ def main() -> None:
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
-    res: dict = {"meta": run_metadata(0.0, "cuda"), "rows": [], "act_quant": []}
+    meta = run_metadata(0.0, torch.cuda.get_device_name())
+    meta.pop("total_seconds")
+    meta["triton"] = triton.__version__
+    res: dict = {"meta": meta, "rows": [], "act_quant": []}
     dev = "cuda"
     torch.manual_seed(0)
     table = []
