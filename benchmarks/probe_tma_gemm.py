@@ -20,7 +20,7 @@ import triton
 
 from lowbit.bench import cuda_graphed, run_metadata
 from lowbit.kernels.w4a8.act_quant import _act_quant_kernel, act_quant
-from lowbit.kernels.w4a8.prefill import int8_gemm, int8_gemm_tma, unpack_int4_triton
+from lowbit.kernels.w4a8.prefill import int8_gemm, int8_gemm_tma, quant_and_unpack, unpack_int4_triton
 
 SHAPES = [(1024, 4096), (4096, 4096), (6144, 4096), (4096, 11008), (11008, 4096), (4096, 14336),
           (14336, 4096), (22016, 4096)]
@@ -51,14 +51,101 @@ def act_quant_variant(x, block, warps, one_pass):
     return q, s
 
 
+VARIANT_SHAPES = [(1024, 4096), (4096, 4096), (6144, 4096), (4096, 11008), (4096, 14336), (22016, 4096)]
+BEST = (128, 256, 128, 8, 8, 4)
+
+
+def variants(res: dict) -> None:
+    """Second part: epilogue / loop / grouping variants of the TMA GEMM, g128 unflattened, and the
+    prefill pipeline's pieces (act_quant, unpack, both in one launch) with the TMA GEMM."""
+    dev = "cuda"
+    for n, k in VARIANT_SHAPES:
+        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+        w8 = unpack_int4_triton(packed)
+        w_bf = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        for m in MS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            qa, sa = act_quant(x)
+            sw = torch.rand(n, 1, device=dev) + 0.5
+            ref = int8_gemm(qa, sa, w8, sw, None, k, torch.bfloat16)
+            row: dict = {"N": n, "K": k, "M": m, "bf16": t_us(lambda: F.linear(x, w_bf)),
+                         "int_mm_alone": t_us(lambda: torch._int_mm(qa, w8.t())), "variants": []}
+            for gm in (4, 8, 16):
+                for flatten in (True, False):
+                    for store in (False, True):
+                        cd = cfg_dict(BEST, 0)
+                        cd.update(GROUP_M=gm, FLATTEN=flatten, TMA_STORE=store)
+                        try:
+                            exact = bool(torch.equal(int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd),
+                                                     ref))
+                            us = t_us(lambda: int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd))
+                        except Exception as e:  # noqa: BLE001
+                            row["variants"].append({"cfg": cd, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                            continue
+                        row["variants"].append({"cfg": cd, "us": us, "exact": exact})
+            ok = [v for v in row["variants"] if v.get("exact")]
+            best = min(ok, key=lambda v: v["us"])
+            cd = best["cfg"]
+            row["best_variant"] = best
+            # g128: pointer kernel vs TMA flattened / not
+            sg = torch.rand(n, k // 128, device=dev) + 0.5
+            refg = int8_gemm(qa, sa, w8, sg, None, 128, torch.bfloat16)
+            row["g128_now"] = t_us(lambda: int8_gemm(qa, sa, w8, sg, None, 128, torch.bfloat16))
+            for flatten in (True, False):
+                for c in [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4)]:
+                    cg = cfg_dict(c, 128)
+                    cg["FLATTEN"] = flatten
+                    out = int8_gemm_tma(qa, sa, w8, sg, None, 128, torch.bfloat16, cg)
+                    row.setdefault("g128_tma", []).append(
+                        {"cfg": cg, "exact": bool(torch.equal(out, refg)),
+                         "us": t_us(lambda: int8_gemm_tma(qa, sa, w8, sg, None, 128, torch.bfloat16, cg))})
+            # pieces
+            row["act_quant"] = t_us(lambda: act_quant(x))
+            row["act_quant_2048x8"] = t_us(lambda: act_quant_variant(x, 2048, 8, False)) if k > 8192 else None
+            row["unpack"] = t_us(lambda: unpack_int4_triton(packed))
+            row["quant_and_unpack"] = t_us(lambda: quant_and_unpack(x, packed))
+            row["gemm_tma"] = t_us(lambda: int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd))
+
+            def seq3():
+                q, s = act_quant(x)
+                return int8_gemm_tma(q, s, unpack_int4_triton(packed), sw, None, k, torch.bfloat16, cd)
+
+            def seq2():
+                q, s, w = quant_and_unpack(x, packed)
+                return int8_gemm_tma(q, s, w, sw, None, k, torch.bfloat16, cd)
+
+            row["w4a8_tma_3launch"] = t_us(seq3)
+            row["w4a8_tma_2launch"] = t_us(seq2)
+            row["exact_2launch"] = bool(torch.equal(seq2(), ref))
+            res["variants"].append(row)
+            bf = row["bf16"]
+            print(f"{n}x{k} M={m}: bf16 {bf:.1f} int_mm {row['int_mm_alone']:.1f} | best {best['us']:.1f} "
+                  f"{ {kk: cd[kk] for kk in ('GROUP_M', 'FLATTEN', 'TMA_STORE')} } | aq {row['act_quant']:.1f} "
+                  f"aq2048x8 {row['act_quant_2048x8']} unpack {row['unpack']:.1f} q+u {row['quant_and_unpack']:.1f}"
+                  f" | 3 launches {row['w4a8_tma_3launch']:.1f} ({bf / row['w4a8_tma_3launch']:.2f}x) 2 launches "
+                  f"{row['w4a8_tma_2launch']:.1f} ({bf / row['w4a8_tma_2launch']:.2f}x) exact {row['exact_2launch']}"
+                  f" | g128 now {row['g128_now']:.1f} tma "
+                  + " ".join(f"{v['us']:.1f}{'' if v['exact'] else '!'}" for v in row["g128_tma"]), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_tma_gemm.json")
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--ms", default=None)
+    ap.add_argument("--part", default="sweep", choices=["sweep", "variants"])
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
+    if args.part == "variants":
+        meta = run_metadata(0.0, torch.cuda.get_device_name())
+        meta.pop("total_seconds")
+        meta["triton"] = triton.__version__
+        res2: dict = {"meta": meta, "variants": []}
+        variants(res2)
+        with open(args.out, "w") as f:
+            json.dump(res2, f, indent=1)
+        return
     meta = run_metadata(0.0, torch.cuda.get_device_name())
     meta.pop("total_seconds")
     meta["triton"] = triton.__version__

@@ -34,9 +34,9 @@ def _int8_round_clamp(v, scale):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                      ONE_PASS: tl.constexpr, PERMUTE: tl.constexpr):
-    row = tl.program_id(0)
+def act_quant_row(row, x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                  ONE_PASS: tl.constexpr, PERMUTE: tl.constexpr):
+    """Quantize one row (the body of _act_quant_kernel; also called by fused launches)."""
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
     if ONE_PASS:
@@ -67,6 +67,22 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
             tl.store(q_row + offs, r, mask=offs < K)
 
 
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                      ONE_PASS: tl.constexpr, PERMUTE: tl.constexpr):
+    act_quant_row(tl.program_id(0), x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERMUTE)
+
+
+def act_quant_launch(k: int) -> tuple[int, bool, int]:
+    """(BLOCK_K, ONE_PASS, num_warps) for rows of length k."""
+    # NOTE: H100, 8192 rows: K=4096 one pass 41 us (2.5 TB/s); K=11008 one pass (16384-wide
+    # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes.
+    one_pass = k <= 8192
+    block = triton.next_power_of_2(k) if one_pass else 4096
+    block = max(block, 128)
+    return block, one_pass, (4 if block <= 4096 else 8)
+
+
 def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> (q int8 (M, K), scale float32 (M, 1)).
 
@@ -85,12 +101,7 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    # NOTE: H100, 8192 rows: K=4096 one pass 41 us (2.5 TB/s); K=11008 one pass (16384-wide
-    # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes.
-    one_pass = k <= 8192
-    block = triton.next_power_of_2(k) if one_pass else 4096
-    block = max(block, 128)
-    num_warps = 4 if block <= 4096 else 8
+    block, one_pass, num_warps = act_quant_launch(k)
     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
                             PERMUTE=permute, num_warps=num_warps)
     return q, s

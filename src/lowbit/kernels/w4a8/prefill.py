@@ -27,19 +27,60 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
+from lowbit.kernels.w4a8.act_quant import act_quant_launch, act_quant_row
 
 
 # -- step 1: expand ---------------------------------------------------------------------
 @triton.jit
-def _unpack_int4_kernel(p_ptr, out_ptr, total_bytes, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _unpack_block(blk, p_ptr, out_ptr, total_bytes, BLOCK: tl.constexpr):
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total_bytes
     p = tl.load(p_ptr + offs, mask=mask, other=0)
     lo = (p << 4) >> 4
     hi = p >> 4
     both = tl.reshape(tl.join(lo, hi), (2 * BLOCK,))  # byte i -> elements 2i, 2i+1
-    out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    out_offs = blk.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + out_offs, both, mask=out_offs < 2 * total_bytes)
+
+
+@triton.jit
+def _unpack_int4_kernel(p_ptr, out_ptr, total_bytes, BLOCK: tl.constexpr):
+    _unpack_block(tl.program_id(0), p_ptr, out_ptr, total_bytes, BLOCK)
+
+
+@triton.jit
+def _quant_unpack_kernel(x_ptr, q_ptr, s_ptr, p_ptr, w_ptr, M, K, stride_xm, total_bytes,
+                         BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+    # Programs 0..M-1 quantize activation rows, the rest expand the weight: one launch, two
+    # independent memory-bound jobs, no tail between them.
+    pid = tl.program_id(0)
+    if pid < M:
+        act_quant_row(pid, x_ptr, q_ptr, s_ptr, K, stride_xm, K, BLOCK_K, ONE_PASS, False)
+    else:
+        _unpack_block(pid - M, p_ptr, w_ptr, total_bytes, BLOCK)
+
+
+def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """act_quant(x) and unpack_int4_triton(packed) in one launch: (q (M, K), s (M, 1), w8 (N, K))."""
+    if x.dim() != 2 or packed.dim() != 2 or packed.shape[1] * 2 != x.shape[1]:
+        raise ValueError(f"quant_and_unpack: x (M, K) and packed (N, K/2), got {tuple(x.shape)} and "
+                         f"{tuple(packed.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    packed = packed.contiguous()
+    m, k = x.shape
+    n = packed.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    w8 = torch.empty((n, k), dtype=torch.int8, device=x.device)
+    block_k, one_pass, _ = act_quant_launch(k)
+    total = n * (k // 2)
+    ublock = 4096
+    grid = (m + triton.cdiv(total, ublock),)
+    if grid[0]:
+        _quant_unpack_kernel[grid](x, q, s, packed.view(torch.int8), w8, m, k, x.stride(0), total,
+                                   BLOCK_K=block_k, ONE_PASS=one_pass, BLOCK=ublock, num_warps=8)
+    return q, s, w8
 
 
 def unpack_int4_triton(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,11 +230,11 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
 # -- step 2 on Hopper: persistent grid, operand tiles by the tensor-memory copy engine ---------
 @triton.jit
 def _int8_gemm_tma_kernel(
-    a_desc, sa_ptr, b_desc, sb_ptr, bias_ptr, c_ptr,
+    a_desc, sa_ptr, b_desc, sb_ptr, bias_ptr, c_ptr, c_desc,
     M, N, K, stride_sbn, stride_cm,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     # Same arithmetic as _int8_gemm_kernel; A (M, K) and B (N, K) tiles arrive through TMA
     # descriptors (out-of-bounds rows and K columns read as zero, so no masks and no wrap-around),
@@ -202,7 +243,7 @@ def _int8_gemm_tma_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     width = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
         group_id = tile // width
         first_m = group_id * GROUP_M
         size_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -232,8 +273,11 @@ def _int8_gemm_tma_kernel(
         acc = acc * sa[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if TMA_STORE:
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        else:
+            c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
@@ -265,6 +309,7 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     group = 0 if group_size >= k else group_size
     cfg = dict(config)
     warps, stages = cfg.pop("num_warps", 8), cfg.pop("num_stages", 3)
+    flatten, tma_store = cfg.pop("FLATTEN", True), cfg.pop("TMA_STORE", False)
     if group:
         cfg["BLOCK_K"] = group
     c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
@@ -276,10 +321,12 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     programs = max(1, min(num_programs, tiles))
     a_desc = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     b_desc = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    tma_store = tma_store and (n * c.element_size()) % 16 == 0
+    c_desc = TensorDescriptor(c, [m, n], [n, 1], [cfg["BLOCK_M"], cfg["BLOCK_N"]]) if tma_store else c
     _int8_gemm_tma_kernel[(programs,)](
-        a_desc, sa, b_desc, sw, bias if bias is not None else sw, c, m, n, k, sw.stride(0), c.stride(0),
-        GROUP=group, HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, num_warps=warps,
-        num_stages=stages, **cfg,
+        a_desc, sa, b_desc, sw, bias if bias is not None else sw, c, c_desc, m, n, k, sw.stride(0),
+        c.stride(0), GROUP=group, HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, FLATTEN=flatten,
+        TMA_STORE=tma_store, num_warps=warps, num_stages=stages, **cfg,
     )
     return c
 
