@@ -60,7 +60,8 @@ def _quant_unpack_kernel(x_ptr, q_ptr, s_ptr, p_ptr, w_ptr, M, K, stride_xm, tot
         _unpack_block(pid - M, p_ptr, w_ptr, total_bytes, BLOCK)
 
 
-def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quant_and_unpack(x: torch.Tensor,
+                     packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """act_quant(x) and unpack_int4_triton(packed) in one launch: (q (M, K), s (M, 1), w8 (N, K))."""
     if x.dim() != 2 or packed.dim() != 2 or packed.shape[1] * 2 != x.shape[1]:
         raise ValueError(f"quant_and_unpack: x (M, K) and packed (N, K/2), got {tuple(x.shape)} and "
