@@ -4,7 +4,11 @@ One run on the GPU, every column timed as CUDA-graph replays under do_bench (L2 
 bf16 F.linear, torch._int_mm alone, today's int8_gemm (autotuned), int8_gemm_tma over a config
 sweep (per row and g128), and the whole W4A8 prefill (act_quant + unpack + GEMM) with each GEMM.
 Also times act_quant variants for long rows (K > 8192). Checks the TMA output against int8_gemm
-bit for bit. Writes JSON (--out) and prints a table.
+bit for bit. Writes JSON (--out) and prints a table. `--part variants` times GROUP_M, group-wise
+TMA configs and the prefill pipeline's pieces (act_quant, unpack, quant_and_unpack); its committed
+result (results/probe_tma_variants_h100.json, sha c44b194) also swept two kernel options removed
+since: an unflattened tile loop (2-8% slower) and a TMA-store epilogue (out of shared memory at 4
+stages).
 
     python benchmarks/probe_tma_gemm.py --out probe_tma_gemm.json
 """
@@ -67,38 +71,33 @@ def variants(res: dict) -> None:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             qa, sa = act_quant(x)
             sw = torch.rand(n, 1, device=dev) + 0.5
-            ref = int8_gemm(qa, sa, w8, sw, None, k, torch.bfloat16)
+            ref = int8_gemm(qa, sa, w8, sw, None, k, torch.bfloat16, tma=False)
             row: dict = {"N": n, "K": k, "M": m, "bf16": t_us(lambda: F.linear(x, w_bf)),
                          "int_mm_alone": t_us(lambda: torch._int_mm(qa, w8.t())), "variants": []}
             for gm in (4, 8, 16):
-                for flatten in (True, False):
-                    for store in (False, True):
-                        cd = cfg_dict(BEST, 0)
-                        cd.update(GROUP_M=gm, FLATTEN=flatten, TMA_STORE=store)
-                        try:
-                            exact = bool(torch.equal(int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd),
-                                                     ref))
-                            us = t_us(lambda: int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd))
-                        except Exception as e:  # noqa: BLE001
-                            row["variants"].append({"cfg": cd, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                            continue
-                        row["variants"].append({"cfg": cd, "us": us, "exact": exact})
+                cd = cfg_dict(BEST, 0)
+                cd.update(GROUP_M=gm)
+                try:
+                    exact = bool(torch.equal(int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd), ref))
+                    us = t_us(lambda: int8_gemm_tma(qa, sa, w8, sw, None, k, torch.bfloat16, cd))
+                except Exception as e:  # noqa: BLE001
+                    row["variants"].append({"cfg": cd, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                row["variants"].append({"cfg": cd, "us": us, "exact": exact})
             ok = [v for v in row["variants"] if v.get("exact")]
             best = min(ok, key=lambda v: v["us"])
             cd = best["cfg"]
             row["best_variant"] = best
             # g128: pointer kernel vs TMA flattened / not
             sg = torch.rand(n, k // 128, device=dev) + 0.5
-            refg = int8_gemm(qa, sa, w8, sg, None, 128, torch.bfloat16)
-            row["g128_now"] = t_us(lambda: int8_gemm(qa, sa, w8, sg, None, 128, torch.bfloat16))
-            for flatten in (True, False):
-                for c in [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4)]:
-                    cg = cfg_dict(c, 128)
-                    cg["FLATTEN"] = flatten
-                    out = int8_gemm_tma(qa, sa, w8, sg, None, 128, torch.bfloat16, cg)
-                    row.setdefault("g128_tma", []).append(
-                        {"cfg": cg, "exact": bool(torch.equal(out, refg)),
-                         "us": t_us(lambda: int8_gemm_tma(qa, sa, w8, sg, None, 128, torch.bfloat16, cg))})
+            refg = int8_gemm(qa, sa, w8, sg, None, 128, torch.bfloat16, tma=False)
+            row["g128_now"] = t_us(lambda: int8_gemm(qa, sa, w8, sg, None, 128, torch.bfloat16, tma=False))
+            for c in [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4)]:
+                cg = cfg_dict(c, 128)
+                out = int8_gemm_tma(qa, sa, w8, sg, None, 128, torch.bfloat16, cg)
+                row.setdefault("g128_tma", []).append(
+                    {"cfg": cg, "exact": bool(torch.equal(out, refg)),
+                     "us": t_us(lambda: int8_gemm_tma(qa, sa, w8, sg, None, 128, torch.bfloat16, cg))})
             # pieces
             row["act_quant"] = t_us(lambda: act_quant(x))
             row["act_quant_2048x8"] = t_us(lambda: act_quant_variant(x, 2048, 8, False)) if k > 8192 else None
@@ -120,7 +119,7 @@ def variants(res: dict) -> None:
             res["variants"].append(row)
             bf = row["bf16"]
             print(f"{n}x{k} M={m}: bf16 {bf:.1f} int_mm {row['int_mm_alone']:.1f} | best {best['us']:.1f} "
-                  f"{ {kk: cd[kk] for kk in ('GROUP_M', 'FLATTEN', 'TMA_STORE')} } | aq {row['act_quant']:.1f} "
+                  f"GROUP_M={cd['GROUP_M']} | aq {row['act_quant']:.1f} "
                   f"aq2048x8 {row['act_quant_2048x8']} unpack {row['unpack']:.1f} q+u {row['quant_and_unpack']:.1f}"
                   f" | 3 launches {row['w4a8_tma_3launch']:.1f} ({bf / row['w4a8_tma_3launch']:.2f}x) 2 launches "
                   f"{row['w4a8_tma_2launch']:.1f} ({bf / row['w4a8_tma_2launch']:.2f}x) exact {row['exact_2launch']}"
@@ -166,8 +165,8 @@ def main() -> None:
             for g in (0, 128):
                 sw = torch.rand(n, k // g if g else 1, device=dev) + 0.5
                 tag = f"g{g}" if g else "row"
-                ref = int8_gemm(qa, sa, w8, sw, None, g or k, torch.bfloat16)
-                row[f"gemm_{tag}"] = t_us(lambda: int8_gemm(qa, sa, w8, sw, None, g or k, torch.bfloat16))
+                ref = int8_gemm(qa, sa, w8, sw, None, g or k, torch.bfloat16, tma=False)
+                row[f"gemm_{tag}"] = t_us(lambda: int8_gemm(qa, sa, w8, sw, None, g or k, torch.bfloat16, tma=False))
                 best = None
                 sweep = []
                 for c in CONFIGS:
@@ -198,7 +197,7 @@ def main() -> None:
 
                 def full_now():
                     q, s = act_quant(x)
-                    return int8_gemm(q, s, unpack_int4_triton(packed), sw, None, g or k, torch.bfloat16)
+                    return int8_gemm(q, s, unpack_int4_triton(packed), sw, None, g or k, torch.bfloat16, tma=False)
 
                 row[f"w4a8_now_{tag}"] = t_us(full_now)
             res["rows"].append(row)

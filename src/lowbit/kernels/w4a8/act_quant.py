@@ -76,11 +76,13 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
 def act_quant_launch(k: int) -> tuple[int, bool, int]:
     """(BLOCK_K, ONE_PASS, num_warps) for rows of length k."""
     # NOTE: H100, 8192 rows: K=4096 one pass 41 us (2.5 TB/s); K=11008 one pass (16384-wide
-    # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes.
-    one_pass = k <= 8192
-    block = triton.next_power_of_2(k) if one_pass else 4096
-    block = max(block, 128)
-    return block, one_pass, (4 if block <= 4096 else 8)
+    # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes. Two passes
+    # of 2048 with 8 warps beat 4096 with 4 (results/probe_tma_gemm_h100.json, "act_quant"):
+    # K=11008 125.1 vs 129.5 us, K=14336 148.5 vs 167.1 us (M=8192); 42.5 vs 47.5, 50.1 vs 60.7 (M=2048).
+    if k <= 8192:
+        block = max(triton.next_power_of_2(k), 128)
+        return block, True, (4 if block <= 4096 else 8)
+    return 2048, False, 8
 
 
 def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

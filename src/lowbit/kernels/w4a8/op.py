@@ -8,7 +8,8 @@ token count M (product of the activation's leading dims):
                               (compiled graphs at M = 1 and K > 8192: quantization fused into
                               the producer of x, then the pre-quantized dp4a GEMV, gemv_q.py)
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
-    M >= W4A8_PREFILL_MIN_M   act_quant + expand int4 -> int8 workspace + int8 GEMM
+    M >= W4A8_PREFILL_MIN_M   act_quant and the int4 -> int8 workspace expansion in one launch,
+                              then the int8 GEMM (TMA operand loads on Hopper, per-row weights)
   weight-only (quantize_activations=False)
     M <= 2 (narrow layers)    CUDA-core GEMV
     M <  WO_PREFILL_MIN_M     decode kernel (dequantize in registers, fp dots)
@@ -70,6 +71,12 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     if quantize_activations:
         if zf is not None:
             raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
+        if _w4a8_route(m, x.shape[1], group_size, path) == "prefill":
+            from lowbit.kernels.w4a8.prefill import int8_gemm, quant_and_unpack
+
+            # activation quantization and the weight expansion in one launch
+            qa, sa, w8 = quant_and_unpack(x, packed)  # w8: one-layer workspace, freed on return
+            return int8_gemm(qa, sa, w8, scale, bias, group_size, x.dtype)
         qa, sa = act_quant(x)
         return _w4a8_linear_q_impl(qa, sa, packed, scale, bias, group_size, x.dtype, path)
     use_prefill = path == "prefill" or (path == "auto" and m >= WO_PREFILL_MIN_M)
@@ -89,20 +96,31 @@ def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Ten
     return int8_gemm(qa, sa, w8, scale, bias, group_size, out_dtype)
 
 
+def _w4a8_route(m: int, k: int, group_size: int, path: str) -> str:
+    """Which kernel takes M per-token int8 activation rows: "gemv_q", "prefill" or "decode"."""
+    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
+
+    if path in ("auto", "gemv") and gemv_q_unsupported(m, k, group_size) is None:
+        return "gemv_q"
+    # the int8 decode kernel's dots need >= 64 K per group (per row: K >= 64)
+    small_group = min(group_size, k) < 64
+    if path == "prefill" or (path == "auto" and (m >= W4A8_PREFILL_MIN_M or small_group)):
+        return "prefill"
+    return "decode"
+
+
 def _w4a8_linear_q_impl(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                         bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
                         path: str) -> torch.Tensor:
     """W4A8 from per-token int8 activations (qa (M, K) int8, sa (M, 1) fp32): dp4a GEMV (M <= 4),
     decode kernel or GEMM."""
     from lowbit.kernels.w4a8.decode import w4_decode
-    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported, w4a8_gemv_q
+    from lowbit.kernels.w4a8.gemv_q import w4a8_gemv_q
 
-    if path in ("auto", "gemv") and gemv_q_unsupported(qa.shape[0], qa.shape[1], group_size) is None:
+    route = _w4a8_route(qa.shape[0], qa.shape[1], group_size, path)
+    if route == "gemv_q":
         return w4a8_gemv_q(qa, sa, packed, scale, bias, group_size, out_dtype)
-
-    # the int8 decode kernel's dots need >= 64 K per group (per row: K >= 64)
-    small_group = min(group_size, qa.shape[1]) < 64
-    if path == "prefill" or (path == "auto" and (qa.shape[0] >= W4A8_PREFILL_MIN_M or small_group)):
+    if route == "prefill":
         return w4a8_prefill_quantized(qa, sa, packed, scale, bias, group_size, out_dtype)
     return w4_decode(qa, sa, packed, scale, None, bias, group_size, out_dtype)
 

@@ -197,8 +197,11 @@ def _int8_gemm_kernel_bucketed(
 
 def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
               bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-              config: dict | None = None) -> torch.Tensor:
-    """qa (M, K) int8, sa (M, 1) fp32, qw (N, K) int8, sw (N, G); group_size == K: per row."""
+              config: dict | None = None, tma: bool | None = None) -> torch.Tensor:
+    """qa (M, K) int8, sa (M, 1) fp32, qw (N, K) int8, sw (N, G); group_size == K: per row.
+
+    tma: None lets takes_tma() choose between the TMA kernel and the pointer kernel; False forces
+    the pointer kernel (autotuned, or `config`)."""
     m, k = qa.shape
     n = qw.shape[0]
     if qw.shape[1] != k:
@@ -220,6 +223,8 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_kernel[grid](*args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
         return c
+    if tma is not False and takes_tma(qa, qw, group):
+        return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG)
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)
     tuned_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -231,11 +236,11 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
 # -- step 2 on Hopper: persistent grid, operand tiles by the tensor-memory copy engine ---------
 @triton.jit
 def _int8_gemm_tma_kernel(
-    a_desc, sa_ptr, b_desc, sb_ptr, bias_ptr, c_ptr, c_desc,
+    a_desc, sa_ptr, b_desc, sb_ptr, bias_ptr, c_ptr,
     M, N, K, stride_sbn, stride_cm,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
 ):
     # Same arithmetic as _int8_gemm_kernel; A (M, K) and B (N, K) tiles arrive through TMA
     # descriptors (out-of-bounds rows and K columns read as zero, so no masks and no wrap-around),
@@ -244,7 +249,9 @@ def _int8_gemm_tma_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     width = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
+    # flatten: the K loops of consecutive tiles form one software pipeline (the next tile's
+    # first operand loads are in flight during this tile's epilogue)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
         group_id = tile // width
         first_m = group_id * GROUP_M
         size_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -274,11 +281,8 @@ def _int8_gemm_tma_kernel(
         acc = acc * sa[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if TMA_STORE:
-            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
-        else:
-            c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
@@ -287,8 +291,35 @@ def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_props(device_index: int) -> tuple[int, int]:
+    """(multiprocessor count, compute capability major) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, props.major
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+# NOTE: H100, benchmarks/probe_tma_gemm.py (results/probe_tma_gemm_h100.json, sweep of 9 configs on
+# 8 shapes x M in {2048, 8192}, per row): 128x256x128 tiles, 8 warps, 4 stages won on 15 of 16 and
+# took the GEMM 10-20% under the pointer kernel (4096x4096 M=8192 228.5 vs 264.1 us, 22016x4096
+# 1224.6 vs 1393.7). GROUP_M 8 vs 16 moved it by under 1% on most shapes (probe_tma_variants_h100.json);
+# epilogue through a TMA store needed 263 KB of shared memory at 4 stages. Group-wise weights
+# stay on the pointer kernel: the TMA kernel ran 1.2-1.4x slower there (same files). With fewer
+# 128x256 tiles than multiprocessors (1024x4096 at M=2048: 64) the pointer kernel's smaller
+# autotuned tiles win (21.9 vs 23.6 us).
+TMA_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+
+
+def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int) -> bool:
+    """int8_gemm's choice: the TMA kernel for per-row weights on a Hopper-or-newer GPU when the
+    operands suit TMA and the output has at least one 128x256 tile per multiprocessor."""
+    if group or not qa.is_cuda or interpreter_enabled() or not tma_operands_ok(qa, qw):
+        return False
+    sms, major = _device_props(_device_index(qa))
+    tiles = triton.cdiv(qa.shape[0], TMA_CONFIG["BLOCK_M"]) * triton.cdiv(qw.shape[0], TMA_CONFIG["BLOCK_N"])
+    return major >= 9 and tiles >= sms
 
 
 def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
@@ -310,7 +341,6 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     group = 0 if group_size >= k else group_size
     cfg = dict(config)
     warps, stages = cfg.pop("num_warps", 8), cfg.pop("num_stages", 3)
-    flatten, tma_store = cfg.pop("FLATTEN", True), cfg.pop("TMA_STORE", False)
     if group:
         cfg["BLOCK_K"] = group
     c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
@@ -318,16 +348,14 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
         return c
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if num_programs is None:
-        num_programs = 4 if interpreter_enabled() else _num_sms(qa.device.index or 0)
+        num_programs = 4 if interpreter_enabled() else _device_props(_device_index(qa))[0]
     programs = max(1, min(num_programs, tiles))
     a_desc = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     b_desc = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-    tma_store = tma_store and (n * c.element_size()) % 16 == 0
-    c_desc = TensorDescriptor(c, [m, n], [n, 1], [cfg["BLOCK_M"], cfg["BLOCK_N"]]) if tma_store else c
     _int8_gemm_tma_kernel[(programs,)](
-        a_desc, sa, b_desc, sw, bias if bias is not None else sw, c, c_desc, m, n, k, sw.stride(0),
-        c.stride(0), GROUP=group, HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, FLATTEN=flatten,
-        TMA_STORE=tma_store, num_warps=warps, num_stages=stages, **cfg,
+        a_desc, sa, b_desc, sw, bias if bias is not None else sw, c, m, n, k, sw.stride(0), c.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, num_warps=warps,
+        num_stages=stages, **cfg,
     )
     return c
 

@@ -1,0 +1,120 @@
+"""The prefill int8 GEMM with TMA operand loads (persistent grid) and the one-launch
+act_quant + weight expansion, against the pointer kernel and the pure-torch references.
+
+On CPU through TRITON_INTERPRET=1 (small tiles); on a GPU compiled, where int8_gemm must also
+route to the TMA kernel by itself on Hopper.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.core.packing import pack_int4
+from lowbit.kernels.w4a8.act_quant import act_quant
+from lowbit.kernels.w4a8.prefill import (
+    TMA_CONFIG,
+    int8_gemm,
+    int8_gemm_tma,
+    quant_and_unpack,
+    takes_tma,
+    tma_operands_ok,
+    unpack_int4_triton,
+)
+from lowbit.kernels.w4a8.reference import act_quant_ref, int8_gemm_ref, unpack_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEV == "cuda"
+HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] >= 9
+SMALL_CFG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+CFG = TMA_CONFIG if ON_GPU else SMALL_CFG
+
+
+def _operands(m, n, k, group):
+    qa = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEV)
+    qw = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
+    sa = torch.rand(m, 1, device=DEV) * 0.05 + 1e-3
+    sw = torch.rand(n, k // group if group else 1, device=DEV) * 0.02 + 1e-3
+    return qa, sa, qw, sw
+
+
+@pytest.mark.skipif(ON_GPU and not HOPPER, reason="TMA descriptors need compute capability >= 9")
+@pytest.mark.parametrize("m,n,k,group", [(1, 48, 96, None), (7, 40, 256, 128), (33, 72, 160, 32),
+                                         (300, 24, 112, None)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tma_gemm_equals_pointer_kernel(m, n, k, group, dtype):
+    # odd M, N and K (K a multiple of 16, as TMA needs); bias; several tiles per program
+    qa, sa, qw, sw = _operands(m, n, k, group)
+    bias = torch.randn(n, device=DEV).to(dtype)
+    ref = int8_gemm(qa, sa, qw, sw, bias, group or k, dtype, tma=False)
+    out = int8_gemm_tma(qa, sa, qw, sw, bias, group or k, dtype, CFG, num_programs=3)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.equal(out, ref)  # same integer sums, same float epilogue
+    exact = int8_gemm_ref(qa, sa, qw, sw, bias, group or k, dtype)
+    assert torch.allclose(out.float(), exact.float(), rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(ON_GPU and not HOPPER, reason="TMA descriptors need compute capability >= 9")
+def test_tma_gemm_integer_accumulation_exact():
+    m, n, k = 37, 40, 272  # K not a multiple of BLOCK_K: the last tile's columns read as zero
+    qa, _, qw, _ = _operands(m, n, k, None)
+    out = int8_gemm_tma(qa, torch.ones(m, 1, device=DEV), qw, torch.ones(n, 1, device=DEV), None, k,
+                        torch.float32, CFG)
+    assert torch.equal(out, (qa.double() @ qw.double().t()).float())
+
+
+def test_tma_operand_checks():
+    qa = torch.zeros(5, 40, dtype=torch.int8, device=DEV)  # row stride 40 B: not 16-byte aligned
+    qw = torch.zeros(8, 40, dtype=torch.int8, device=DEV)
+    assert not tma_operands_ok(qa, qw)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        int8_gemm_tma(qa, torch.ones(5, 1, device=DEV), qw, torch.ones(8, 1, device=DEV), None, 40,
+                      torch.float32, SMALL_CFG)
+    wide = torch.zeros(5, 48, dtype=torch.int8, device=DEV)
+    assert tma_operands_ok(wide, torch.zeros(8, 48, dtype=torch.int8, device=DEV))
+    assert not tma_operands_ok(wide[:, 1:33], torch.zeros(8, 32, dtype=torch.int8, device=DEV))
+    # int8_gemm itself takes misaligned operands through the pointer kernel
+    out = int8_gemm(qa + 1, torch.ones(5, 1, device=DEV), qw + 1, torch.ones(8, 1, device=DEV), None, 40,
+                    torch.float32)
+    assert torch.equal(out, torch.full((5, 8), 40.0, device=DEV))
+
+
+def test_takes_tma_rules():
+    qa = torch.zeros(4096, 4096, dtype=torch.int8, device=DEV)
+    qw = torch.zeros(4096, 4096, dtype=torch.int8, device=DEV)
+    assert not takes_tma(qa, qw, 128)  # group-wise weights stay on the pointer kernel
+    assert not takes_tma(qa.cpu(), qw.cpu(), 0)
+    assert not takes_tma(qa[:64], qw, 0)  # 1 x 16 tiles: fewer than the GPU's multiprocessors
+    if HOPPER:
+        assert takes_tma(qa, qw, 0)
+
+
+@pytest.mark.parametrize("m,n,k", [(5, 7, 96), (3, 9, 10240), (0, 4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_quant_and_unpack_equals_separate_kernels(m, n, k, dtype):
+    x = (torch.randn(m, k, device=DEV) * 3).to(dtype)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
+    qa, sa, w8 = quant_and_unpack(x, pack_int4(q))
+    qr, sr = act_quant_ref(x)
+    assert torch.equal(qa, qr) and torch.equal(sa, sr)
+    assert torch.equal(w8, q) and torch.equal(w8, unpack_ref(pack_int4(q)))
+    if m:
+        q2, s2 = act_quant(x)
+        assert torch.equal(q2, qa) and torch.equal(s2, sa)
+        assert torch.equal(unpack_int4_triton(pack_int4(q)), w8)
+
+
+def test_quant_and_unpack_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="packed"):
+        quant_and_unpack(torch.randn(3, 64, device=DEV), torch.zeros(4, 16, dtype=torch.uint8, device=DEV))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU: int8_gemm's own routing to the TMA kernel")
+@pytest.mark.parametrize("m,n,k", [(4000, 2000, 1040), (2048, 4096, 4096), (8192, 1024, 4096)])
+def test_int8_gemm_routes_to_tma_on_hopper(m, n, k):
+    qa, sa, qw, sw = _operands(m, n, k, None)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    assert takes_tma(qa, qw, 0)
+    out = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16)
+    ref = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16, tma=False)
+    assert torch.equal(out, ref)
