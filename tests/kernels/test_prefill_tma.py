@@ -49,8 +49,14 @@ def test_tma_gemm_equals_pointer_kernel(m, n, k, group, dtype):
     ref = int8_gemm(qa, sa, qw, sw, bias, group or k, dtype, tma=False)
     out = int8_gemm_tma(qa, sa, qw, sw, bias, group or k, dtype, CFG, num_programs=3)
     assert out.dtype == dtype and out.shape == (m, n)
-    assert torch.equal(out, ref)  # same integer sums, same float epilogue
+    # same integer sums and the same epilogue operations; compiled for the GPU, the two kernels may
+    # contract the epilogue's multiply-adds differently (a last-bit difference in float32)
+    if ON_GPU:
+        torch.testing.assert_close(out, ref, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
+    else:
+        assert torch.equal(out, ref)
     exact = int8_gemm_ref(qa, sa, qw, sw, bias, group or k, dtype)
+    print(f"max |tma - pointer| {(out.float() - ref.float()).abs().max().item():.3g}")
     assert torch.allclose(out.float(), exact.float(), rtol=2e-3, atol=1e-3)
 
 
@@ -117,4 +123,8 @@ def test_int8_gemm_routes_to_tma_on_hopper(m, n, k):
     assert takes_tma(qa, qw, 0)
     out = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16)
     ref = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16, tma=False)
-    assert torch.equal(out, ref)
+    diff = (out.float() - ref.float()).abs()
+    print(f"max |tma - pointer| {diff.max().item():.3g}, differing {int((diff > 0).sum())} of {diff.numel()}")
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-5)  # at most one bf16 rounding step
+    exact = int8_gemm_ref(qa, sa, qw, sw, bias, k, torch.float32)
+    torch.testing.assert_close(out.float(), exact, rtol=2**-7, atol=1e-4)
