@@ -95,7 +95,7 @@ def test_takes_tma_rules():
         assert takes_tma(qa, qw, 0)
 
 
-@pytest.mark.parametrize("m,n,k", [(5, 7, 96), (3, 9, 10240), (0, 4, 64)])
+@pytest.mark.parametrize("m,n,k", [(5, 7, 96), (3, 9, 10240), (65, 3, 9000), (0, 4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_quant_and_unpack_equals_separate_kernels(m, n, k, dtype):
     x = (torch.randn(m, k, device=DEV) * 3).to(dtype)

@@ -73,16 +73,18 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.
     act_quant_row(tl.program_id(0), x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERMUTE)
 
 
-def act_quant_launch(k: int) -> tuple[int, bool, int]:
-    """(BLOCK_K, ONE_PASS, num_warps) for rows of length k."""
+def act_quant_launch(k: int, m: int) -> tuple[int, bool, int]:
+    """(BLOCK_K, ONE_PASS, num_warps) for m rows of length k."""
     # NOTE: H100, 8192 rows: K=4096 one pass 41 us (2.5 TB/s); K=11008 one pass (16384-wide
-    # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes. Two passes
-    # of 2048 with 8 warps beat 4096 with 4 (results/probe_tma_gemm_h100.json, "act_quant"):
-    # K=11008 125.1 vs 129.5 us, K=14336 148.5 vs 167.1 us (M=8192); 42.5 vs 47.5, 50.1 vs 60.7 (M=2048).
+    # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes. At prefill
+    # sizes two passes of 2048 with 8 warps beat 4096 with 4 (results/probe_tma_gemm_h100.json,
+    # "act_quant"): K=11008 125.1 vs 129.5 us, K=14336 148.5 vs 167.1 us (M=8192); 42.5 vs 47.5,
+    # 50.1 vs 60.7 (M=2048). Fewer rows (decode batches) keep 4096 x 4 warps: the longer serial
+    # chunk loop of a 2048 block was not measured there.
     if k <= 8192:
         block = max(triton.next_power_of_2(k), 128)
         return block, True, (4 if block <= 4096 else 8)
-    return 2048, False, 8
+    return (2048, False, 8) if m >= 64 else (4096, False, 4)
 
 
 def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +105,7 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    block, one_pass, num_warps = act_quant_launch(k)
+    block, one_pass, num_warps = act_quant_launch(k, m)
     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
                             PERMUTE=permute, num_warps=num_warps)
     return q, s

@@ -74,7 +74,7 @@ def quant_and_unpack(x: torch.Tensor,
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     w8 = torch.empty((n, k), dtype=torch.int8, device=x.device)
-    block_k, one_pass, _ = act_quant_launch(k)
+    block_k, one_pass, _ = act_quant_launch(k, m)
     total = n * (k // 2)
     ublock = 4096
     grid = (m + triton.cdiv(total, ublock),)
