@@ -27,7 +27,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] >= 9
 SMALL_CFG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
-CFG = TMA_CONFIG if ON_GPU else SMALL_CFG
+# float32 outputs take smaller tiles on the GPU: a 128x256 float32 tile and 4 operand stages do not
+# fit in shared memory (int8_gemm then keeps the pointer kernel, see takes_tma)
+GPU_F32_CFG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def _cfg(dtype):
+    if not ON_GPU:
+        return SMALL_CFG
+    return GPU_F32_CFG if dtype == torch.float32 else TMA_CONFIG
 
 
 def _operands(m, n, k, group):
@@ -47,7 +55,7 @@ def test_tma_gemm_equals_pointer_kernel(m, n, k, group, dtype):
     qa, sa, qw, sw = _operands(m, n, k, group)
     bias = torch.randn(n, device=DEV).to(dtype)
     ref = int8_gemm(qa, sa, qw, sw, bias, group or k, dtype, tma=False)
-    out = int8_gemm_tma(qa, sa, qw, sw, bias, group or k, dtype, CFG, num_programs=3)
+    out = int8_gemm_tma(qa, sa, qw, sw, bias, group or k, dtype, _cfg(dtype), num_programs=3)
     assert out.dtype == dtype and out.shape == (m, n)
     # same integer sums and the same epilogue operations; compiled for the GPU, the two kernels may
     # contract the epilogue's multiply-adds differently (a last-bit difference in float32)
@@ -65,7 +73,7 @@ def test_tma_gemm_integer_accumulation_exact():
     m, n, k = 37, 40, 272  # K not a multiple of BLOCK_K: the last tile's columns read as zero
     qa, _, qw, _ = _operands(m, n, k, None)
     out = int8_gemm_tma(qa, torch.ones(m, 1, device=DEV), qw, torch.ones(n, 1, device=DEV), None, k,
-                        torch.float32, CFG)
+                        torch.float32, _cfg(torch.float32))
     assert torch.equal(out, (qa.double() @ qw.double().t()).float())
 
 
@@ -88,11 +96,13 @@ def test_tma_operand_checks():
 def test_takes_tma_rules():
     qa = torch.zeros(4096, 4096, dtype=torch.int8, device=DEV)
     qw = torch.zeros(4096, 4096, dtype=torch.int8, device=DEV)
-    assert not takes_tma(qa, qw, 128)  # group-wise weights stay on the pointer kernel
-    assert not takes_tma(qa.cpu(), qw.cpu(), 0)
-    assert not takes_tma(qa[:64], qw, 0)  # 1 x 16 tiles: fewer than the GPU's multiprocessors
+    bf16 = torch.bfloat16
+    assert not takes_tma(qa, qw, 128, bf16)  # group-wise weights stay on the pointer kernel
+    assert not takes_tma(qa, qw, 0, torch.float32)  # float32 tiles: see takes_tma
+    assert not takes_tma(qa.cpu(), qw.cpu(), 0, bf16)
+    assert not takes_tma(qa[:64], qw, 0, bf16)  # 1 x 16 tiles: fewer than the GPU's multiprocessors
     if HOPPER:
-        assert takes_tma(qa, qw, 0)
+        assert takes_tma(qa, qw, 0, bf16) and takes_tma(qa, qw, 0, torch.float16)
 
 
 @pytest.mark.parametrize("m,n,k", [(5, 7, 96), (3, 9, 10240), (65, 3, 9000), (0, 4, 64)])
@@ -120,7 +130,7 @@ def test_quant_and_unpack_rejects_mismatched_shapes():
 def test_int8_gemm_routes_to_tma_on_hopper(m, n, k):
     qa, sa, qw, sw = _operands(m, n, k, None)
     bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
-    assert takes_tma(qa, qw, 0)
+    assert takes_tma(qa, qw, 0, torch.bfloat16)
     out = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16)
     ref = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16, tma=False)
     diff = (out.float() - ref.float()).abs()
@@ -128,3 +138,7 @@ def test_int8_gemm_routes_to_tma_on_hopper(m, n, k):
     torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-5)  # at most one bf16 rounding step
     exact = int8_gemm_ref(qa, sa, qw, sw, bias, k, torch.float32)
     torch.testing.assert_close(out.float(), exact, rtol=2**-7, atol=1e-4)
+    # a float32 output at the same size stays on the pointer kernel and still runs
+    out32 = int8_gemm(qa, sa, qw, sw, None, k, torch.float32)
+    ref32 = int8_gemm_ref(qa, sa, qw, sw, None, k, torch.float32)
+    torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)

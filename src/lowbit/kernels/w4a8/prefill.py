@@ -223,7 +223,7 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_kernel[grid](*args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
         return c
-    if tma is not False and takes_tma(qa, qw, group):
+    if tma is not False and takes_tma(qa, qw, group, out_dtype):
         return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG)
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)
@@ -312,10 +312,14 @@ def _device_index(t: torch.Tensor) -> int:
 TMA_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
 
 
-def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int) -> bool:
-    """int8_gemm's choice: the TMA kernel for per-row weights on a Hopper-or-newer GPU when the
-    operands suit TMA and the output has at least one 128x256 tile per multiprocessor."""
-    if group or not qa.is_cuda or interpreter_enabled() or not tma_operands_ok(qa, qw):
+def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int, out_dtype: torch.dtype) -> bool:
+    """int8_gemm's choice: the TMA kernel for per-row weights and 16-bit outputs on a
+    Hopper-or-newer GPU when the operands suit TMA and the output has at least one 128x256 tile
+    per multiprocessor. (A float32 128x256 output tile does not fit beside TMA_CONFIG's 4 stages
+    in shared memory: 327 KB needed on the H100.)"""
+    if group or out_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not qa.is_cuda or interpreter_enabled() or not tma_operands_ok(qa, qw):
         return False
     sms, major = _device_props(_device_index(qa))
     tiles = triton.cdiv(qa.shape[0], TMA_CONFIG["BLOCK_M"]) * triton.cdiv(qw.shape[0], TMA_CONFIG["BLOCK_N"])
