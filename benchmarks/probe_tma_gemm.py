@@ -8,7 +8,7 @@ bit for bit. Writes JSON (--out) and prints a table. `--part variants` times GRO
 TMA configs and the prefill pipeline's pieces (act_quant, unpack, quant_and_unpack); its committed
 result (results/probe_tma_variants_h100.json, sha c44b194) also swept two kernel options removed
 since: an unflattened tile loop (2-8% slower) and a TMA-store epilogue (out of shared memory at 4
-stages).
+stages). `--part qu` sweeps quant_and_unpack's expansion block and warps (alone and with the GEMM).
 
     python benchmarks/probe_tma_gemm.py --out probe_tma_gemm.json
 """
@@ -127,15 +127,57 @@ def variants(res: dict) -> None:
                   + " ".join(f"{v['us']:.1f}{'' if v['exact'] else '!'}" for v in row["g128_tma"]), flush=True)
 
 
+def qu_launch(res: dict, shapes, ms) -> None:
+    """Third part: quant_and_unpack's expansion block and warps, alone and before the TMA GEMM."""
+    from lowbit.kernels.w4a8.prefill import TMA_CONFIG
+
+    dev = "cuda"
+    for n, k in shapes:
+        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+        w_bf = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        sw = torch.rand(n, 1, device=dev) + 0.5
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            ref = quant_and_unpack(x, packed)
+            row: dict = {"N": n, "K": k, "M": m, "bf16": t_us(lambda: F.linear(x, w_bf)), "launch": []}
+            for ublock in (2048, 4096, 8192, 16384):
+                for warps in (4, 8, 16):
+                    got = quant_and_unpack(x, packed, ublock, warps)
+                    exact = all(torch.equal(a, b) for a, b in zip(got, ref))
+                    alone = t_us(lambda: quant_and_unpack(x, packed, ublock, warps))
+
+                    def full():
+                        q, s, w = quant_and_unpack(x, packed, ublock, warps)
+                        return int8_gemm_tma(q, s, w, sw, None, k, torch.bfloat16, TMA_CONFIG)
+
+                    row["launch"].append({"ublock": ublock, "warps": warps, "exact": exact, "alone_us": alone,
+                                          "w4a8_us": t_us(full)})
+            res["qu"].append(row)
+            best = min(row["launch"], key=lambda r: r["w4a8_us"])
+            print(f"{n}x{k} M={m}: bf16 {row['bf16']:.1f} | "
+                  + " ".join(f"{r['ublock']}/{r['warps']}:{r['alone_us']:.1f}/{r['w4a8_us']:.1f}"
+                             f"{'' if r['exact'] else '!'}" for r in row["launch"])
+                  + f" | best {best['ublock']}/{best['warps']} {row['bf16'] / best['w4a8_us']:.3f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_tma_gemm.json")
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--ms", default=None)
-    ap.add_argument("--part", default="sweep", choices=["sweep", "variants"])
+    ap.add_argument("--part", default="sweep", choices=["sweep", "variants", "qu"])
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
+    if args.part == "qu":
+        meta = run_metadata(0.0, torch.cuda.get_device_name())
+        meta.pop("total_seconds")
+        meta["triton"] = triton.__version__
+        res3: dict = {"meta": meta, "qu": []}
+        qu_launch(res3, shapes, ms)
+        with open(args.out, "w") as f:
+            json.dump(res3, f, indent=1)
+        return
     if args.part == "variants":
         meta = run_metadata(0.0, torch.cuda.get_device_name())
         meta.pop("total_seconds")

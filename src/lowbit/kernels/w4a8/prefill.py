@@ -60,9 +60,11 @@ def _quant_unpack_kernel(x_ptr, q_ptr, s_ptr, p_ptr, w_ptr, M, K, stride_xm, tot
         _unpack_block(pid - M, p_ptr, w_ptr, total_bytes, BLOCK)
 
 
-def quant_and_unpack(x: torch.Tensor,
-                     packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """act_quant(x) and unpack_int4_triton(packed) in one launch: (q (M, K), s (M, 1), w8 (N, K))."""
+def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor, ublock: int = 4096,
+                     num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """act_quant(x) and unpack_int4_triton(packed) in one launch: (q (M, K), s (M, 1), w8 (N, K)).
+
+    ublock: packed bytes per expanding program (a power of two); num_warps: per program."""
     if x.dim() != 2 or packed.dim() != 2 or packed.shape[1] * 2 != x.shape[1]:
         raise ValueError(f"quant_and_unpack: x (M, K) and packed (N, K/2), got {tuple(x.shape)} and "
                          f"{tuple(packed.shape)}")
@@ -76,11 +78,10 @@ def quant_and_unpack(x: torch.Tensor,
     w8 = torch.empty((n, k), dtype=torch.int8, device=x.device)
     block_k, one_pass, _ = act_quant_launch(k, m)
     total = n * (k // 2)
-    ublock = 4096
     grid = (m + triton.cdiv(total, ublock),)
     if grid[0]:
         _quant_unpack_kernel[grid](x, q, s, packed.view(torch.int8), w8, m, k, x.stride(0), total,
-                                   BLOCK_K=block_k, ONE_PASS=one_pass, BLOCK=ublock, num_warps=8)
+                                   BLOCK_K=block_k, ONE_PASS=one_pass, BLOCK=ublock, num_warps=num_warps)
     return q, s, w8
 
 
