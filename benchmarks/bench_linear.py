@@ -137,6 +137,8 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
         ("lowbit_w4a8_g128", lowbit.W4A8Config(group_size=128)),
         ("lowbit_w4a8_row", lowbit.W4A8Config(group_size=None)),
         ("lowbit_int4wo_g128", lowbit.Int4WeightOnlyConfig(group_size=128)),
+        ("lowbit_w8a8_row", lowbit.Int8DynamicActivationInt8WeightConfig()),
+        ("lowbit_w8a8_row_triton", lowbit.Int8DynamicActivationInt8WeightConfig(kernel=lowbit.KernelChoice.TRITON)),
     ]:
         qw = cfg.quantize_weight(w)
         impls[name] = (lambda q: (lambda x: F.linear(x, q)))(qw)
@@ -257,6 +259,7 @@ def print_table(rows: list[dict]) -> None:
     short = ["bf16", "tiny", "intmm", "w8a8e", "fp8e", "ao_i4", "lb_i4", "w4a8r", "w4a8g"]
     if any(r["impl"] == "lowbit_w4a8_row_cutlass" for r in rows):
         cols, short = cols + ["lowbit_w4a8_row_cutlass"], short + ["w4a8rC"]
+    cols, short = cols + ["lowbit_w8a8_row", "lowbit_w8a8_row_triton"], short + ["w8a8", "w8a8T"]
     by = {(r["N"], r["K"], r["M"], r["impl"]): r["us"] for r in rows}
     print("NxK M | " + " ".join(f"{s:>7}" for s in short) + " | g128 vs bf16, vs tiny; row vs bf16")
     for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in rows}):

@@ -16,6 +16,10 @@ from lowbit.formats.common import (
     uses_act_quant,
 )
 
+# AUTO runs W8A8 on the Triton kernels (act_quant + int8_gemm) from this many tokens on; fewer
+# tokens keep torch._int_mm with eager quantization (not yet compared there; see docs/formats.md).
+TRITON_MIN_TOKENS = 64
+
 
 class Int8Tensor(QuantizedTensor):
     """qdata int8 (N, K); scale (N, 1) float; optional activation quantization."""
@@ -38,15 +42,31 @@ class Int8Tensor(QuantizedTensor):
         return dequantize(self.qdata, self.scale, None, self.block_size,
                           output_dtype=dtype or self.dtype)
 
-    def _available(self, dynamic: bool) -> dict[KernelChoice, str | None]:
+    def _available(self, x: torch.Tensor, dynamic: bool) -> dict[KernelChoice, str | None]:
         needs = "torch._int_mm needs CUDA" if dynamic else "the int8 -> bf16/fp16 cuBLAS path needs CUDA"
-        return {KernelChoice.TORCH: None if self.qdata.is_cuda else needs}
+        available: dict[KernelChoice, str | None] = {}
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if dynamic and (self.kernel is KernelChoice.TRITON or tokens >= TRITON_MIN_TOKENS):
+            from lowbit.kernels import triton_unavailable_reason
+
+            reason = triton_unavailable_reason(x)
+            if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
+                reason = f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
+            available[KernelChoice.TRITON] = reason  # AUTO tries it first
+        available[KernelChoice.TORCH] = None if self.qdata.is_cuda else needs
+        return available
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         check_activation(x, self.shape[1], "int8")
         dynamic = uses_act_quant(self.act_quant, x)
-        path = resolve_kernel(self.kernel, x, self._available(dynamic), "int8")
+        path = resolve_kernel(self.kernel, x, self._available(x, dynamic), "int8")
         x2 = x.reshape(-1, x.shape[-1])
+        if path is KernelChoice.TRITON:
+            from lowbit.kernels.int8_dynamic import int8_dynamic_linear
+
+            # one-pass activation quantization + the int8 GEMM, scales and bias in its epilogue
+            y = int8_dynamic_linear(x2, self.qdata, self.scale, bias)
+            return y.reshape(*x.shape[:-1], self.shape[0])
         if not dynamic and path is KernelChoice.TORCH:
             # int8 -> x.dtype is exact; the per-row scale is applied to the output, so the
             # GEMM reads int8 weights (inductor fuses the cast into its matmul template).

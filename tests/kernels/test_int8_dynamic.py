@@ -1,0 +1,111 @@
+"""W8A8 (int8dq) on the Triton kernels: act_quant + int8_gemm through lowbit::int8_dynamic_linear,
+against the format's exact-integer reference path. CPU through TRITON_INTERPRET=1; GPU compiled
+(where AUTO also takes it from TRITON_MIN_TOKENS tokens on)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.core.kernel_choice import KernelChoice
+from lowbit.formats.int8 import TRITON_MIN_TOKENS, Int8Tensor
+from lowbit.kernels.int8_dynamic import int8_dynamic_linear, int8_dynamic_linear_op
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEV == "cuda"
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
+
+
+def _models(n, k, dtype, bias=True):
+    lin = torch.nn.Linear(k, n, bias=bias).to(DEV, dtype)
+    ref = lowbit.quantize_(copy.deepcopy(lin), lowbit.Int8DynamicActivationInt8WeightConfig(
+        kernel=KernelChoice.REFERENCE))
+    tri = lowbit.quantize_(copy.deepcopy(lin), lowbit.Int8DynamicActivationInt8WeightConfig(
+        kernel=KernelChoice.TRITON))
+    return lin, ref, tri
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (7, 72, 256), (33, 24, 160), (300, 48, 112)]
+                         + ([(2048, 4096, 4096)] if ON_GPU else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_w8a8_matches_the_integer_reference(m, n, k, dtype, bias):
+    torch.manual_seed(0)
+    _, ref, tri = _models(n, k, dtype, bias)
+    assert isinstance(tri.weight, Int8Tensor) and tri.weight.kernel is KernelChoice.TRITON
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    with torch.no_grad():
+        want = ref(x)
+        got = tri(x)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # same integers (act_quant == quantize_per_token_sym, exact int32 sums); the epilogue rounds
+    # once to the output dtype (the reference rounds the product, then adds the bias in dtype)
+    eps = torch.finfo(dtype).eps
+    atol = 4 * eps * want.abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=4 * eps, atol=atol)
+
+
+def test_leading_dims_and_op_entry_points():
+    torch.manual_seed(1)
+    _, ref, tri = _models(40, 96, torch.float16)
+    x = torch.randn(2, 3, 96, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        out = tri(x)
+        assert out.shape == (2, 3, 40)
+        w = tri.weight
+        direct = int8_dynamic_linear(x.reshape(6, 96), w.qdata, w.scale, tri.bias)
+        via_op = int8_dynamic_linear_op(x.reshape(6, 96), w.qdata, w.scale, tri.bias)
+    assert torch.equal(direct, via_op) and torch.equal(out.reshape(6, 40), direct)
+    torch.testing.assert_close(out.float(), ref(x).float(), rtol=4e-3, atol=4e-3)
+
+
+def test_bad_inputs_raise():
+    w = torch.randint(-127, 128, (8, 64), dtype=torch.int8, device=DEV)
+    s = torch.rand(8, 1, device=DEV)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        int8_dynamic_linear(torch.randn(3, 64, device=DEV), w, s, None)
+    with pytest.raises(ValueError, match=r"x \(M, K\)"):
+        int8_dynamic_linear(torch.randn(3, 32, device=DEV, dtype=torch.float16), w, s, None)
+    with pytest.raises(ValueError, match="int8 weight"):
+        int8_dynamic_linear(torch.randn(3, 64, device=DEV, dtype=torch.float16), w.float(), s, None)
+    with pytest.raises(ValueError, match="one scale per weight row"):
+        int8_dynamic_linear(torch.randn(3, 64, device=DEV, dtype=torch.float16), w, s[:4], None)
+    # float32 activations with an explicit TRITON kernel: a clear error from the format
+    lin = lowbit.quantize_(torch.nn.Linear(64, 8).to(DEV), lowbit.Int8DynamicActivationInt8WeightConfig(
+        kernel=KernelChoice.TRITON))
+    with pytest.raises(RuntimeError, match="fp16/bf16"):
+        lin(torch.randn(2, 64, device=DEV))
+
+
+def test_auto_routing():
+    lin = lowbit.quantize_(torch.nn.Linear(64, 8).to(DEV, torch.float16),
+                           lowbit.Int8DynamicActivationInt8WeightConfig())
+    w = lin.weight
+    many = torch.randn(TRITON_MIN_TOKENS, 64, device=DEV, dtype=torch.float16)
+    few = many[: TRITON_MIN_TOKENS - 1]
+    assert KernelChoice.TRITON in w._available(many, True)
+    assert KernelChoice.TRITON not in w._available(few, True)
+    assert KernelChoice.TRITON not in w._available(many, False)  # weight-only calls: never
+
+
+def test_backward_through_the_op():
+    torch.manual_seed(2)
+    lin, _, tri = _models(24, 64, torch.float16)
+    x = torch.randn(5, 64, device=DEV, dtype=torch.float16, requires_grad=True)
+    tri(x).float().sum().backward()
+    w = tri.weight.dequantize(torch.float32)
+    want = torch.ones(5, 24, device=DEV) @ w
+    torch.testing.assert_close(x.grad.float(), want, rtol=2e-3, atol=2e-3)
+    assert tri.bias.grad is None or torch.allclose(tri.bias.grad.float(), torch.full((24,), 5.0, device=DEV))
+
+
+def test_compile_fullgraph_keeps_one_opaque_node():
+    torch._dynamo.reset()
+    _, ref, tri = _models(40, 96, torch.float16)
+    compiled = torch.compile(tri, fullgraph=True, backend="aot_eager")
+    x = torch.randn(7, 96, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), tri(x), rtol=0, atol=0)
