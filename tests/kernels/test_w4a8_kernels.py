@@ -36,7 +36,8 @@ BIG = [(1, 4096, 4096, 128), (16, 11008, 4096, None), (300, 4096, 11008, 128), (
 SHAPES = SMALL + (BIG if ON_GPU else [])
 
 
-@pytest.mark.parametrize("m,k", [(1, 64), (7, 300), (33, 5000), (3, 10000), (65, 9000)] + ([(2048, 14336)] if ON_GPU else []))
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 300), (33, 5000), (3, 10000), (65, 9000)]
+                         + ([(2048, 14336)] if ON_GPU else []))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_act_quant_bit_exact(m, k, dtype):
     x = (torch.randn(m, k, device=DEV) * 3).to(dtype)
