@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lowbit.core.packing import pack_int4
+from lowbit.kernels.w4a8 import prefill
 from lowbit.kernels.w4a8.act_quant import act_quant
 from lowbit.kernels.w4a8.prefill import (
     TMA_CONFIG,
@@ -87,10 +88,35 @@ def test_tma_operand_checks():
     wide = torch.zeros(5, 48, dtype=torch.int8, device=DEV)
     assert tma_operands_ok(wide, torch.zeros(8, 48, dtype=torch.int8, device=DEV))
     assert not tma_operands_ok(wide[:, 1:33], torch.zeros(8, 32, dtype=torch.int8, device=DEV))
-    # int8_gemm itself takes misaligned operands through the pointer kernel
-    out = int8_gemm(qa + 1, torch.ones(5, 1, device=DEV), qw + 1, torch.ones(8, 1, device=DEV), None, 40,
-                    torch.float32)
-    assert torch.equal(out, torch.full((5, 8), 40.0, device=DEV))
+    # int8_gemm itself takes misaligned operands through the pointer kernel, also at a size that
+    # would take the TMA kernel on a Hopper GPU if K were a multiple of 16
+    m, n, k = (2048, 4096, 1032) if ON_GPU else (5, 8, 40)
+    qa, qw = torch.ones(m, k, dtype=torch.int8, device=DEV), torch.ones(n, k, dtype=torch.int8, device=DEV)
+    assert not takes_tma(qa, qw, 0, torch.float16)
+    ones_a, ones_w = torch.ones(m, 1, device=DEV), torch.ones(n, 1, device=DEV)
+    out = int8_gemm(qa, ones_a, qw, ones_w, None, k, torch.float16)
+    assert torch.equal(out, torch.full((m, n), float(k), device=DEV, dtype=torch.float16))
+    # empty outputs need no descriptor; K = 0 is refused with the reason
+    none = torch.zeros(0, 48, dtype=torch.int8, device=DEV)
+    assert int8_gemm_tma(wide, torch.ones(5, 1, device=DEV), none, torch.ones(0, 1, device=DEV), None, 48,
+                         torch.float16, SMALL_CFG).shape == (5, 0)
+    with pytest.raises(ValueError, match="K > 0"):
+        int8_gemm_tma(torch.zeros(5, 0, dtype=torch.int8, device=DEV), torch.ones(5, 1, device=DEV),
+                      torch.zeros(8, 0, dtype=torch.int8, device=DEV), torch.ones(8, 1, device=DEV), None, 0,
+                      torch.float16, SMALL_CFG)
+
+
+def test_strided_scales_are_read_correctly():
+    # group scales stored transposed and token scales as a column of a wider tensor
+    m, n, k, g = 9, 24, 256, 64
+    qa, _, qw, sw = _operands(m, n, k, g)
+    sw_t = sw.t().contiguous().t()  # same values, strides (1, n)
+    sa_wide = torch.rand(m, 2, device=DEV) + 0.1
+    ref = int8_gemm_ref(qa, sa_wide[:, :1].contiguous(), qw, sw, None, g, torch.float32)
+    sa_col, f32 = sa_wide[:, :1], torch.float32
+    for fn in (lambda: int8_gemm(qa, sa_col, qw, sw_t, None, g, f32),
+               lambda: int8_gemm_tma(qa, sa_col, qw, sw_t, None, g, f32, _cfg(f32))):
+        torch.testing.assert_close(fn(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_takes_tma_rules():
@@ -127,11 +153,15 @@ def test_quant_and_unpack_rejects_mismatched_shapes():
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU: int8_gemm's own routing to the TMA kernel")
 @pytest.mark.parametrize("m,n,k", [(4000, 2000, 1040), (2048, 4096, 4096), (8192, 1024, 4096)])
-def test_int8_gemm_routes_to_tma_on_hopper(m, n, k):
+def test_int8_gemm_routes_to_tma_on_hopper(m, n, k, monkeypatch):
     qa, sa, qw, sw = _operands(m, n, k, None)
     bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
     assert takes_tma(qa, qw, 0, torch.bfloat16)
+    calls = []
+    real = prefill.int8_gemm_tma
+    monkeypatch.setattr(prefill, "int8_gemm_tma", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16)
+    assert calls == [1]  # int8_gemm took the TMA kernel by itself
     ref = int8_gemm(qa, sa, qw, sw, bias, k, torch.bfloat16, tma=False)
     diff = (out.float() - ref.float()).abs()
     print(f"max |tma - pointer| {diff.max().item():.3g}, differing {int((diff > 0).sum())} of {diff.numel()}")
@@ -140,5 +170,6 @@ def test_int8_gemm_routes_to_tma_on_hopper(m, n, k):
     torch.testing.assert_close(out.float(), exact, rtol=2**-7, atol=1e-4)
     # a float32 output at the same size stays on the pointer kernel and still runs
     out32 = int8_gemm(qa, sa, qw, sw, None, k, torch.float32)
+    assert calls == [1]  # float32 output: the pointer kernel
     ref32 = int8_gemm_ref(qa, sa, qw, sw, None, k, torch.float32)
     torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)

@@ -198,11 +198,11 @@ def _int8_gemm_kernel_bucketed(
 
 def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
               bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-              config: dict | None = None, tma: bool | None = None) -> torch.Tensor:
+              config: dict | None = None, tma: bool = True) -> torch.Tensor:
     """qa (M, K) int8, sa (M, 1) fp32, qw (N, K) int8, sw (N, G); group_size == K: per row.
 
-    tma: None lets takes_tma() choose between the TMA kernel and the pointer kernel; False forces
-    the pointer kernel (autotuned, or `config`)."""
+    tma=True lets takes_tma() choose the TMA kernel where it applies (never with `config` or under
+    the interpreter); tma=False keeps the pointer kernel (autotuned, or `config`)."""
     m, k = qa.shape
     n = qw.shape[0]
     if qw.shape[1] != k:
@@ -212,6 +212,8 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if qa.stride(1) != 1 or qw.stride(1) != 1:
         raise ValueError("int8 GEMM operands need a unit last stride")
     group = 0 if group_size >= k else group_size
+    # the kernels read the token scales and each row's group scales with unit stride
+    sa, sw = sa.contiguous(), sw.contiguous()
     c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     dummy = sw
     args = (qa, sa, qw, sw, bias if bias is not None else dummy, c, m, n, k)
@@ -224,7 +226,7 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_kernel[grid](*args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
         return c
-    if tma is not False and takes_tma(qa, qw, group, out_dtype):
+    if tma and config is None and takes_tma(qa, qw, group, out_dtype):
         return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG)
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)
@@ -287,8 +289,10 @@ def _int8_gemm_tma_kernel(
 
 
 def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
-    """TMA descriptors need 16-byte aligned bases and row strides and a unit last stride."""
-    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (qa, qw))
+    """TMA descriptors need non-empty operands, 16-byte aligned bases and row strides, and a unit
+    last stride."""
+    return all(t.numel() > 0 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (qa, qw))
 
 
 @functools.cache
@@ -303,19 +307,20 @@ def _device_index(t: torch.Tensor) -> int:
 
 
 # NOTE: H100, benchmarks/probe_tma_gemm.py (results/probe_tma_gemm_h100.json, sweep of 9 configs on
-# 8 shapes x M in {2048, 8192}, per row): 128x256x128 tiles, 8 warps, 4 stages won on 15 of 16 and
-# took the GEMM 10-20% under the pointer kernel (4096x4096 M=8192 228.5 vs 264.1 us, 22016x4096
-# 1224.6 vs 1393.7). GROUP_M 8 vs 16 moved it by under 1% on most shapes (probe_tma_variants_h100.json);
-# epilogue through a TMA store needed 263 KB of shared memory at 4 stages. Group-wise weights
-# stay on the pointer kernel: the TMA kernel ran 1.2-1.4x slower there (same files). With fewer
-# 128x256 tiles than multiprocessors (1024x4096 at M=2048: 64) the pointer kernel's smaller
-# autotuned tiles win (21.9 vs 23.6 us).
+# 8 shapes x M in {2048, 8192}, per row): 128x256x128 tiles, 8 warps, 4 stages won on 14 of 16 (the
+# others: 3 stages for 22016x4096 at M=8192, 1224.6 vs 1308.7 us; 128x128 tiles for 1024x4096 at
+# M=2048) and took the GEMM 6-19% under the pointer kernel (4096x4096 M=8192 228.5 vs 264.1 us,
+# 22016x4096 M=8192 1308.7 vs 1393.7). GROUP_M 8 vs 16 moved it by under 1% on most shapes, 4 was up
+# to 6% slower (probe_tma_variants_h100.json); an epilogue through a TMA store needed 263 KB of
+# shared memory at 4 stages. Group-wise weights stay on the pointer kernel: the TMA kernel ran
+# 1.2-1.8x slower there (same files). With fewer 128x256 tiles than multiprocessors (1024x4096 at
+# M=2048: 64) the pointer kernel's smaller autotuned tiles win (21.9 vs 23.6 us).
 TMA_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
 
 
 def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int, out_dtype: torch.dtype) -> bool:
-    """int8_gemm's choice: the TMA kernel for per-row weights and 16-bit outputs on a
-    Hopper-or-newer GPU when the operands suit TMA and the output has at least one 128x256 tile
+    """int8_gemm's choice: the TMA kernel for per-row weights and 16-bit outputs on a Hopper GPU
+    (compute capability 9.x) when the operands suit TMA and the output has at least one 128x256 tile
     per multiprocessor. (A float32 128x256 output tile does not fit beside TMA_CONFIG's 4 stages
     in shared memory: 327 KB needed on the H100.)"""
     if group or out_dtype not in (torch.float16, torch.bfloat16):
@@ -324,7 +329,9 @@ def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int, out_dtype: torch.d
         return False
     sms, major = _device_props(_device_index(qa))
     tiles = triton.cdiv(qa.shape[0], TMA_CONFIG["BLOCK_M"]) * triton.cdiv(qw.shape[0], TMA_CONFIG["BLOCK_N"])
-    return major >= 9 and tiles >= sms
+    # Hopper only: TMA_CONFIG's 192 KB of operand stages fit the H100's 227 KB of shared memory per
+    # block, not the ~99 KB of the sm_12x parts; other architectures were not measured.
+    return major == 9 and tiles >= sms
 
 
 def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
@@ -341,16 +348,18 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     n = qw.shape[0]
     if qw.shape[1] != k:
         raise ValueError(f"weight K={qw.shape[1]} != activation K={k}")
+    c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if m == 0 or n == 0:
+        return c
     if not tma_operands_ok(qa, qw):
-        raise ValueError("TMA int8 GEMM needs 16-byte aligned operands with K % 16 == 0 and unit last stride")
+        raise ValueError("TMA int8 GEMM needs K > 0, 16-byte aligned operand bases and row strides, and a "
+                         f"unit last stride (got strides {qa.stride()} / {qw.stride()})")
     group = 0 if group_size >= k else group_size
     cfg = dict(config)
     warps, stages = cfg.pop("num_warps", 8), cfg.pop("num_stages", 3)
     if group:
         cfg["BLOCK_K"] = group
-    c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
-    if m == 0:
-        return c
+    sa, sw = sa.contiguous(), sw.contiguous()  # read with unit stride (token scales, group scales)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if num_programs is None:
         num_programs = 4 if interpreter_enabled() else _device_props(_device_index(qa))[0]
