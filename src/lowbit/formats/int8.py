@@ -20,7 +20,7 @@ from lowbit.formats.common import (
 # H100, benchmarks/bench_linear.py (results/linear_w8a8_h100.json, sha aea1fba, ten Llama shapes):
 # vs torch._int_mm with eager per-token quantization and an eager float32 epilogue (what the TORCH
 # path runs), the Triton path was 1.25-2.85x faster at M=16, 3.3-6.3x at M=2048 and 3.2-7.6x at
-# M=8192. Below 16 tokens it was not measured, so those keep torch._int_mm.
+# M=8192 (kernel=TRITON column). Below 16 tokens it was not measured, so those keep torch._int_mm.
 TRITON_MIN_TOKENS = 16
 
 
