@@ -46,6 +46,24 @@ def cfg_dict(c, group):
             "num_stages": s}
 
 
+def _meta() -> dict:
+    meta = run_metadata(0.0, torch.cuda.get_device_name())
+    meta.pop("total_seconds")
+    meta["triton"] = triton.__version__
+    return meta
+
+
+def _layer(n: int, k: int):
+    """Random packed int4 weight (N, K/2), its int8 expansion and a bf16 weight of the same shape."""
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    return packed, unpack_int4_triton(packed), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+
+
+def _acts(m: int, k: int):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    return (x, *act_quant(x))
+
+
 def act_quant_variant(x, block, warps, one_pass):
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
@@ -64,12 +82,9 @@ def variants(res: dict) -> None:
     prefill pipeline's pieces (act_quant, unpack, both in one launch) with the TMA GEMM."""
     dev = "cuda"
     for n, k in VARIANT_SHAPES:
-        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
-        w8 = unpack_int4_triton(packed)
-        w_bf = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        packed, w8, w_bf = _layer(n, k)
         for m in MS:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            qa, sa = act_quant(x)
+            x, qa, sa = _acts(m, k)
             sw = torch.rand(n, 1, device=dev) + 0.5
             ref = int8_gemm(qa, sa, w8, sw, None, k, torch.bfloat16, tma=False)
             row: dict = {"N": n, "K": k, "M": m, "bf16": t_us(lambda: F.linear(x, w_bf)),
@@ -170,37 +185,25 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
     if args.part == "qu":
-        meta = run_metadata(0.0, torch.cuda.get_device_name())
-        meta.pop("total_seconds")
-        meta["triton"] = triton.__version__
-        res3: dict = {"meta": meta, "qu": []}
+        res3: dict = {"meta": _meta(), "qu": []}
         qu_launch(res3, shapes, ms)
         with open(args.out, "w") as f:
             json.dump(res3, f, indent=1)
         return
     if args.part == "variants":
-        meta = run_metadata(0.0, torch.cuda.get_device_name())
-        meta.pop("total_seconds")
-        meta["triton"] = triton.__version__
-        res2: dict = {"meta": meta, "variants": []}
+        res2: dict = {"meta": _meta(), "variants": []}
         variants(res2)
         with open(args.out, "w") as f:
             json.dump(res2, f, indent=1)
         return
-    meta = run_metadata(0.0, torch.cuda.get_device_name())
-    meta.pop("total_seconds")
-    meta["triton"] = triton.__version__
-    res: dict = {"meta": meta, "rows": [], "act_quant": []}
+    res: dict = {"meta": _meta(), "rows": [], "act_quant": []}
     dev = "cuda"
     torch.manual_seed(0)
     table = []
     for n, k in shapes:
-        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
-        w8 = unpack_int4_triton(packed)
-        w_bf = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        packed, w8, w_bf = _layer(n, k)
         for m in ms:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            qa, sa = act_quant(x)
+            x, qa, sa = _acts(m, k)
             row = {"N": n, "K": k, "M": m}
             row["bf16"] = t_us(lambda: F.linear(x, w_bf))
             row["int_mm_alone"] = t_us(lambda: torch._int_mm(qa, w8.t()))

@@ -113,6 +113,23 @@ def _gemm_configs() -> list:
 
 
 @triton.jit
+def _int8_gemm_epilogue(acc_i, acc, sa_ptr, sb_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_sbn,
+                        stride_cm, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-row weights: int32 sums x weight scale; then x per-token scale, + bias, cast, store."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if GROUP == 0:
+        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc_i.to(tl.float32) * sb[None, :]
+    sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+    acc = acc * sa[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _int8_gemm_kernel(
     a_ptr, sa_ptr, b_ptr, sb_ptr, bias_ptr, c_ptr,
     M, N, K,
@@ -156,21 +173,11 @@ def _int8_gemm_kernel(
             acc += d.to(tl.float32) * sb[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    # -- epilogue: per-token x per-channel scales, bias ------------------------------------
+    # -- epilogue: per-token x per-channel scales, bias; store ---------------------------
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    if GROUP == 0:
-        sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc_i.to(tl.float32) * sb[None, :]
-    sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-    acc = acc * sa[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    # -- store ---------------------------------------------------------------------------
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _int8_gemm_epilogue(acc_i, acc, sa_ptr, sb_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_sbn,
+                        stride_cm, GROUP, HAS_BIAS)
 
 
 @functools.cache
@@ -276,16 +283,8 @@ def _int8_gemm_tma_kernel(
                 sbg = tl.load(sb_ptr + offs_n * stride_sbn + ki, mask=mask_n, other=0.0).to(tl.float32)
                 acc += d.to(tl.float32) * sbg[None, :]
         offs_m = off_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        if GROUP == 0:
-            sb = tl.load(sb_ptr + offs_n * stride_sbn, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc_i.to(tl.float32) * sb[None, :]
-        sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
-        acc = acc * sa[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        _int8_gemm_epilogue(acc_i, acc, sa_ptr, sb_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_sbn,
+                            stride_cm, GROUP, HAS_BIAS)
 
 
 def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
