@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lowbit import Int8DynamicActivationInt8WeightConfig, SemiSparseConfig
 from lowbit.bench import git_sha
+from lowbit.formats.int8 import TRITON_MIN_TOKENS
 from lowbit.sparsity import Int8DynamicActivationSemiSparseInt8WeightConfig as Int8DQ24
 
 MLP_SHAPES = [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # (N, K)
@@ -339,6 +340,9 @@ def run_speed(args: argparse.Namespace) -> dict | None:
         "cusparselt_search": {"searches": searched["count"], "seconds": round(searched["seconds"], 1)},
         "auto_crossovers": {c: v[c] for v in cross.values() for c in v if c.endswith("MIN_TOKENS")},
         "crossovers": cross,
+        # the dense int8dq column runs lowbit's Int8Tensor AUTO: the Triton W8A8 path from this many
+        # tokens on (torch._int_mm below); speed.py trusts int8dq rows there only with this key
+        "dense_int8dq_triton_min_tokens": TRITON_MIN_TOKENS,
         "rows": rows,
     }
     if args.table:

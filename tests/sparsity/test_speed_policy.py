@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import Int8DynamicActivationSemiSparseInt8WeightConfig, KernelChoice, SemiSparseConfig
+from lowbit.formats.int8 import TRITON_MIN_TOKENS
 from lowbit.sparsity import (
     SemiSparsePruneConfig,
     SemiSparseTensor,
@@ -271,12 +272,32 @@ def test_packaged_table_and_table_from_results():
         for fmt, (dense, sparse) in speed.FORMATS.items():
             if r.get(f"{dense}_us") and r.get(f"{sparse}_us"):
                 est = speedup_vs_dense(r["N"], r["K"], r["M"], fmt)
+                if fmt == "int8dq" and r["M"] >= TRITON_MIN_TOKENS:  # timed before the Triton W8A8 path
+                    assert est.speedup is None and "Triton W8A8" in est.note and not est.pays()
+                    continue
                 assert est.measured and est.speedup == pytest.approx(r[f"{dense}_us"] / r[f"{sparse}_us"])
     result = {"device": "d", "torch": "t", "rows": [{"N": 1, "K": 2, "M": 3, "dense_bf16_us": 1.0, "x": 5}]}
     assert speed.table_from_results(result)["rows"] == [{"N": 1, "K": 2, "M": 3, "dense_bf16_us": 1.0}]
     assert speed.table_from_results(result)["cusparselt_algorithm"] == "0"
     result["rows"][0]["sparse_bf16_alg"] = {"alg_id": 2}
     assert speed.table_from_results(result)["cusparselt_algorithm"] == "searched"
+
+
+def test_int8dq_rows_timed_before_the_triton_path_are_not_trusted(monkeypatch):
+    rows = [{"N": 64, "K": 128, "M": m, "dense_int8dq_us": 100.0, "sparse_int8dq_us": 50.0}
+            for m in (1, 16, 2048)]
+    old = {"device": "g", "rows": rows}
+    new = {**old, "dense_int8dq_triton_min_tokens": TRITON_MIN_TOKENS}
+    assert speedup_vs_dense(64, 128, 1, "int8dq", old).speedup == 2.0  # torch._int_mm is still the dense path
+    assert speedup_vs_dense(64, 128, 2048, "int8dq", old).speedup is None
+    assert speedup_vs_dense(64, 128, 2048, "int8dq", new).speedup == 2.0
+    assert crossover_tokens(64, 128, "int8dq", old) is None and crossover_tokens(64, 128, "int8dq", new) == 1
+    assert not pays_off(64, 128, 2048, "int8dq", table=old) and pays_off(64, 128, 2048, "int8dq", table=new)
+    assert speed.table_from_results({**new, "x": 1})["dense_int8dq_triton_min_tokens"] == TRITON_MIN_TOKENS
+    monkeypatch.setattr(speed, "_packaged_table", lambda: old)
+    report = sparsify_(nn.Sequential(nn.Linear(128, 64)), Int8DynamicActivationSemiSparseInt8WeightConfig(),
+                       faster_at=2048)
+    assert report.pruned == [] and "Triton W8A8" in report.skipped[0]
 
 
 def test_sparsify_faster_at_skips_layers_the_table_says_lose(monkeypatch):

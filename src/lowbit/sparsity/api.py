@@ -125,6 +125,8 @@ def _slower_reason(config: QuantConfig, n: int, k: int, faster_at: int) -> str |
     est = speed.speedup_vs_dense(n, k, faster_at, _table_fmt(config))
     if est.pays():
         return None
+    if est.speedup is None and est.note:
+        return f"2:4 {est.fmt} at M={faster_at}: {est.note}"
     shown = "unknown" if est.speedup is None else f"{est.speedup:.2f}x"
     where = "" if est.measured else ", shape not measured: worst measured shape"
     return f"2:4 {est.fmt} is {shown} dense at M={faster_at} on {est.device}{where}"

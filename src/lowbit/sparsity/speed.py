@@ -9,9 +9,12 @@ and token count, from the committed GPU table.
 The table (lowbit/data/sparsity_speed_h100.json) is written by
 `python benchmarks/bench_sparsity.py --speed --table src/lowbit/data/sparsity_speed_h100.json`
 from the same run as benchmarks/results/sparsity_speed_h100.json. "Dense" is the dense model's
-format (cuBLAS bf16, or lowbit's int8dq with torch._int_mm), not lowbit's dense path of a 2:4
-weight. Between two measured token counts the lower of the two speedups is taken (conservative);
-below/above the measured range, the nearest measured one. A shape the table lacks gets the worst
+format (cuBLAS bf16, or lowbit's dense int8dq as the run took it), not lowbit's dense path of a
+2:4 weight. The packaged table predates the Triton W8A8 path that dense int8dq takes from 16
+tokens on (it timed torch._int_mm), so from there its int8dq estimates are None with a note
+until it is re-measured; bf16 and fewer tokens are unaffected. Between two measured token counts
+the lower of the two speedups is taken (conservative); below/above the measured range, the
+nearest measured one. A shape the table lacks gets the worst
 measured shape at that token count (`SpeedEstimate.measured` says which).
 """
 
@@ -47,6 +50,7 @@ class SpeedEstimate:
     speedup: float | None  # dense time / 2:4 time; None: the table has no number for it
     measured: bool  # (N, K) is in the table (else: the worst measured shape)
     device: str
+    note: str = ""  # why speedup is None, when the table has a reason
 
     def pays(self, min_speedup: float = 1.0) -> bool:
         return self.speedup is not None and self.speedup >= min_speedup
@@ -56,7 +60,8 @@ def table_from_results(result: dict[str, Any]) -> dict[str, Any]:
     """The compact table lowbit ships, from a `bench_sparsity.py --speed` result."""
     return {
         "source": "benchmarks/bench_sparsity.py --speed",
-        **{k: result.get(k) for k in ("device", "torch", "cusparselt", "git_sha")},
+        **{k: result.get(k) for k in ("device", "torch", "cusparselt", "git_sha",
+                                      "dense_int8dq_triton_min_tokens")},
         "cusparselt_algorithm": "searched" if any("sparse_bf16_alg" in r for r in result["rows"]) else "0",
         "rows": [{k: r[k] for k in KEPT if k in r} for r in result["rows"]],
     }
@@ -76,6 +81,22 @@ def _check_fmt(fmt: str) -> tuple[str, str]:
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}; allowed: {sorted(FORMATS)}")
     return FORMATS[fmt]
+
+
+STALE_NOTE = ("dense int8dq runs the Triton W8A8 kernels from {m} tokens on; this table timed it with "
+              "torch._int_mm, so it does not say (re-run benchmarks/sparsity_speed.py --table)")
+
+
+def _stale_from(table: dict[str, Any], fmt: str) -> int | None:
+    """The token count from which the table's dense int8dq times no longer describe lowbit's dense
+    int8dq (None: they do). Tables written before the Triton W8A8 path lack the key that says so."""
+    from lowbit.formats.int8 import TRITON_MIN_TOKENS
+
+    if fmt != "int8dq" or table.get("dense_int8dq_triton_min_tokens") == TRITON_MIN_TOKENS:
+        return None
+    if not any(r.get("dense_int8dq_us") for r in table.get("rows", [])):
+        return None  # no int8dq rows at all: nothing to be stale
+    return TRITON_MIN_TOKENS
 
 
 def _speedups(table: dict[str, Any], fmt: str) -> dict[tuple[int, int], dict[int, float]]:
@@ -108,6 +129,9 @@ def speedup_vs_dense(
     tab = load_table(table)
     by_shape = _speedups(tab, fmt)
     device = str(tab.get("device"))
+    stale = _stale_from(tab, fmt)
+    if stale is not None and tokens >= stale:
+        return SpeedEstimate(fmt, n, k, tokens, None, False, device, STALE_NOTE.format(m=stale))
     if (n, k) in by_shape:
         return SpeedEstimate(fmt, n, k, tokens, _at(by_shape[(n, k)], tokens), True, device)
     worst = [_at(by_m, tokens) for by_m in by_shape.values()]
@@ -129,10 +153,13 @@ def pays_off(
 def crossover_tokens(n: int, k: int, fmt: str = "int8dq", table: dict[str, Any] | None = None) -> int | None:
     """The smallest measured token count from which 2:4 beats dense at every larger measured one
     (None: it never does in the measured range). Shapes the table lacks: the worst measured shape."""
-    by_shape = _speedups(load_table(table), fmt)
+    tab = load_table(table)
+    by_shape = _speedups(tab, fmt)
     shapes = [by_shape[(n, k)]] if (n, k) in by_shape else list(by_shape.values())
     if not shapes:
         return None
+    if _stale_from(tab, fmt) is not None:
+        return None  # the larger token counts' int8dq times are stale (see speedup_vs_dense)
     ms = sorted(set.intersection(*(set(s) for s in shapes)))
     wins = [all(s[m] > 1.0 for s in shapes) for m in ms]
     first = None
