@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
 
 import lowbit
 from lowbit.core.kernel_choice import KernelChoice
@@ -58,7 +60,7 @@ def test_leading_dims_and_op_entry_points():
         w = tri.weight
         direct = int8_dynamic_linear(x.reshape(6, 96), w.qdata, w.scale, tri.bias)
         via_op = int8_dynamic_linear_op(x.reshape(6, 96), w.qdata, w.scale, tri.bias)
-    assert torch.equal(direct, via_op) and torch.equal(out.reshape(6, 40), direct)
+    assert torch.equal(direct, via_op) and torch.equal(out.reshape(6, 40), direct)  # one implementation
     torch.testing.assert_close(out.float(), ref(x).float(), rtol=4e-3, atol=4e-3)
 
 
@@ -80,15 +82,69 @@ def test_bad_inputs_raise():
         lin(torch.randn(2, 64, device=DEV))
 
 
-def test_auto_routing():
+def test_routing():
     lin = lowbit.quantize_(torch.nn.Linear(64, 8).to(DEV, torch.float16),
                            lowbit.Int8DynamicActivationInt8WeightConfig())
     w = lin.weight
     many = torch.randn(TRITON_MIN_TOKENS, 64, device=DEV, dtype=torch.float16)
     few = many[: TRITON_MIN_TOKENS - 1]
-    assert KernelChoice.TRITON in w._available(many, True)
-    assert KernelChoice.TRITON not in w._available(few, True)
+    assert w._auto_takes_triton(many) is ON_GPU  # AUTO: CUDA only
+    assert not w._auto_takes_triton(few)
+    assert not w._auto_takes_triton(many.clone().requires_grad_())  # training-time calls keep TORCH
     assert KernelChoice.TRITON not in w._available(many, False)  # weight-only calls: never
+    if ON_GPU:
+        assert next(iter(w._available(many, True))) is KernelChoice.TRITON  # AUTO tries it first
+    # the int8 GEMM's int32 offsets: AUTO falls back instead of raising
+    huge = torch.empty(2**31 // 64, 64, device="meta", dtype=torch.float16)
+    assert "int32 offsets" in w._triton_reason(huge) or not ON_GPU
+
+
+def test_auto_calls_the_triton_op_from_the_token_threshold(monkeypatch):
+    if not ON_GPU:
+        pytest.skip("AUTO runs the reference off CUDA")
+    import lowbit.kernels.int8_dynamic as mod
+
+    calls = []
+    real = mod.int8_dynamic_linear
+    monkeypatch.setattr(mod, "int8_dynamic_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    lin = lowbit.quantize_(torch.nn.Linear(64, 8).to(DEV, torch.float16),
+                           lowbit.Int8DynamicActivationInt8WeightConfig())
+    with torch.no_grad():
+        lin(torch.randn(TRITON_MIN_TOKENS, 64, device=DEV, dtype=torch.float16))
+        lin(torch.randn(TRITON_MIN_TOKENS - 1, 64, device=DEV, dtype=torch.float16))
+    assert calls == [TRITON_MIN_TOKENS]
+
+
+def test_bias_layouts_and_dtypes():
+    torch.manual_seed(3)
+    _, ref, tri = _models(40, 96, torch.float16)
+    x = torch.randn(33, 96, device=DEV, dtype=torch.float16)
+    w = tri.weight
+    strided = torch.randn(80, device=DEV, dtype=torch.float16)[::2]  # a non-contiguous bias
+    f32 = torch.randn(40, device=DEV)
+    with torch.no_grad():
+        for bias in (strided, f32):
+            got = F.linear(x, w, bias)
+            want = F.linear(x, ref.weight, bias)
+            assert got.dtype == want.dtype  # a float32 bias promotes the output, as on the TORCH path
+            torch.testing.assert_close(got.float(), want.float(), rtol=4e-3, atol=4e-3)
+
+
+def test_triton_choice_with_a_decode_threshold(monkeypatch):
+    import lowbit.kernels.int8_dynamic as mod
+
+    calls = []
+    real = mod.int8_dynamic_linear
+    monkeypatch.setattr(mod, "int8_dynamic_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    cfg = lowbit.Int8DynamicActivationInt8WeightConfig(kernel=KernelChoice.TRITON, decode_threshold=8)
+    lin = lowbit.quantize_(torch.nn.Linear(64, 8).to(DEV, torch.float16), cfg)
+    ref = lin.weight.dequantize(torch.float32)
+    with torch.no_grad():
+        for m in (1, 16):  # 1 token: weight-only; 16: dynamic activations on the Triton kernels
+            x = torch.randn(m, 64, device=DEV, dtype=torch.float16)
+            want = x.float() @ ref.t() + lin.bias.float()
+            torch.testing.assert_close(lin(x).float(), want, rtol=3e-2, atol=3e-2)
+    assert calls == [16]
 
 
 def test_backward_through_the_op():
@@ -105,7 +161,15 @@ def test_backward_through_the_op():
 def test_compile_fullgraph_keeps_one_opaque_node():
     torch._dynamo.reset()
     _, ref, tri = _models(40, 96, torch.float16)
-    compiled = torch.compile(tri, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def fw(gm, example_inputs):  # the graph after AOTAutograd has unwrapped the weight subclass
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(tri, fullgraph=True, backend=aot_autograd(fw_compiler=fw))
     x = torch.randn(7, 96, device=DEV, dtype=torch.float16)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), tri(x), rtol=0, atol=0)
+    assert len(graphs) == 1 and graphs[0].count("target=torch.ops.lowbit.int8_dynamic_linear") == 1, graphs
+    torch.library.opcheck(int8_dynamic_linear_op, (x, tri.weight.qdata, tri.weight.scale, tri.bias))

@@ -48,27 +48,52 @@ class Int8Tensor(QuantizedTensor):
     def _available(self, x: torch.Tensor, dynamic: bool) -> dict[KernelChoice, str | None]:
         needs = "torch._int_mm needs CUDA" if dynamic else "the int8 -> bf16/fp16 cuBLAS path needs CUDA"
         available: dict[KernelChoice, str | None] = {}
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if dynamic and (self.kernel is KernelChoice.TRITON or tokens >= TRITON_MIN_TOKENS):
-            from lowbit.kernels import triton_unavailable_reason
-
-            reason = triton_unavailable_reason(x)
-            if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
-                reason = f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
-            available[KernelChoice.TRITON] = reason  # AUTO tries it first
+        if dynamic and (self.kernel is KernelChoice.TRITON or self._auto_takes_triton(x)):
+            available[KernelChoice.TRITON] = self._triton_reason(x)  # AUTO tries it first
+        elif not dynamic and self.kernel is KernelChoice.TRITON:
+            # weight-only calls (below a decode threshold): the TORCH path on CUDA, else the reference
+            available[KernelChoice.TRITON] = None
         available[KernelChoice.TORCH] = None if self.qdata.is_cuda else needs
         return available
+
+    def _auto_takes_triton(self, x: torch.Tensor) -> bool:
+        """AUTO's choice for a dynamic call: CUDA, a concrete token count >= TRITON_MIN_TOKENS, no
+        gradient wanted for x (the TORCH path's gradient is kept for training-time calls)."""
+        if self.kernel is not KernelChoice.AUTO or not x.is_cuda:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        tokens = x.numel() // x.shape[-1]
+        return isinstance(tokens, int) and tokens >= TRITON_MIN_TOKENS
+
+    def _triton_reason(self, x: torch.Tensor) -> str | None:
+        from lowbit.kernels import triton_unavailable_reason
+
+        reason = triton_unavailable_reason(x)
+        if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
+            reason = f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
+        tokens = x.numel() // x.shape[-1]
+        if reason is None and isinstance(tokens, int) and max(tokens, self.shape[0]) * self.shape[1] >= 2**31:
+            reason = (f"M*K or N*K reaches 2**31 (M={tokens}, N={self.shape[0]}, K={self.shape[1]}): beyond "
+                      "the int8 GEMM's int32 offsets")
+        return reason
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         check_activation(x, self.shape[1], "int8")
         dynamic = uses_act_quant(self.act_quant, x)
         path = resolve_kernel(self.kernel, x, self._available(x, dynamic), "int8")
         x2 = x.reshape(-1, x.shape[-1])
+        if path is KernelChoice.TRITON and not dynamic:
+            path = KernelChoice.TORCH if x.is_cuda else KernelChoice.REFERENCE
         if path is KernelChoice.TRITON:
             from lowbit.kernels.int8_dynamic import int8_dynamic_linear
 
-            # one-pass activation quantization + the int8 GEMM, scales and bias in its epilogue
-            y = int8_dynamic_linear(x2, self.qdata, self.scale, bias)
+            # one-pass activation quantization + the int8 GEMM, scales and bias in its epilogue; a
+            # bias of another dtype is added afterwards, with the same type promotion as the TORCH path
+            fused_bias = bias if bias is None or bias.dtype == x.dtype else None
+            y = int8_dynamic_linear(x2, self.qdata, self.scale, fused_bias)
+            if bias is not None and fused_bias is None:
+                y = y + bias
             return y.reshape(*x.shape[:-1], self.shape[0])
         if not dynamic and path is KernelChoice.TORCH:
             # int8 -> x.dtype is exact; the per-row scale is applied to the output, so the

@@ -219,8 +219,9 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if qa.stride(1) != 1 or qw.stride(1) != 1:
         raise ValueError("int8 GEMM operands need a unit last stride")
     group = 0 if group_size >= k else group_size
-    # the kernels read the token scales and each row's group scales with unit stride
+    # the kernels read the token scales, each row's group scales and the bias with unit stride
     sa, sw = sa.contiguous(), sw.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     c = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     dummy = sw
     args = (qa, sa, qw, sw, bias if bias is not None else dummy, c, m, n, k)
@@ -358,7 +359,8 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     warps, stages = cfg.pop("num_warps", 8), cfg.pop("num_stages", 3)
     if group:
         cfg["BLOCK_K"] = group
-    sa, sw = sa.contiguous(), sw.contiguous()  # read with unit stride (token scales, group scales)
+    sa, sw = sa.contiguous(), sw.contiguous()  # read with unit stride (token scales, group scales, bias)
+    bias = bias.contiguous() if bias is not None else None
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if num_programs is None:
         num_programs = 4 if interpreter_enabled() else _device_props(_device_index(qa))[0]
