@@ -173,3 +173,21 @@ def test_int8_gemm_routes_to_tma_on_hopper(m, n, k, monkeypatch):
     assert calls == [1]  # float32 output: the pointer kernel
     ref32 = int8_gemm_ref(qa, sa, qw, sw, None, k, torch.float32)
     torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_long_prompts_run_in_row_chunks(group, monkeypatch):
+    # M*K past the pointer kernel's int32 offsets: runs of rows into one output (limit lowered here)
+    m, n, k = 300, 40, 128
+    qa, sa, qw, sw = _operands(m, n, k, group)
+    bias = torch.randn(n, device=DEV, dtype=torch.float16)
+    want = int8_gemm(qa, sa, qw, sw, bias, group or k, torch.float16, tma=False)
+    monkeypatch.setattr(prefill, "OFFSET_LIMIT", 100 * k + 5)  # 100 rows per run: 3 runs
+    runs = []
+    spy = lambda qa_, *a, **kw: runs.append(qa_.shape[0]) or int8_gemm(qa_, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(prefill, "int8_gemm", spy)
+    got = int8_gemm(qa, sa, qw, sw, bias, group or k, torch.float16, tma=False)
+    assert torch.equal(got, want) and runs == [100, 100, 100]
+    monkeypatch.setattr(prefill, "OFFSET_LIMIT", n * k)  # the weight itself too large: a clear error
+    with pytest.raises(ValueError, match="N\\*K must be < 2\\*\\*31"):
+        int8_gemm(qa, sa, qw, sw, bias, group or k, torch.float16, tma=False)

@@ -72,10 +72,9 @@ class Int8Tensor(QuantizedTensor):
         reason = triton_unavailable_reason(x)
         if reason is None and x.dtype not in (torch.float16, torch.bfloat16):
             reason = f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
-        tokens = x.numel() // x.shape[-1]
-        if reason is None and isinstance(tokens, int) and max(tokens, self.shape[0]) * self.shape[1] >= 2**31:
-            reason = (f"M*K or N*K reaches 2**31 (M={tokens}, N={self.shape[0]}, K={self.shape[1]}): beyond "
-                      "the int8 GEMM's int32 offsets")
+        if reason is None and self.shape[0] * self.shape[1] >= 2**31:
+            reason = (f"N*K reaches 2**31 (N={self.shape[0]}, K={self.shape[1]}): beyond the int8 GEMM's "
+                      "int32 offsets")
         return reason
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -99,6 +99,8 @@ def unpack_int4_triton(packed: torch.Tensor, out: torch.Tensor | None = None) ->
 
 
 # -- step 2: int8 GEMM ------------------------------------------------------------------
+OFFSET_LIMIT = 2**31  # the pointer kernel's operand offsets are int32 element counts
+
 def _gemm_configs() -> list:
     # NOTE: candidates measured on H100 (benchmarks/bench_linear.py); BLOCK_K=128 feeds wgmma
     # 128-byte rows, GROUP_M=8 keeps a band of A tiles in L2.
@@ -214,11 +216,23 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     n = qw.shape[0]
     if qw.shape[1] != k:
         raise ValueError(f"weight K={qw.shape[1]} != activation K={k}")
-    if max(m, n) * k >= 2**31:
-        raise ValueError(f"int8 GEMM offsets are int32: M*K and N*K must be < 2**31 (M={m}, N={n}, K={k})")
     if qa.stride(1) != 1 or qw.stride(1) != 1:
         raise ValueError("int8 GEMM operands need a unit last stride")
     group = 0 if group_size >= k else group_size
+    if tma and config is None and takes_tma(qa, qw, group, out_dtype):
+        return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG)
+    # the pointer kernel's operand offsets are int32 element counts
+    if n * max(k, qw.stride(0)) >= OFFSET_LIMIT:
+        raise ValueError(f"int8 GEMM offsets are int32: N*K must be < 2**31 (N={n}, K={k})")
+    row_elems = max(k, qa.stride(0), 1)
+    if m * row_elems >= OFFSET_LIMIT:  # long prompts: runs of rows that each fit, into one output
+        rows = (OFFSET_LIMIT - 1) // row_elems
+        out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+        for r0 in range(0, m, rows):
+            r1 = min(r0 + rows, m)
+            out[r0:r1] = int8_gemm(qa[r0:r1], sa.reshape(-1, 1)[r0:r1], qw, sw, bias, group_size, out_dtype,
+                                   config, tma=False)
+        return out
     # the kernels read the token scales, each row's group scales and the bias with unit stride
     sa, sw = sa.contiguous(), sw.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -234,8 +248,6 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_kernel[grid](*args, *strides, **flags, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
         return c
-    if tma and config is None and takes_tma(qa, qw, group, out_dtype):
-        return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG)
     bucket = min(triton.next_power_of_2(m), 8192)
     kernel = _tuned_kernel(group)
     tuned_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
