@@ -24,7 +24,8 @@ import triton
 
 from lowbit.bench import cuda_graphed, run_metadata
 from lowbit.kernels.w4a8.act_quant import _act_quant_kernel, act_quant
-from lowbit.kernels.w4a8.prefill import int8_gemm, int8_gemm_tma, quant_and_unpack, unpack_int4_triton
+from lowbit.kernels.w4a8.expand import quant_and_unpack, unpack_int4_triton
+from lowbit.kernels.w4a8.prefill import int8_gemm, int8_gemm_tma
 
 SHAPES = [(1024, 4096), (4096, 4096), (6144, 4096), (4096, 11008), (11008, 4096), (4096, 14336),
           (14336, 4096), (22016, 4096)]

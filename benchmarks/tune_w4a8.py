@@ -19,8 +19,9 @@ from lowbit.bench import cuda_graphed
 from lowbit.core.packing import pack_int4
 from lowbit.kernels.w4a8.act_quant import act_quant
 from lowbit.kernels.w4a8.decode import w4_decode
+from lowbit.kernels.w4a8.expand import unpack_int4_triton
 from lowbit.kernels.w4a8.gemv import w4_gemv
-from lowbit.kernels.w4a8.prefill import int8_gemm, unpack_int4_triton
+from lowbit.kernels.w4a8.prefill import int8_gemm
 from lowbit.kernels.w4a8.swapped import w4a8_gemm_swapped
 
 SHAPES = [(4096, 4096), (22016, 4096), (4096, 11008), (12288, 4096), (1024, 4096)]

@@ -13,15 +13,8 @@ import torch
 from lowbit.core.packing import pack_int4
 from lowbit.kernels.w4a8 import prefill
 from lowbit.kernels.w4a8.act_quant import act_quant
-from lowbit.kernels.w4a8.prefill import (
-    TMA_CONFIG,
-    int8_gemm,
-    int8_gemm_tma,
-    quant_and_unpack,
-    takes_tma,
-    tma_operands_ok,
-    unpack_int4_triton,
-)
+from lowbit.kernels.w4a8.expand import quant_and_unpack, unpack_int4_triton
+from lowbit.kernels.w4a8.prefill import TMA_CONFIG, int8_gemm, int8_gemm_tma, takes_tma, tma_operands_ok
 from lowbit.kernels.w4a8.reference import act_quant_ref, int8_gemm_ref, unpack_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

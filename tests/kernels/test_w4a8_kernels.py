@@ -12,7 +12,8 @@ import torch
 from lowbit.core.packing import pack_int4
 from lowbit.kernels.w4a8.act_quant import act_quant
 from lowbit.kernels.w4a8.decode import w4_decode
-from lowbit.kernels.w4a8.prefill import dequant_int4_triton, int8_gemm, unpack_int4_triton
+from lowbit.kernels.w4a8.expand import dequant_int4_triton, unpack_int4_triton
+from lowbit.kernels.w4a8.prefill import int8_gemm
 from lowbit.kernels.w4a8.reference import act_quant_ref, int8_gemm_ref, unpack_ref, w4_decode_ref
 from lowbit.testing.sqnr import sqnr_db
 

@@ -53,8 +53,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
                       int_zero: bool, quantize_activations: bool, path: str) -> torch.Tensor:
     from lowbit.kernels.w4a8.act_quant import act_quant
     from lowbit.kernels.w4a8.decode import w4_decode
+    from lowbit.kernels.w4a8.expand import dequant_int4_triton
     from lowbit.kernels.w4a8.gemv import w4_gemv
-    from lowbit.kernels.w4a8.prefill import dequant_int4_triton
 
     m, n = x.shape[0], packed.shape[0]
     zf = _zero_as_float(zero, scale, int_zero)
@@ -72,7 +72,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
         if zf is not None:
             raise ValueError("the W4A8 kernels take symmetric int4 weights (no zero point)")
         if _w4a8_route(m, x.shape[1], group_size, path) == "prefill":
-            from lowbit.kernels.w4a8.prefill import int8_gemm, quant_and_unpack
+            from lowbit.kernels.w4a8.expand import quant_and_unpack
+            from lowbit.kernels.w4a8.prefill import int8_gemm
 
             # activation quantization and the weight expansion in one launch
             qa, sa, w8 = quant_and_unpack(x, packed)  # w8: one-layer workspace, freed on return
@@ -90,7 +91,8 @@ def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Ten
                            bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype
                            ) -> torch.Tensor:
     """The W4A8 prefill path from activations already quantized per token (qa int8, sa fp32)."""
-    from lowbit.kernels.w4a8.prefill import int8_gemm, unpack_int4_triton
+    from lowbit.kernels.w4a8.expand import unpack_int4_triton
+    from lowbit.kernels.w4a8.prefill import int8_gemm
 
     w8 = unpack_int4_triton(packed)  # one-layer workspace, freed on return
     return int8_gemm(qa, sa, w8, scale, bias, group_size, out_dtype)
