@@ -63,9 +63,8 @@ int8_dynamic_linear_op.register_autograd(_backward, setup_context=_setup_context
 def int8_dynamic_linear(x2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """Entry point used by Int8Tensor: x2 (M, K) fp16/bf16, qw (N, K) int8, sw (N, 1) -> (M, N)."""
-    needs_grad = torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))
-    traced = type(x2) is not torch.Tensor or type(qw) is not torch.Tensor
-    if torch.compiler.is_compiling() or needs_grad or traced:
+    from lowbit.kernels import dispatches_op, needs_grad
+
+    if dispatches_op(x2, qw, needs_grad(x2, bias)):
         return int8_dynamic_linear_op(x2, qw, sw, bias)
-    # eager inference calls the implementation directly (the dispatcher costs tens of microseconds)
     return _int8_dynamic_linear_impl(x2, qw, sw, bias)

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from lowbit.kernels import dispatches_op, needs_grad
+
 # NOTE: crossovers measured on H100 (benchmarks/tune_w4a8.py, bench_linear.py; docs/kernels.md).
 # At M=16 the decode kernel wins (12288x4096: 29 us + 7 us act quant); at M=128 it re-reads the
 # weight per 16-row tile (12288x4096: 186 us) while unpack + int8 GEMM takes 73 us.
@@ -181,11 +183,9 @@ def int4_linear(x2: torch.Tensor, w, bias: torch.Tensor | None, quantize_activat
         raise ValueError(f"path={path!r}; allowed: {list(PATHS)}")
     args = (x2, w.qdata, w.scale, w.zero_point, bias, w.group_size,
             w.zero_point_domain is ZeroPointDomain.INT, quantize_activations, path)
-    needs_grad = torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))
-    # Fake / functional tensors (torch.compile's tracing) must see the opaque op, never the kernels.
-    traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
-    if torch.compiler.is_compiling() or needs_grad or traced:
-        if quantize_activations and not needs_grad and quantizes_in_graph(
+    grad = needs_grad(x2, bias)
+    if dispatches_op(x2, w.qdata, grad):
+        if quantize_activations and not grad and quantizes_in_graph(
                 x2.shape[0], x2.shape[1], w.group_size, w.zero_point is None, path):
             from lowbit.kernels.w4a8.act_quant import act_quant_traceable
 

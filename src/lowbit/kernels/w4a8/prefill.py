@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
+from lowbit.kernels.w4a8.gemv_dp4a import num_sms
 
 # -- pointer-based int8 GEMM -------------------------------------------------------------
 OFFSET_LIMIT = 2**31  # the pointer kernel's operand offsets are int32 element counts
@@ -232,17 +233,6 @@ def tma_operands_ok(qa: torch.Tensor, qw: torch.Tensor) -> bool:
                for t in (qa, qw))
 
 
-@functools.cache
-def _device_props(device_index: int) -> tuple[int, int]:
-    """(multiprocessor count, compute capability major) of a CUDA device."""
-    props = torch.cuda.get_device_properties(device_index)
-    return props.multi_processor_count, props.major
-
-
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
-
-
 # NOTE: H100, benchmarks/probe_tma_gemm.py (results/probe_tma_gemm_h100.json, sweep of 9 configs on
 # 8 shapes x M in {2048, 8192}, per row): 128x256x128 tiles, 8 warps, 4 stages won on 14 of 16 (the
 # others: 3 stages for 22016x4096 at M=8192, 1224.6 vs 1308.7 us; 128x128 tiles for 1024x4096 at
@@ -264,11 +254,12 @@ def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int, out_dtype: torch.d
         return False
     if not qa.is_cuda or interpreter_enabled() or not tma_operands_ok(qa, qw):
         return False
-    sms, major = _device_props(_device_index(qa))
-    tiles = triton.cdiv(qa.shape[0], TMA_CONFIG["BLOCK_M"]) * triton.cdiv(qw.shape[0], TMA_CONFIG["BLOCK_N"])
     # Hopper only: TMA_CONFIG's 192 KB of operand stages fit the H100's 227 KB of shared memory per
     # block, not the ~99 KB of the sm_12x parts; other architectures were not measured.
-    return major == 9 and tiles >= sms
+    if torch.cuda.get_device_capability(qa.device)[0] != 9:
+        return False
+    tiles = triton.cdiv(qa.shape[0], TMA_CONFIG["BLOCK_M"]) * triton.cdiv(qw.shape[0], TMA_CONFIG["BLOCK_N"])
+    return tiles >= num_sms(qa.device.index)
 
 
 def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
@@ -300,7 +291,7 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     bias = bias.contiguous() if bias is not None else None
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if num_programs is None:
-        num_programs = 4 if interpreter_enabled() else _device_props(_device_index(qa))[0]
+        num_programs = 4 if interpreter_enabled() else num_sms(qa.device.index)
     programs = max(1, min(num_programs, tiles))
     a_desc = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     b_desc = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
