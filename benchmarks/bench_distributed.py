@@ -35,6 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowbit.bench import git_sha
+from lowbit.distributed.launch import init_tensor_parallel
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -69,6 +72,7 @@ def emit(args: argparse.Namespace, row: dict) -> None:
         "world": dist.get_world_size(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
+        "git_sha": git_sha() or "unknown",
     }
     print(json.dumps(row), flush=True)
     if args.out:
@@ -205,14 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             "run under torchrun, e.g. torchrun --nproc-per-node 2 benchmarks/bench_distributed.py tp"
         )
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:  # CPU smoke run (gloo): checks the plumbing, the timings mean nothing
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    # cuda:LOCAL_RANK with NCCL, or a CPU smoke run under gloo (checks the plumbing; the timings mean nothing)
+    device, _ = init_tensor_parallel(int(os.environ["WORLD_SIZE"]))
     try:
         (run_tp if args.mode == "tp" else run_fsdp)(args, device)
     finally:

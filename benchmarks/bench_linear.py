@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 
 import lowbit
-from lowbit.bench import git_sha
+from lowbit.bench import cuda_graphed, git_sha
 from lowbit.testing.shapes import BENCH_M, MODEL_SHAPES
 from lowbit.testing.sqnr import sqnr_db
 
@@ -48,12 +48,7 @@ def timeit(fn) -> float:
 
 def timeit_graphed(fn) -> float:
     """GPU time without host launch overhead: replay a CUDA graph of fn (L2 still flushed)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return timeit(g.replay)
+    return timeit(cuda_graphed(fn))
 
 
 def ceilings() -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from lowbit.bench import time_cuda_graphed
 from lowbit.kernels.w4a8.act_quant import _act_quant_kernel
 
 
@@ -24,11 +25,7 @@ def main() -> None:
                 def run():
                     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one,
                                             PERMUTE=False, num_warps=warps)
-                run()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    run()
-                res[name] = triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
+                res[name] = time_cuda_graphed(run)
             print(f"act_quant M={m} K={k}: " + "  ".join(f"{n} {us:.1f} us" for n, us in res.items()), flush=True)
 
 

@@ -14,8 +14,6 @@ tensors), so a gathered weight is bit-identical to the original.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -23,18 +21,14 @@ from torch.distributed.tensor import DTensor, Shard
 from lowbit.distributed.tp import shard_quantized
 
 
-def distribute_quantized(
-    weight: torch.Tensor, mesh: DeviceMesh, dim: int, sections: Sequence[int] | None = None
-) -> DTensor:
+def distribute_quantized(weight: torch.Tensor, mesh: DeviceMesh, dim: int) -> DTensor:
     """This rank's shard of a 2-D (quantized) weight along `dim`, as a DTensor over a 1-D mesh.
 
-    `sections` (fused [q; k; v] or [gate; up] weights) shards each section on its own; the result
-    is then not a plain Shard(dim) of the whole tensor, so it is refused here (use shard_quantized).
+    Fused [q; k; v] or [gate; up] weights shard each section on their own, which is not a plain
+    Shard(dim) of the whole tensor: use shard_quantized(..., sections=...) for them.
     """
     if mesh.ndim != 1:
         raise ValueError(f"distribute_quantized takes a 1-D device mesh, got {mesh.ndim}-D")
-    if sections is not None and len(sections) > 1:
-        raise ValueError("fused sections are not a Shard(dim) layout: use shard_quantized for them")
     local = shard_quantized(weight, dim, mesh.get_local_rank(), mesh.size())
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=weight.shape,
                               stride=weight.stride())

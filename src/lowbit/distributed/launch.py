@@ -23,8 +23,6 @@ def init_tensor_parallel(tp: int, device: str = "auto") -> tuple[torch.device, b
     Returns this rank's device (cuda:LOCAL_RANK for "auto"/"cuda") and whether this call created
     the process group (the caller then destroys it when done).
     """
-    if tp < 2:
-        raise ValueError(f"--tp {tp}: tensor parallelism needs at least 2 processes")
     if dist.is_initialized():
         world = dist.get_world_size()
         if world != tp:

@@ -103,11 +103,15 @@ class Loaded:
     def close(self) -> None:
         """End the process group that load() started for --tp (no-op otherwise)."""
         if self.owns_process_group:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            _end_process_group()
             self.owns_process_group = False
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def configure_cuda_allocator() -> str:
@@ -157,17 +161,16 @@ def load(opts: LoadOptions, quantizer: Quantizer | None = None) -> Loaded:
     else:
         device, owns_group, on_block = resolve_device(opts.device), False, None
     try:
-        return _load(opts, quantizer, device, on_block, owns_group)
+        loaded = _load(opts, quantizer, device, on_block)
     except BaseException:
         if owns_group:  # a failed load leaves no process group behind
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            _end_process_group()
         raise
+    loaded.owns_process_group = owns_group
+    return loaded
 
 
-def _load(opts: LoadOptions, quantizer: Quantizer | None, device: torch.device, on_block: Any,
-          owns_group: bool) -> Loaded:
+def _load(opts: LoadOptions, quantizer: Quantizer | None, device: torch.device, on_block: Any) -> Loaded:
     allocator = configure_cuda_allocator() if device.type == "cuda" else None
     dtype = resolve_dtype(opts.dtype, device)
     quantizer = quantizer or make_quantizer(
@@ -185,7 +188,7 @@ def _load(opts: LoadOptions, quantizer: Quantizer | None, device: torch.device, 
     tokenizer = load_tokenizer(opts.model, args.vocab_size)
     return Loaded(
         model, tokenizer, quantizer, source.describe(), device, dtype, load_time, meter.read(), opts,
-        allocator, owns_group,
+        allocator,
     )
 
 
