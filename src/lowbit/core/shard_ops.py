@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import return_and_correct_aliasing
 
 aten = torch.ops.aten
 
@@ -52,7 +51,9 @@ def view(func, args, kwargs):
     qt, size = args[0], list(args[1])
     if size != list(qt.shape):
         raise NotImplementedError(f"{type(qt).__name__} can only be viewed as its shape {tuple(qt.shape)}")
-    return return_and_correct_aliasing(func, args, kwargs, qt._rebuild(lambda t: t.view(t.shape)))
+    from lowbit.core.tensor import _detach  # (tensor.py imports this module)
+
+    return _detach(func, args, kwargs)  # an alias of every inner tensor, as aten.alias / detach
 
 
 def _gather(t: torch.Tensor | None, n: int, group_size: int, group_name: str) -> torch.Tensor | None:
@@ -92,10 +93,9 @@ def split(func, args, kwargs):
     full = qt.shape[dim]
     if full % size:  # (every rank refuses alike: DTensor would pad only some ranks' shards)
         raise NotImplementedError(f"{type(qt).__name__} splits only into equal pieces: {full} by {size}")
-    starts = list(range(0, full, size))
     pieces = []
-    for a in starts:
-        b = min(a + size, full)
+    for a in range(0, full, size):
+        b = a + size
         tensors = []
         for t in qt.inner_tensors():
             if t is None or _spans(t, dim, full):

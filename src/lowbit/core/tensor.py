@@ -117,14 +117,12 @@ class QuantizedTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = _COMMON_OPS.get(func)
-        if handler is None and func.overloadpacket.__name__ in _COLLECTIVE_NAMES:
-            handler = shard_ops.NAMED_OPS.get(func.name())
+        handler = _COMMON_OPS.get(func) or shard_ops.NAMED_OPS.get(func.name())
         if handler is not None:
             return handler(func, args, kwargs)
         raise NotImplementedError(
             f"{cls.__name__} does not support {func}; quantized weights support F.linear, "
-            f"detach, clone, to(), copy_ and dequantize()"
+            f"detach, clone, to(), copy_, dequantize() and DTensor sharding (view, split, cat, all-gather)"
         )
 
 
@@ -179,4 +177,3 @@ _COMMON_OPS = {
 from lowbit.core import shard_ops  # noqa: E402  (DTensor sharding ops of blockwise formats)
 
 _COMMON_OPS.update(shard_ops.OPS)
-_COLLECTIVE_NAMES = {name.split("::")[1] for name in shard_ops.NAMED_OPS}

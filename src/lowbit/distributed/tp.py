@@ -284,10 +284,11 @@ def _int8_rowwise(qx, sx, w: Int8Tensor, bias, full_k: int, out_dtype, group) ->
 def w4a8_kernel_partial(qx: torch.Tensor, sx: torch.Tensor, w: Int4Tensor) -> torch.Tensor:
     """A K shard's float32 W4A8 partial output from the Triton op: sx * (qx @ (q * s)^T), with qx
     this shard's int8 activations and sx the full-row per-token scale."""
+    from lowbit.kernels import dispatches_op
     from lowbit.kernels.w4a8.op import _w4a8_linear_q_impl, w4a8_linear_q_op
 
-    # the registered op for torch.compile; eagerly its body (no dispatcher round trip per call)
-    op = w4a8_linear_q_op if torch.compiler.is_compiling() else _w4a8_linear_q_impl
+    # the registered op while tracing (compile, fake tensors); eagerly its body
+    op = w4a8_linear_q_op if dispatches_op(qx, w.qdata, False) else _w4a8_linear_q_impl
     return op(qx, sx, w.qdata, w.scale, None, w.block_size[1], torch.float32, "auto")
 
 

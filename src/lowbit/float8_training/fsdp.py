@@ -251,8 +251,9 @@ def plain_weight(v: Any) -> Any:
 
 
 def unwrap_state_dict_hook(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """Module state_dict post-hook: plain tensors in place of Float8AllGatherWeight."""
-    for k in list(state_dict):
-        if k.startswith(prefix):
-            state_dict[k] = plain_weight(state_dict[k])
+    """Module state_dict post-hook: a plain tensor in place of a Float8AllGatherWeight (only the
+    module's own weight can hold one; looking it up keeps state_dict() linear in the layers)."""
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = plain_weight(state_dict[key])
 
