@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "w4a8_gemm.h"
@@ -49,9 +50,57 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
   return out;
 }
 
+// Same arguments as w4a8_gemm, 1..64 tokens; warps_n / split = 0 take the launcher's defaults.
+torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
+                       const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
+                       int64_t warps_n, int64_t split) {
+  check(qa.is_cuda() && sa.is_cuda() && packed.is_cuda() && sw.is_cuda(), "all inputs must be CUDA tensors");
+  check(qa.scalar_type() == at::kChar && qa.dim() == 2 && qa.is_contiguous(),
+        "activations must be contiguous int8 (M, K)");
+  check(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+        "weights must be contiguous uint8 (N, K/2)");
+  check(sa.scalar_type() == at::kFloat && sa.is_contiguous(), "activation scale must be contiguous float32");
+  check(sw.scalar_type() == at::kFloat && sw.is_contiguous(), "weight scale must be contiguous float32");
+  check(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output dtype must be bfloat16 or float16");
+  const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
+  check(packed.size(1) * 2 == k, "weight K/2 does not match activation K");
+  check(sa.numel() == m && sw.numel() == n, "scale sizes must be (M,) and (N,)");
+  check(qa.get_device() == packed.get_device() && sa.get_device() == qa.get_device() &&
+            sw.get_device() == qa.get_device(),
+        "all inputs must be on one device");
+  check(reinterpret_cast<uintptr_t>(qa.data_ptr()) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+        "activations and weights must be 16-byte aligned");
+  if (bias) {
+    check(bias->is_cuda() && bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == out_dtype &&
+              bias->get_device() == qa.get_device(),
+          "bias must be a contiguous (N,) CUDA tensor in the output dtype");
+  }
+  c10::cuda::CUDAGuard guard(qa.device());
+  auto out = torch::empty({m, n}, qa.options().dtype(out_dtype));
+  if (m == 0 || n == 0) return out;
+  W4A8Problem p{packed.data_ptr(), qa.data_ptr(), sw.data_ptr<float>(), sa.data_ptr<float>(),
+                bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
+                static_cast<int>(n), static_cast<int>(k),
+                out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
+  const int wn = warps_n ? static_cast<int>(warps_n) : 8;
+  int sp = static_cast<int>(split);
+  if (sp == 0) {
+    const int sms = at::cuda::getDeviceProperties(qa.get_device())->multiProcessorCount;
+    sp = lowbit_w4a8_mma_default_split(p, wn, sms);
+  }
+  char err[512] = {0};
+  const int rc = lowbit_w4a8_mma(p, wn, sp, c10::cuda::getCurrentCUDAStream().stream(), err, sizeof(err));
+  check(rc == 0, err);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a8_gemm", &w4a8_gemm, "CUTLASS sm90 W4A8 GEMM: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
+  m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..64 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
+        py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"),
+        py::arg("warps_n") = 0, py::arg("split") = 0);
 }

@@ -1,7 +1,7 @@
 """Finding CUTLASS, keying the build cache and compiling the native sources on first use.
 
 Sources: src/lowbit/csrc/cutlass_w4a8/ (w4a8_gemm.cu: the CUTLASS kernel behind a plain C++
-launcher; binding.cpp: the torch binding). They are compiled with torch.utils.cpp_extension
+launcher; w4a8_mma.cu: the decode-batch mma.sync kernel, plain CUDA; binding.cpp: the torch binding). They are compiled with torch.utils.cpp_extension
 (ninja + nvcc) into ~/.cache/lowbit/cutlass/<key>/, where the key hashes the torch version, the CUDA
 version torch was built with, the GPU architecture, the CUTLASS version and the sources' bytes.
 A second process finds the built library there and imports it without running the compiler.
@@ -31,7 +31,7 @@ import torch
 FIX = "pip install 'lowbit[cutlass]'"
 ARCH = "sm_90a"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cutlass_w4a8"
-SOURCES = ("w4a8_gemm.cu", "w4a8_gemm.h", "binding.cpp")
+SOURCES = ("w4a8_gemm.cu", "w4a8_mma.cu", "w4a8_gemm.h", "binding.cpp")
 # Headers the kernel includes directly or relies on; checked before any compiler runs, so an
 # incomplete install is reported as such instead of as a page of nvcc errors.
 REQUIRED_HEADERS = (
@@ -262,7 +262,7 @@ def load(verbose: bool = False) -> ModuleType:
     try:
         mod = cpp_load(
             name=module_name(key),
-            sources=[str(SOURCE_DIR / "binding.cpp"), str(SOURCE_DIR / "w4a8_gemm.cu")],
+            sources=[str(SOURCE_DIR / n) for n in ("binding.cpp", "w4a8_gemm.cu", "w4a8_mma.cu")],
             extra_include_paths=include_dirs(root) + [str(SOURCE_DIR)],
             extra_cflags=list(CXX_FLAGS),
             extra_cuda_cflags=list(NVCC_FLAGS),

@@ -119,6 +119,34 @@ def gemm(
     )
 
 
+def mma_gemm(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    warps_n: int = 0,
+    split: int = 0,
+) -> torch.Tensor:
+    """Decode batches (1..64 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
+    numerics and arguments as gemm. warps_n (4 or 8) and split (1..8) 0 = the launcher's rule."""
+    from lowbit.kernels.cutlass.build import load
+
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    return load().w4a8_mma(
+        qa.contiguous(),
+        sa.reshape(-1).contiguous(),
+        packed.contiguous(),
+        _scale_f32(scale),
+        None if bias is None else bias.contiguous(),
+        out_dtype,
+        warps_n,
+        split,
+    )
+
+
 def _linear_impl(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Probe: the mma.sync W4A8 decode kernel (csrc/cutlass_w4a8/w4a8_mma.cu) next to today's paths.
+
+Checks the kernel against the reference on odd shapes first (exact match expected: integer
+accumulation, the reference's order of float roundings), then times, per Llama shape and token
+count, CUDA-graph replays with L2 flushed (bench_linear's timing):
+  mma_q      the mma kernel from int8 activations (what a compiled graph pays: Inductor quantizes)
+  mma        act_quant + the mma kernel (an eager call)
+  auto       F.linear on today's W4A8 per-row weight (KernelChoice.AUTO)
+  cutlass_q  the CUTLASS kernel from int8 activations
+  triton_q   the Triton int8 decode kernel from int8 activations (M >= 2)
+  bf16, tinygemm_g128
+and sweeps warps_n x split for mma_q at M = 1 and 16.
+
+    python benchmarks/probe_mma_decode.py [--out results/probe_mma_decode_h100.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+from bench_linear import bench_shapes, timeit_graphed, tinygemm_weight
+
+import lowbit
+from lowbit.bench import git_sha
+from lowbit.kernels.cutlass import build
+from lowbit.kernels.cutlass.w4a8 import gemm as cutlass_gemm
+from lowbit.kernels.cutlass.w4a8 import mma_gemm
+from lowbit.kernels.w4a8.act_quant import act_quant
+from lowbit.kernels.w4a8.decode import w4_decode
+from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
+
+MS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def random_weight(n: int, k: int, dev="cuda"):
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+    scale = torch.rand(n, 1, device=dev) * 0.01 + 1e-3
+    return packed, scale
+
+
+def check() -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    cases = [(8, 32), (40, 160), (136, 4192), (1000, 1056), (4096, 4096), (24, 11008)]
+    for (n, k), m, dt, bias, (wn, sp) in itertools.product(
+            cases, (1, 3, 7, 16, 17, 33, 64), (torch.bfloat16, torch.float16), (False, True),
+            ((0, 0), (4, 1), (8, 3), (4, 8))):
+        steps = -(-k // 128)
+        if sp > steps:
+            continue
+        packed, scale = random_weight(n, k)
+        x = torch.randn(m, k, device="cuda", dtype=dt)
+        qa, sa = act_quant(x)
+        b = torch.randn(n, device="cuda", dtype=dt) if bias else None
+        out = mma_gemm(qa, sa, packed, scale, b, dt, wn, sp)
+        ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, b, k, dt)
+        diff = (out.float() - ref.float()).abs().max().item()
+        rows.append({"n": n, "k": k, "m": m, "dtype": str(dt), "bias": bias, "warps_n": wn, "split": sp,
+                     "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
+    bad = [r for r in rows if not r["exact"]]
+    print(f"check: {len(rows) - len(bad)}/{len(rows)} exact; worst {max(r['max_abs_diff'] for r in rows):.3g}")
+    for r in bad[:10]:
+        print("  not exact:", r)
+    return rows
+
+
+def timings(sweep: bool) -> list[dict]:
+    rows = []
+    for label, n, k in bench_shapes(False):
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        qw = lowbit.W4A8Config(group_size=None).quantize_weight(w)
+        packed, scale = qw.qdata, qw.scale
+        wp, sz, _ = tinygemm_weight(w)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            qa, sa = act_quant(x)
+            t = {
+                "mma_q": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16)),
+                "mma": timeit_graphed(lambda: mma_gemm(*act_quant(x), packed, scale, None, torch.bfloat16)),
+                "auto": timeit_graphed(lambda: F.linear(x, qw)),
+                "cutlass_q": timeit_graphed(lambda: cutlass_gemm(qa, sa, packed, scale, None, torch.bfloat16)),
+                "bf16": timeit_graphed(lambda: F.linear(x, w)),
+                "tinygemm_g128": timeit_graphed(lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz)),
+            }
+            if m >= 2:
+                t["triton_q"] = timeit_graphed(
+                    lambda: w4_decode(qa, sa, packed, scale, None, None, k, torch.bfloat16))
+            row = {"shape": label, "N": n, "K": k, "M": m, "us": t,
+                   "mma_weight_gbps": n * k / 2 / t["mma_q"] / 1e3}
+            rows.append(row)
+            print(f"{label:28s} M={m:3d} " + " ".join(f"{a}={b:6.1f}" for a, b in t.items()), flush=True)
+            if sweep and m in (1, 16):
+                cfgs = {}
+                for wn, sp in itertools.product((4, 8), (1, 2, 4, 8)):
+                    if sp <= -(-k // 128):
+                        cfgs[f"w{wn}s{sp}"] = timeit_graphed(
+                            lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, wn, sp))
+                row["sweep"] = cfgs
+                print("   sweep: " + " ".join(f"{a}={b:.1f}" for a, b in cfgs.items()), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    build.load()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "git_sha": git_sha(),
+            "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
+    result = {"meta": meta, "check": check(), "rows": timings(not args.no_sweep)}
+    print("\n| shape | M | mma_q | mma | auto | cutlass_q | triton_q | bf16 | tinygemm | bf16/mma | bf16/auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        t = r["us"]
+        print(f"| {r['shape']} | {r['M']} | {t['mma_q']:.1f} | {t['mma']:.1f} | {t['auto']:.1f} | "
+              f"{t['cutlass_q']:.1f} | {t.get('triton_q', float('nan')):.1f} | {t['bf16']:.1f} | "
+              f"{t['tinygemm_g128']:.1f} | {t['bf16'] / t['mma']:.2f} | {t['bf16'] / t['auto']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+// W4A8 for decode batches (1..64 tokens): int8 activations x packed int4 weights on mma.sync,
+// with the weight read straight from HBM into the MMA's B fragment (no shared memory, no layout
+// conversion). Plain CUDA: no CUTLASS types; built into the same extension as w4a8_gemm.cu.
+//
+// Fragment mapping (mma.sync.m16n8k32 s8: lane = 4 * g + q, g = lane / 4, q = lane % 4).
+//   B (k32 x n8): lane holds column n = g and the k slots {4q..4q+3} (b0) and {16+4q..16+4q+3} (b1).
+//   A (m16 x k32): lane holds rows g and g+8 with the same k slots (a0/a1 and a2/a3).
+// The sum over k does not care which real k sits in which slot, as long as A and B agree. So per
+// 128-wide K step a lane loads 16 bytes of its weight row (real k = 32q .. 32q+31) and feeds word i
+// (real k = 32q+8i .. 32q+8i+7) to the i-th of four MMAs:
+//   b0 = (word << 4) & 0xF0F0F0F0   low nibbles  = even k, each byte 16 * q4 (sign in bit 7)
+//   b1 =  word       & 0xF0F0F0F0   high nibbles = odd k,  each byte 16 * q4
+//   a0 / a2 = even / odd bytes of the activations at the same 8 k (two byte permutes).
+// Every product carries the factor 16; it is removed exactly (a power of two) in the epilogue, and
+// |sum| <= 16 * 8 * 127 * K stays inside int32 for K <= 131072 (checked by the launcher).
+//
+// Work split: a CTA owns WARPS_N * 8 weight rows; its warps walk the same K range (so the
+// activation slice is read once per CTA through L1). Small N splits K over the CTAs of a thread
+// block cluster (<= 8), whose int32 partial tiles are summed through distributed shared memory:
+// one launch, no workspace, no atomics.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+
+#include "w4a8_gemm.h"
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+constexpr int kRound = 4;  // K steps (128 k each) whose weights are loaded together; one round ahead
+
+__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* p, float v0, float v1);
+
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+}
+
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* p, float v0, float v1) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v0, v1);
+}
+
+template <typename OutT>
+__device__ __forceinline__ float to_float(OutT v) {
+  return static_cast<float>(v);
+}
+
+// y[m, n] = ((acc / 16) * sw[n]) * sa[m] (+ bias[n]): the Triton kernels' order of roundings.
+template <typename OutT>
+__device__ __forceinline__ void epilogue_pair(const int (&acc)[2], int m, int n, const float* sw, const float* sa,
+                                              const OutT* bias, OutT* out, int M, int N) {
+  if (m >= M || n >= N) return;  // N % 8 == 0: n < N implies n + 1 < N
+  // _rn intrinsics: no FMA contraction, so the result is the reference's bit for bit.
+  const float a = sa[m];
+  float v0 = __fmul_rn(__fmul_rn(static_cast<float>(acc[0]) * 0.0625f, sw[n]), a);
+  float v1 = __fmul_rn(__fmul_rn(static_cast<float>(acc[1]) * 0.0625f, sw[n + 1]), a);
+  if (bias != nullptr) {
+    v0 = __fadd_rn(v0, to_float(bias[n]));
+    v1 = __fadd_rn(v1, to_float(bias[n + 1]));
+  }
+  store_pair(out + static_cast<size_t>(m) * N + n, v0, v1);
+}
+
+template <int MT, int WARPS_N, typename OutT>
+__global__ void __launch_bounds__(WARPS_N * 32)
+    w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const float* __restrict__ sw,
+                    const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
+                    int N, int K, int steps_per_split) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int n_warp = (blockIdx.x * WARPS_N + warp) * 8;
+  const int kh = K >> 1;  // bytes per packed row
+  const int steps = (K + 127) >> 7;
+  const int s_begin = blockIdx.y * steps_per_split;
+  const int s_end = min(s_begin + steps_per_split, steps);
+  // Rows past N (a partial last CTA) read the last row; their outputs are not stored.
+  const uint8_t* w_lane = w + static_cast<size_t>(min(n_warp + g, N - 1)) * kh + q * 16;
+  const int8_t* x_lane[MT][2];
+  bool x_ok[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = mt * 16 + g + 8 * h;
+      x_ok[mt][h] = m < M;
+      x_lane[mt][h] = x + static_cast<size_t>(min(m, M - 1)) * K + q * 32;
+    }
+  }
+
+  int acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+
+  auto load_round = [&](uint4 (&buf)[kRound], int s0) {
+#pragma unroll
+    for (int i = 0; i < kRound; ++i) {
+      const int s = s0 + i;
+      // K % 32 == 0: a lane's 16-byte chunk (32 k) is wholly inside the row or wholly past it.
+      buf[i] = (s < s_end && s * 64 + q * 16 < kh) ? load_weights(w_lane + s * 64) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  auto step = [&](const uint4& wv, int s) {
+    const bool k_ok = s * 128 + q * 32 < K;
+    const uint32_t wword[4] = {wv.x, wv.y, wv.z, wv.w};
+    uint32_t b0[4], b1[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      b0[i] = (wword[i] << 4) & 0xF0F0F0F0u;
+      b1[i] = wword[i] & 0xF0F0F0F0u;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      uint32_t xa[2][8];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+        if (x_ok[mt][h] && k_ok) {
+          const uint4* p = reinterpret_cast<const uint4*>(x_lane[mt][h] + s * 128);
+          lo = __ldg(p);
+          hi = __ldg(p + 1);
+        }
+        xa[h][0] = lo.x; xa[h][1] = lo.y; xa[h][2] = lo.z; xa[h][3] = lo.w;
+        xa[h][4] = hi.x; xa[h][5] = hi.y; xa[h][6] = hi.z; xa[h][7] = hi.w;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t a0 = __byte_perm(xa[0][2 * i], xa[0][2 * i + 1], 0x6420);  // row g, even k
+        const uint32_t a2 = __byte_perm(xa[0][2 * i], xa[0][2 * i + 1], 0x7531);  // row g, odd k
+        const uint32_t a1 = __byte_perm(xa[1][2 * i], xa[1][2 * i + 1], 0x6420);  // row g+8, even k
+        const uint32_t a3 = __byte_perm(xa[1][2 * i], xa[1][2 * i + 1], 0x7531);  // row g+8, odd k
+        mma_s8(acc[mt], a0, a1, a2, a3, b0[i], b1[i]);
+      }
+    }
+  };
+
+  uint4 cur[kRound], nxt[kRound];
+  load_round(cur, s_begin);
+  for (int s0 = s_begin; s0 < s_end; s0 += kRound) {
+    if (s0 + kRound < s_end) {
+      load_round(nxt, s0 + kRound);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kRound; ++i) nxt[i] = make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kRound; ++i) {
+      if (s0 + i < s_end) step(cur[i], s0 + i);
+    }
+#pragma unroll
+    for (int i = 0; i < kRound; ++i) cur[i] = nxt[i];
+  }
+
+  // C fragment: acc[mt][0..1] -> row mt*16+g, cols n_warp+2q, +1; acc[mt][2..3] -> row +8.
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int pair[2] = {acc[mt][2 * h], acc[mt][2 * h + 1]};
+        epilogue_pair(pair, mt * 16 + g + 8 * h, n_warp + 2 * q, sw, sa, bias, out, M, N);
+      }
+    }
+    return;
+  }
+  // Split K: sum the cluster's partial tiles through distributed shared memory.
+  extern __shared__ int partial[];  // [WARPS_N][MT][4][32]
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partial[((warp * MT + mt) * 4 + j) * 32 + lane] = acc[mt][j];
+  }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int ranks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  constexpr int kPairs = WARPS_N * MT * 2 * 32;  // output pairs per CTA tile
+  const int per_rank = (kPairs + ranks - 1) / ranks;
+  const int p_end = min(kPairs, (rank + 1) * per_rank);
+  for (int p = rank * per_rank + threadIdx.x; p < p_end; p += blockDim.x) {
+    const int l = p & 31;
+    const int h = (p >> 5) & 1;
+    const int mt = (p >> 6) % MT;
+    const int wp = (p >> 6) / MT;
+    const int e = ((wp * MT + mt) * 4 + 2 * h) * 32 + l;
+    int sum[2] = {0, 0};
+    for (int r = 0; r < ranks; ++r) {
+      const int* remote = cluster.map_shared_rank(partial, r);
+      sum[0] += remote[e];
+      sum[1] += remote[e + 32];
+    }
+    const int n = (blockIdx.x * WARPS_N + wp) * 8 + 2 * (l & 3);
+    epilogue_pair(sum, mt * 16 + (l >> 2) + 8 * h, n, sw, sa, bias, out, M, N);
+  }
+  cluster.sync();  // keep every CTA's shared memory alive until the others have read it
+}
+
+template <int MT, int WARPS_N, typename OutT>
+cudaError_t launch(const W4A8Problem& p, int split, int steps_per_split, cudaStream_t stream) {
+  const int tiles = (p.n_out + WARPS_N * 8 - 1) / (WARPS_N * 8);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(tiles, split, 1);
+  cfg.blockDim = dim3(WARPS_N * 32, 1, 1);
+  cfg.dynamicSmemBytes = split > 1 ? WARPS_N * MT * 4 * 32 * sizeof(int) : 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = split;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = split > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, w4a8_mma_kernel<MT, WARPS_N, OutT>, static_cast<const uint8_t*>(p.w),
+                            static_cast<const int8_t*>(p.x), p.w_scale, p.a_scale,
+                            static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out), p.tokens, p.n_out, p.k,
+                            steps_per_split);
+}
+
+template <int MT, typename OutT>
+cudaError_t launch_warps(const W4A8Problem& p, int warps_n, int split, int sps, cudaStream_t stream) {
+  return warps_n == 4 ? launch<MT, 4, OutT>(p, split, sps, stream) : launch<MT, 8, OutT>(p, split, sps, stream);
+}
+
+template <typename OutT>
+cudaError_t launch_dtype(const W4A8Problem& p, int warps_n, int split, int sps, cudaStream_t stream) {
+  if (p.tokens <= 16) return launch_warps<1, OutT>(p, warps_n, split, sps, stream);
+  if (p.tokens <= 32) return launch_warps<2, OutT>(p, warps_n, split, sps, stream);
+  return launch_warps<4, OutT>(p, warps_n, split, sps, stream);
+}
+
+}  // namespace
+
+int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
+  const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
+  const int steps = (p.k + 127) / 128;
+  int split = (2 * num_sms + tiles - 1) / tiles;  // about two CTAs per SM
+  return std::max(1, std::min({split, 8, steps}));
+}
+
+int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t stream, char* err, int err_len) {
+  if (p.tokens < 1 || p.tokens > W4A8_MMA_MAX_TOKENS) {
+    snprintf(err, err_len, "the mma kernel takes 1..%d tokens, got %d", W4A8_MMA_MAX_TOKENS, p.tokens);
+    return 1;
+  }
+  if (p.k % 32 || p.n_out % 8 || p.k > 131072) {
+    snprintf(err, err_len, "the mma kernel needs K %% 32 == 0, K <= 131072 and N %% 8 == 0, got N=%d, K=%d",
+             p.n_out, p.k);
+    return 1;
+  }
+  if (warps_n != 4 && warps_n != 8) {
+    snprintf(err, err_len, "warps_n must be 4 or 8, got %d", warps_n);
+    return 1;
+  }
+  const int steps = (p.k + 127) / 128;
+  if (split < 1 || split > 8 || split > steps) {
+    snprintf(err, err_len, "split must be in 1..min(8, K/128 rounded up)=%d, got %d", std::min(8, steps), split);
+    return 1;
+  }
+  const int sps = (steps + split - 1) / split;
+  split = (steps + sps - 1) / sps;  // no empty split
+  const cudaError_t rc = p.out_dtype == W4A8_OUT_FP16
+                             ? launch_dtype<__half>(p, warps_n, split, sps, stream)
+                             : launch_dtype<__nv_bfloat16>(p, warps_n, split, sps, stream);
+  if (rc != cudaSuccess) {
+    snprintf(err, err_len, "mma kernel launch failed: %s", cudaGetErrorString(rc));
+    return 2;
+  }
+  return 0;
+}
