@@ -33,7 +33,7 @@ from lowbit.kernels.w4a8.act_quant import act_quant
 from lowbit.kernels.w4a8.decode import w4_decode
 from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
 
-MS = (1, 2, 4, 8, 16, 32, 64)
+MS = (1, 2, 4, 8, 16, 32)
 
 
 def random_weight(n: int, k: int, dev="cuda"):
@@ -47,7 +47,7 @@ def check() -> list[dict]:
     torch.manual_seed(0)
     cases = [(8, 32), (40, 160), (136, 4192), (1000, 1056), (4096, 4096), (24, 11008)]
     for (n, k), m, dt, bias, (wn, sp) in itertools.product(
-            cases, (1, 3, 7, 16, 17, 33, 64), (torch.bfloat16, torch.float16), (False, True),
+            cases, (1, 3, 7, 16, 17, 32), (torch.bfloat16, torch.float16), (False, True),
             ((0, 0), (4, 1), (8, 3), (4, 8))):
         steps = -(-k // 128)
         if sp > steps:
@@ -56,7 +56,11 @@ def check() -> list[dict]:
         x = torch.randn(m, k, device="cuda", dtype=dt)
         qa, sa = act_quant(x)
         b = torch.randn(n, device="cuda", dtype=dt) if bias else None
-        out = mma_gemm(qa, sa, packed, scale, b, dt, wn, sp)
+        try:
+            out = mma_gemm(qa, sa, packed, scale, b, dt, wn, sp)
+        except RuntimeError as e:  # a split below the shared-memory minimum is refused
+            assert "split must be" in str(e), e
+            continue
         ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, b, k, dt)
         diff = (out.float() - ref.float()).abs().max().item()
         rows.append({"n": n, "k": k, "m": m, "dtype": str(dt), "bias": bias, "warps_n": wn, "split": sp,
@@ -96,9 +100,12 @@ def timings(sweep: bool) -> list[dict]:
             if sweep and m in (1, 16):
                 cfgs = {}
                 for wn, sp in itertools.product((4, 8), (1, 2, 4, 8)):
-                    if sp <= -(-k // 128):
-                        cfgs[f"w{wn}s{sp}"] = timeit_graphed(
-                            lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, wn, sp))
+                    try:
+                        mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, wn, sp)
+                    except RuntimeError:
+                        continue
+                    cfgs[f"w{wn}s{sp}"] = timeit_graphed(
+                        lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, wn, sp))
                 row["sweep"] = cfgs
                 print("   sweep: " + " ".join(f"{a}={b:.1f}" for a, b in cfgs.items()), flush=True)
     return rows

@@ -50,7 +50,7 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
   return out;
 }
 
-// Same arguments as w4a8_gemm, 1..64 tokens; warps_n / split = 0 take the launcher's defaults.
+// Same arguments as w4a8_gemm, 1..32 tokens; warps_n / split = 0 take the launcher's defaults.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
                        int64_t warps_n, int64_t split) {
@@ -100,7 +100,7 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a8_gemm", &w4a8_gemm, "CUTLASS sm90 W4A8 GEMM: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
-  m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..64 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
+  m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..32 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"),
         py::arg("warps_n") = 0, py::arg("split") = 0);
 }

@@ -34,10 +34,11 @@ namespace cg = cooperative_groups;
 namespace {
 
 constexpr int kRound = 4;  // K steps (128 k each) whose weights are loaded together; one round ahead
+constexpr int kMaxStagedBytes = 96 * 1024;  // activation slice per CTA in shared memory
 
 __device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -45,7 +46,7 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
@@ -86,11 +87,19 @@ __device__ __forceinline__ void epilogue_pair(const int (&acc)[2], int m, int n,
   store_pair(out + static_cast<size_t>(m) * N + n, v0, v1);
 }
 
+// Shared-memory row stride of the staged activations: the slice plus 16 bytes, so the eight rows a
+// quarter-warp reads (two per 128 bytes) fall in different banks.
+__host__ __device__ constexpr int x_stride(int k_slice) { return k_slice + 16; }
+
+// Only the token rows are staged (fragment rows past M are zeros that are never read).
+__host__ __device__ constexpr int x_smem_bytes(int rows, int k_slice) { return rows * x_stride(k_slice); }
+
 template <int MT, int WARPS_N, typename OutT>
 __global__ void __launch_bounds__(WARPS_N * 32)
     w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const float* __restrict__ sw,
                     const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
                     int N, int K, int steps_per_split) {
+  extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -102,21 +111,6 @@ __global__ void __launch_bounds__(WARPS_N * 32)
   const int s_end = min(s_begin + steps_per_split, steps);
   // Rows past N (a partial last CTA) read the last row; their outputs are not stored.
   const uint8_t* w_lane = w + static_cast<size_t>(min(n_warp + g, N - 1)) * kh + q * 16;
-  const int8_t* x_lane[MT][2];
-  bool x_ok[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = mt * 16 + g + 8 * h;
-      x_ok[mt][h] = m < M;
-      x_lane[mt][h] = x + static_cast<size_t>(min(m, M - 1)) * K + q * 32;
-    }
-  }
-
-  int acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
 
   auto load_round = [&](uint4 (&buf)[kRound], int s0) {
 #pragma unroll
@@ -126,9 +120,40 @@ __global__ void __launch_bounds__(WARPS_N * 32)
       buf[i] = (s < s_end && s * 64 + q * 16 < kh) ? load_weights(w_lane + s * 64) : make_uint4(0, 0, 0, 0);
     }
   };
+  // The first weights are in flight while the CTA stages its activation slice in shared memory.
+  uint4 cur[kRound], nxt[kRound];
+  load_round(cur, s_begin);
+
+  const int k0 = s_begin * 128;
+  const int k_len = min(s_end * 128, K) - k0;  // a multiple of 32
+  const int stride = x_stride(steps_per_split * 128);
+  int8_t* xs = reinterpret_cast<int8_t*>(smem);
+  {
+    const int chunks = k_len >> 4;  // 16-byte chunks per row
+    const int rows = min(M, MT * 16);
+    for (int c = threadIdx.x; c < rows * chunks; c += blockDim.x) {
+      const int m = c / chunks;
+      const int j = c - m * chunks;
+      *reinterpret_cast<uint4*>(xs + m * stride + j * 16) =
+          __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k0) + j);
+    }
+  }
+  __syncthreads();
+
+  int acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+  // Fragment rows that hold tokens (others are zero and never read from shared memory).
+  bool row_ok[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    row_ok[mt][0] = mt * 16 + g < M;
+    row_ok[mt][1] = mt * 16 + g + 8 < M;
+  }
 
   auto step = [&](const uint4& wv, int s) {
-    const bool k_ok = s * 128 + q * 32 < K;
+    const int kk = (s - s_begin) * 128 + q * 32;  // this lane's 32 k inside the slice
+    const bool k_ok = kk < k_len;
     const uint32_t wword[4] = {wv.x, wv.y, wv.z, wv.w};
     uint32_t b0[4], b1[4];
 #pragma unroll
@@ -142,10 +167,10 @@ __global__ void __launch_bounds__(WARPS_N * 32)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
-        if (x_ok[mt][h] && k_ok) {
-          const uint4* p = reinterpret_cast<const uint4*>(x_lane[mt][h] + s * 128);
-          lo = __ldg(p);
-          hi = __ldg(p + 1);
+        if (row_ok[mt][h] && k_ok) {
+          const uint4* p = reinterpret_cast<const uint4*>(xs + (mt * 16 + g + 8 * h) * stride + kk);
+          lo = p[0];
+          hi = p[1];
         }
         xa[h][0] = lo.x; xa[h][1] = lo.y; xa[h][2] = lo.z; xa[h][3] = lo.w;
         xa[h][4] = hi.x; xa[h][5] = hi.y; xa[h][6] = hi.z; xa[h][7] = hi.w;
@@ -161,8 +186,6 @@ __global__ void __launch_bounds__(WARPS_N * 32)
     }
   };
 
-  uint4 cur[kRound], nxt[kRound];
-  load_round(cur, s_begin);
   for (int s0 = s_begin; s0 < s_end; s0 += kRound) {
     if (s0 + kRound < s_end) {
       load_round(nxt, s0 + kRound);
@@ -190,8 +213,9 @@ __global__ void __launch_bounds__(WARPS_N * 32)
     }
     return;
   }
-  // Split K: sum the cluster's partial tiles through distributed shared memory.
-  extern __shared__ int partial[];  // [WARPS_N][MT][4][32]
+  // Split K: sum the cluster's partial tiles through distributed shared memory (after the staged
+  // activations, which every warp may still be reading).
+  int* partial = reinterpret_cast<int*>(smem + x_smem_bytes(min(M, MT * 16), steps_per_split * 128));  // [WARPS_N][MT][4][32]
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -222,13 +246,26 @@ __global__ void __launch_bounds__(WARPS_N * 32)
   cluster.sync();  // keep every CTA's shared memory alive until the others have read it
 }
 
+template <int MT, int WARPS_N>
+int smem_bytes(int tokens, int split, int steps_per_split) {
+  // the partial tiles start 16-byte aligned: x_stride is a multiple of 16
+  return x_smem_bytes(std::min(tokens, MT * 16), steps_per_split * 128) +
+         (split > 1 ? WARPS_N * MT * 4 * 32 * 4 : 0);
+}
+
 template <int MT, int WARPS_N, typename OutT>
 cudaError_t launch(const W4A8Problem& p, int split, int steps_per_split, cudaStream_t stream) {
+  auto kernel = w4a8_mma_kernel<MT, WARPS_N, OutT>;
+  const int smem = smem_bytes<MT, WARPS_N>(p.tokens, split, steps_per_split);
+  if (smem > 48 * 1024) {  // a host-side attribute of the current device's function (no stream work)
+    const cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (rc != cudaSuccess) return rc;
+  }
   const int tiles = (p.n_out + WARPS_N * 8 - 1) / (WARPS_N * 8);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(tiles, split, 1);
   cfg.blockDim = dim3(WARPS_N * 32, 1, 1);
-  cfg.dynamicSmemBytes = split > 1 ? WARPS_N * MT * 4 * 32 * sizeof(int) : 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -237,10 +274,9 @@ cudaError_t launch(const W4A8Problem& p, int split, int steps_per_split, cudaStr
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = split > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, w4a8_mma_kernel<MT, WARPS_N, OutT>, static_cast<const uint8_t*>(p.w),
-                            static_cast<const int8_t*>(p.x), p.w_scale, p.a_scale,
-                            static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out), p.tokens, p.n_out, p.k,
-                            steps_per_split);
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.w), static_cast<const int8_t*>(p.x),
+                            p.w_scale, p.a_scale, static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out),
+                            p.tokens, p.n_out, p.k, steps_per_split);
 }
 
 template <int MT, typename OutT>
@@ -251,8 +287,19 @@ cudaError_t launch_warps(const W4A8Problem& p, int warps_n, int split, int sps, 
 template <typename OutT>
 cudaError_t launch_dtype(const W4A8Problem& p, int warps_n, int split, int sps, cudaStream_t stream) {
   if (p.tokens <= 16) return launch_warps<1, OutT>(p, warps_n, split, sps, stream);
-  if (p.tokens <= 32) return launch_warps<2, OutT>(p, warps_n, split, sps, stream);
-  return launch_warps<4, OutT>(p, warps_n, split, sps, stream);
+  return launch_warps<2, OutT>(p, warps_n, split, sps, stream);
+}
+
+int m_tiles(int tokens) { return tokens <= 16 ? 1 : 2; }
+
+// The fewest K splits whose staged activation slice fits the shared-memory budget.
+int min_split(const W4A8Problem& p) {
+  const int steps = (p.k + 127) / 128;
+  for (int split = 1; split <= 8; ++split) {
+    const int sps = (steps + split - 1) / split;
+    if (x_smem_bytes(std::min(p.tokens, m_tiles(p.tokens) * 16), sps * 128) <= kMaxStagedBytes) return split;
+  }
+  return 9;  // too long a row: not supported
 }
 
 }  // namespace
@@ -260,8 +307,8 @@ cudaError_t launch_dtype(const W4A8Problem& p, int warps_n, int split, int sps, 
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
-  int split = (2 * num_sms + tiles - 1) / tiles;  // about two CTAs per SM
-  return std::max(1, std::min({split, 8, steps}));
+  const int split = (2 * num_sms + tiles - 1) / tiles;  // about two CTAs per SM
+  return std::max(min_split(p), std::max(1, std::min({split, 8, steps})));
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t stream, char* err, int err_len) {
@@ -279,8 +326,10 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t s
     return 1;
   }
   const int steps = (p.k + 127) / 128;
-  if (split < 1 || split > 8 || split > steps) {
-    snprintf(err, err_len, "split must be in 1..min(8, K/128 rounded up)=%d, got %d", std::min(8, steps), split);
+  const int lo = min_split(p);
+  if (split < lo || split > 8 || split > steps) {
+    snprintf(err, err_len, "split must be in %d..min(8, K/128 rounded up)=%d for K=%d and %d tokens, got %d", lo,
+             std::min(8, steps), p.k, p.tokens, split);
     return 1;
   }
   const int sps = (steps + split - 1) / split;

@@ -129,7 +129,7 @@ def mma_gemm(
     warps_n: int = 0,
     split: int = 0,
 ) -> torch.Tensor:
-    """Decode batches (1..64 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
+    """Decode batches (1..32 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
     numerics and arguments as gemm. warps_n (4 or 8) and split (1..8) 0 = the launcher's rule."""
     from lowbit.kernels.cutlass.build import load
 
