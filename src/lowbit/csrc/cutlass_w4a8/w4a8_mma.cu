@@ -94,8 +94,9 @@ __host__ __device__ constexpr int x_stride(int k_slice) { return k_slice + 16; }
 // Only the token rows are staged (fragment rows past M are zeros that are never read).
 __host__ __device__ constexpr int x_smem_bytes(int rows, int k_slice) { return rows * x_stride(k_slice); }
 
+// One m tile: at most 64 registers, so four 256-thread CTAs fit an SM where shared memory allows.
 template <int MT, int WARPS_N, typename OutT>
-__global__ void __launch_bounds__(WARPS_N * 32)
+__global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) : 1)
     w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const float* __restrict__ sw,
                     const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
                     int N, int K, int steps_per_split) {
@@ -128,15 +129,17 @@ __global__ void __launch_bounds__(WARPS_N * 32)
   const int k_len = min(s_end * 128, K) - k0;  // a multiple of 32
   const int stride = x_stride(steps_per_split * 128);
   int8_t* xs = reinterpret_cast<int8_t*>(smem);
-  {
+  {  // asynchronous copies: every 16-byte chunk is in flight at once
     const int chunks = k_len >> 4;  // 16-byte chunks per row
     const int rows = min(M, MT * 16);
     for (int c = threadIdx.x; c < rows * chunks; c += blockDim.x) {
       const int m = c / chunks;
       const int j = c - m * chunks;
-      *reinterpret_cast<uint4*>(xs + m * stride + j * 16) =
-          __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k0) + j);
+      const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(xs + m * stride + j * 16));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
+                   "l"(x + static_cast<size_t>(m) * K + k0 + j * 16));
     }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
   }
   __syncthreads();
 
@@ -304,11 +307,52 @@ int min_split(const W4A8Problem& p) {
 
 }  // namespace
 
+namespace {
+
+template <int MT, int WARPS_N, typename OutT>
+int resident_ctas(int tokens, int split, int sps) {
+  int blocks = 0;
+  const int smem = smem_bytes<MT, WARPS_N>(tokens, split, sps);
+  auto kernel = w4a8_mma_kernel<MT, WARPS_N, OutT>;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, WARPS_N * 32, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  return std::max(blocks, 1);
+}
+
+int resident(const W4A8Problem& p, int warps_n, int split, int sps) {
+  // the output dtype does not change registers or shared memory: ask the bf16 instantiation
+  if (m_tiles(p.tokens) == 1) {
+    return warps_n == 4 ? resident_ctas<1, 4, __nv_bfloat16>(p.tokens, split, sps)
+                        : resident_ctas<1, 8, __nv_bfloat16>(p.tokens, split, sps);
+  }
+  return warps_n == 4 ? resident_ctas<2, 4, __nv_bfloat16>(p.tokens, split, sps)
+                      : resident_ctas<2, 8, __nv_bfloat16>(p.tokens, split, sps);
+}
+
+}  // namespace
+
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
+  // Each CTA's work shrinks as 1/split; the last wave of CTAs is what a split can fill. Pick the
+  // split with the fewest waves per unit of work (a small charge per extra split for the cluster
+  // reduction), fewer splits on ties.
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
-  const int split = (2 * num_sms + tiles - 1) / tiles;  // about two CTAs per SM
-  return std::max(min_split(p), std::max(1, std::min({split, 8, steps})));
+  int best = 0;
+  double best_cost = 1e30;
+  for (int split = min_split(p); split <= std::min(8, steps); ++split) {
+    const int sps = (steps + split - 1) / split;
+    const int slots = resident(p, warps_n, split, sps) * num_sms;
+    const int waves = (tiles * split + slots - 1) / slots;
+    const double cost = static_cast<double>(waves) / split + (split > 1 ? 0.1 * split : 0.0);
+    if (cost < best_cost - 1e-9) {
+      best_cost = cost;
+      best = split;
+    }
+  }
+  return best ? best : min_split(p);
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t stream, char* err, int err_len) {
