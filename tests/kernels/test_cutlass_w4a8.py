@@ -160,6 +160,20 @@ def test_auto_table_and_never_compiles(monkeypatch):
     assert KernelChoice.CUTLASS not in w._available(torch.empty(4, 128, dtype=torch.bfloat16), True)
 
 
+def test_mma_table_routes_auto_only(monkeypatch):
+    # the mma decode-batch kernel on its measured entries; first <= M < end
+    monkeypatch.setattr(build, "compiled", lambda: True)
+    assert w4a8.auto_prefers_mma(4096, 11008, 2) and w4a8.auto_prefers_mma(4096, 11008, 16)
+    assert not w4a8.auto_prefers_mma(4096, 11008, 1)  # the dp4a GEMV wins at one token
+    assert not w4a8.auto_prefers_mma(4096, 11008, 17) and not w4a8.auto_prefers_mma(11008, 4096, 8)
+    assert w4a8.auto_prefers_cutlass(4096, 11008, 2)  # the extension is taken for it
+    auto = _w4a8_weight(64, 128, kernel=KernelChoice.AUTO)
+    explicit = _w4a8_weight(64, 128)
+    monkeypatch.setattr(w4a8, "MMA_AUTO_SHAPES", ((64, 128, 2, 9),))
+    assert w4a8._takes_mma(auto, 8) and not w4a8._takes_mma(auto, 9) and not w4a8._takes_mma(auto, 1)
+    assert not w4a8._takes_mma(explicit, 8)  # kernel=CUTLASS keeps the CUTLASS GEMM
+
+
 def test_compiled_needs_a_library(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_compiled_on_disk", build._compiled_on_disk.__wrapped__)
     monkeypatch.setattr(build, "ready", lambda: False)
@@ -254,3 +268,83 @@ def test_compiled_quantizes_in_graph(m):
     assert "lowbit.w4a8_cutlass_gemm.default" in ops and "aten.amax.default" in ops
     assert torch.equal(got, eager)
     assert torch.equal(inductor, eager)
+
+
+# -- the mma.sync decode-batch kernel (w4a8_mma.cu) -------------------------------------------
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nk", [(8, 32), (40, 160), (136, 4192), (1000, 1056), (24, 11008)])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 32])
+def test_mma_matches_reference_exactly(m, nk, dtype):
+    """Integer sums in int32 and the reference's float roundings: equal bit for bit, for every
+    launch shape (4 or 8 warps, one CTA or a cluster of K splits)."""
+    from lowbit.kernels.w4a8.act_quant import act_quant
+    from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
+
+    n, k = nk
+    torch.manual_seed(m * 7 + n)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scale = torch.rand(n, 1, device="cuda") * 0.01 + 1e-3
+    qa, sa = act_quant(torch.randn(m, k, dtype=dtype, device="cuda"))
+    bias = torch.randn(n, dtype=dtype, device="cuda") if m % 2 else None
+    ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, bias, k, dtype)
+    ran = 0
+    for warps_n, split in [(0, 0), (4, 1), (8, 2), (8, 3), (4, 8)]:
+        try:
+            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, warps_n, split)
+        except RuntimeError as e:  # a split below the shared-memory minimum or past K/128
+            assert "split must be in" in str(e)
+            continue
+        ran += 1
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert torch.equal(y, ref), (warps_n, split)
+    assert ran >= 2
+
+
+@needs_sm90
+def test_mma_rejects_bad_input():
+    qa = torch.zeros(33, 256, dtype=torch.int8, device="cuda")
+    sa = torch.ones(33, 1, device="cuda")
+    packed = torch.zeros(64, 128, dtype=torch.uint8, device="cuda")
+    scale = torch.ones(64, 1, device="cuda")
+    with pytest.raises(RuntimeError, match="1..32 tokens"):
+        w4a8.mma_gemm(qa, sa, packed, scale, None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="N % 8 == 0"):
+        w4a8.mma_gemm(qa[:4], sa[:4], packed[:60], scale[:60], None, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="split must be in"):
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 8, 3)  # K=256: two steps
+    with pytest.raises(RuntimeError, match="warps_n"):
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 5, 1)
+    with pytest.raises(RuntimeError, match="does not match"):
+        w4a8.mma_gemm(qa[:4, :128], sa[:4], packed, scale, None, torch.bfloat16)
+
+
+@needs_sm90
+def test_auto_takes_mma_eager_and_compiled(monkeypatch):
+    """On a MMA_AUTO_SHAPES entry an AUTO weight runs the mma kernel: eagerly (spied) and as
+    lowbit::w4a8_mma in a compiled graph, with the same output bit for bit."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    build.load()
+    calls = []
+    real = w4a8.mma_gemm
+    monkeypatch.setattr(w4a8, "mma_gemm", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    lin = torch.nn.Linear(11008, 4096, bias=True).to("cuda", torch.bfloat16)
+    lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=None))
+    x = torch.randn(4, 11008, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        eager = lin(x)
+        assert calls == [4]
+        torch.testing.assert_close(eager.float(), w4a8_linear_reference(x, lin.weight, lin.bias).float(),
+                                   rtol=2**-7, atol=eager.float().abs().max().item() * 1e-3)
+        torch._dynamo.reset()
+        graphs = []
+
+        def fw(gm, _inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        got = torch.compile(lin, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(x)
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "lowbit.w4a8_mma.default" in ops and "lowbit.w4a8_cutlass_gemm.default" not in ops
+    assert torch.equal(got, eager)

@@ -100,7 +100,7 @@ class Int4Tensor(QuantizedTensor):
         return available
 
     def _auto_cutlass(self, x: torch.Tensor) -> bool:
-        """AUTO consults CUTLASS_AUTO_SHAPES (empty for now: AUTO never picks CUTLASS)."""
+        """AUTO consults the native extension's measured tables (CUTLASS_AUTO_SHAPES, MMA_AUTO_SHAPES)."""
         if self.kernel is not KernelChoice.AUTO or not x.is_cuda:
             return False
         from lowbit.kernels.cutlass.w4a8 import auto_prefers_cutlass

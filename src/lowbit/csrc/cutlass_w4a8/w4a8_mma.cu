@@ -307,52 +307,14 @@ int min_split(const W4A8Problem& p) {
 
 }  // namespace
 
-namespace {
-
-template <int MT, int WARPS_N, typename OutT>
-int resident_ctas(int tokens, int split, int sps) {
-  int blocks = 0;
-  const int smem = smem_bytes<MT, WARPS_N>(tokens, split, sps);
-  auto kernel = w4a8_mma_kernel<MT, WARPS_N, OutT>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, WARPS_N * 32, smem) != cudaSuccess) {
-    cudaGetLastError();
-    return 1;
-  }
-  return std::max(blocks, 1);
-}
-
-int resident(const W4A8Problem& p, int warps_n, int split, int sps) {
-  // the output dtype does not change registers or shared memory: ask the bf16 instantiation
-  if (m_tiles(p.tokens) == 1) {
-    return warps_n == 4 ? resident_ctas<1, 4, __nv_bfloat16>(p.tokens, split, sps)
-                        : resident_ctas<1, 8, __nv_bfloat16>(p.tokens, split, sps);
-  }
-  return warps_n == 4 ? resident_ctas<2, 4, __nv_bfloat16>(p.tokens, split, sps)
-                      : resident_ctas<2, 8, __nv_bfloat16>(p.tokens, split, sps);
-}
-
-}  // namespace
-
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
-  // Each CTA's work shrinks as 1/split; the last wave of CTAs is what a split can fill. Pick the
-  // split with the fewest waves per unit of work (a small charge per extra split for the cluster
-  // reduction), fewer splits on ties.
+  // NOTE: H100 sweep (benchmarks/results/probe_mma_decode_h100.json, 4 or 8 warps x 1/2/4/8 splits at
+  // M = 1 and 16): the best split was 1 at 224-448 CTA tiles of 64 rows (within 2-10% of 2), 2 at
+  // 96-192, 4 at 64 and 8 at 16, i.e. about 256 / tiles: CTAs for about two per SM.
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
-  int best = 0;
-  double best_cost = 1e30;
-  for (int split = min_split(p); split <= std::min(8, steps); ++split) {
-    const int sps = (steps + split - 1) / split;
-    const int slots = resident(p, warps_n, split, sps) * num_sms;
-    const int waves = (tiles * split + slots - 1) / slots;
-    const double cost = static_cast<double>(waves) / split + (split > 1 ? 0.1 * split : 0.0);
-    if (cost < best_cost - 1e-9) {
-      best_cost = cost;
-      best = split;
-    }
-  }
-  return best ? best : min_split(p);
+  const int split = (2 * num_sms - 8 + tiles - 1) / tiles;
+  return std::max(min_split(p), std::max(1, std::min({split, 8, steps})));
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t stream, char* err, int err_len) {

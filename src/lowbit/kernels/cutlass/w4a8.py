@@ -11,9 +11,14 @@ group scales to the converted operand before the MMA, which cannot work when tha
 int8; see the .cu header. The float32 copy of the scale the epilogue reads is cached per scale
 tensor (refreshed when the tensor is modified in place).
 
-AUTO picks this kernel only on the (N, K, token range) entries of CUTLASS_AUTO_SHAPES, where the
-committed H100 run measured it faster than the Triton path, and only once the extension is
+The same extension holds a plain-CUDA kernel for decode batches (1..32 tokens, csrc/cutlass_w4a8/
+w4a8_mma.cu, `mma_gemm`): mma.sync with the packed weight loaded straight into the B fragment.
+
+AUTO takes the extension only on the (N, K, token range) entries of CUTLASS_AUTO_SHAPES (the
+CUTLASS GEMM) and MMA_AUTO_SHAPES (the mma kernel, which wins where both are listed), where the
+committed H100 runs measured it faster than the Triton path, and only once the extension is
 compiled (cached build, LOWBIT_CUTLASS_LIB, or already loaded): AUTO never starts a compile.
+kernel=CUTLASS always runs the CUTLASS GEMM.
 """
 
 from __future__ import annotations
@@ -38,6 +43,26 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
     for n, k in ((22016, 4096), (12288, 4096), (4096, 11008), (14336, 4096), (28672, 4096),
                  (4096, 14336), (11008, 4096), (6144, 4096))
 ) + ((32000, 4096, 5, 33), (128256, 4096, 5, 33))
+
+# NOTE: H100, benchmarks/results/probe_mma_decode_h100.json (python benchmarks/probe_mma_decode.py, one
+# run, sha 881d748): the mma.sync decode-batch kernel (csrc/cutlass_w4a8/w4a8_mma.cu) incl. act_quant vs
+# today's AUTO (CUTLASS at M >= 5 on these shapes, the dp4a GEMV at M <= 4), us:
+#   4096x11008 M=2/4/8/16: 33.7/33.9/34.6/36.7 vs 74.0/128.4/39.0/39.0
+#   4096x14336 M=2/4/8/16: 38.7/38.8/39.7/42.1 vs 41.2/70.2/43.4/43.9
+#   22016x4096 M=8/16: 37.8/40.3 vs 43.5/43.6;  28672x4096 M=4/8: 40.4/41.4 vs 44.9/45.2
+#   6144x4096 M=8/16: 20.4/21.4 vs 24.0/24.2
+# It is slower than both elsewhere (M=1: the dp4a GEMV; 11008x4096, 14336x4096, 4096x4096 and
+# 1024x4096), so AUTO takes it only on these (N, K, first, end) entries, first <= M < end. From int8
+# activations (compiled graphs) the same entries hold against CUTLASS (e.g. 4096x11008 M=16 26.8 vs
+# 27.6 us, 22016x4096 M=8 35.0 vs 39.1 us).
+MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (4096, 11008, 2, 17),
+    (4096, 14336, 2, 17),
+    (22016, 4096, 5, 17),
+    (28672, 4096, 4, 9),
+    (6144, 4096, 5, 17),
+)
+MMA_MAX_TOKENS = 32
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -66,11 +91,21 @@ def unavailable_reason(x: torch.Tensor, n: int, k: int, group_size: int, symmetr
     return reason or (None if build.ready() else build.build_blocker())
 
 
+def _listed(table: tuple[tuple[int, int, int, int], ...], n: int, k: int, tokens: int) -> bool:
+    return any(n == sn and k == sk and lo <= tokens < hi for sn, sk, lo, hi in table)
+
+
+def auto_prefers_mma(n: int, k: int, tokens: int) -> bool:
+    """True where AUTO's native path runs the mma.sync decode-batch kernel (MMA_AUTO_SHAPES)."""
+    return _listed(MMA_AUTO_SHAPES, n, k, tokens)
+
+
 def auto_prefers_cutlass(n: int, k: int, tokens: int) -> bool:
-    """True where the measured table prefers CUTLASS and the extension needs no compile."""
+    """True where a measured table prefers the native extension (the CUTLASS GEMM or the mma
+    decode-batch kernel) and the extension needs no compile."""
     from lowbit.kernels.cutlass import build
 
-    if not any(n == sn and k == sk and lo <= tokens < hi for sn, sk, lo, hi in CUTLASS_AUTO_SHAPES):
+    if not (_listed(CUTLASS_AUTO_SHAPES, n, k, tokens) or auto_prefers_mma(n, k, tokens)):
         return False
     return build.compiled()
 
@@ -154,7 +189,19 @@ def _linear_impl(
     return gemm(qa, sa, packed, scale, bias, x.dtype)
 
 
+def _mma_default(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return mma_gemm(qa, sa, packed, scale, bias, out_dtype)
+
+
 w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_gemm", mutates_args=())(gemm)
+w4a8_mma_op = torch.library.custom_op("lowbit::w4a8_mma", mutates_args=())(_mma_default)
 
 
 @w4a8_cutlass_op.register_fake
@@ -162,14 +209,33 @@ def _(qa, sa, packed, scale, bias, out_dtype):
     return qa.new_empty((qa.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
+@w4a8_mma_op.register_fake
+def _(qa, sa, packed, scale, bias, out_dtype):
+    return qa.new_empty((qa.shape[0], packed.shape[0]), dtype=out_dtype)
+
+
+def _takes_mma(w, tokens: object) -> bool:
+    """AUTO weights on a MMA_AUTO_SHAPES entry; an explicit kernel=CUTLASS keeps the CUTLASS GEMM."""
+    from lowbit.core.kernel_choice import KernelChoice
+
+    if w.kernel is not KernelChoice.AUTO or not isinstance(tokens, int):
+        return False
+    return auto_prefers_mma(w.shape[0], w.shape[1], tokens)
+
+
 def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
     """Entry point used by Int4Tensor: x2 (M, K) fp16/bf16 -> (M, N). Inference only."""
+    mma = _takes_mma(w, x2.shape[0])
     traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
     if torch.compiler.is_compiling() or traced:
         # The graph quantizes the activations in plain ops, which Inductor fuses into their producer.
         from lowbit.kernels.w4a8.act_quant import act_quant_traceable
 
         qa, sa = act_quant_traceable(x2)
-        return w4a8_cutlass_op(qa, sa, w.qdata, w.scale, bias, x2.dtype)
+        op = w4a8_mma_op if mma else w4a8_cutlass_op
+        return op(qa, sa, w.qdata, w.scale, bias, x2.dtype)
     # NOTE: eager calls skip the custom-op dispatcher (tens of microseconds per call).
+    if mma:
+        qa, sa = _quantize(x2)
+        return mma_gemm(qa, sa, w.qdata, w.scale, bias, x2.dtype)
     return _linear_impl(x2, w.qdata, w.scale, bias)
