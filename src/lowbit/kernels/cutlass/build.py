@@ -1,9 +1,10 @@
 """Finding CUTLASS, keying the build cache and compiling the native sources on first use.
 
 Sources: src/lowbit/csrc/cutlass_w4a8/ (w4a8_gemm.cu: the CUTLASS kernel behind a plain C++
-launcher; w4a8_mma.cu: the decode-batch mma.sync kernel, plain CUDA; binding.cpp: the torch binding). They are compiled with torch.utils.cpp_extension
-(ninja + nvcc) into ~/.cache/lowbit/cutlass/<key>/, where the key hashes the torch version, the CUDA
-version torch was built with, the GPU architecture, the CUTLASS version and the sources' bytes.
+launcher; w4a8_mma.cu: the decode-batch mma.sync kernel, plain CUDA; binding.cpp: the torch
+binding). They are compiled with torch.utils.cpp_extension (ninja + nvcc) into
+~/.cache/lowbit/cutlass/<key>/, where the key hashes the torch version, the CUDA version torch was
+built with, the GPU architecture, the CUTLASS version and the sources' bytes.
 A second process finds the built library there and imports it without running the compiler.
 
 Environment:
