@@ -9,7 +9,8 @@ count, CUDA-graph replays with L2 flushed (bench_linear's timing):
   cutlass_q  the CUTLASS kernel from int8 activations
   triton_q   the Triton int8 decode kernel from int8 activations (M >= 2)
   bf16, tinygemm_g128
-and sweeps warps_n x split for mma_q at M = 1 and 16.
+and sweeps warps_n x split for mma_q at M = 1 and 16. `--act-quant` times act_quant's launch
+configs at decode batch sizes instead (BLOCK_K, one pass or two, warps).
 
     python benchmarks/probe_mma_decode.py [--out results/probe_mma_decode_h100.json]
 """
@@ -111,11 +112,47 @@ def timings(sweep: bool) -> list[dict]:
     return rows
 
 
+def act_quant_configs() -> list[dict]:
+    from lowbit.kernels.w4a8.act_quant import _act_quant_kernel, act_quant_launch
+
+    rows = []
+    for k in (4096, 11008, 14336):
+        for m in (1, 4, 16, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q = torch.empty(m, k, dtype=torch.int8, device="cuda")
+            s = torch.empty(m, 1, device="cuda")
+            ref = act_quant(x)
+            cands = {"current": act_quant_launch(k, m)}
+            for block, one, w in ((16384, True, 8), (16384, True, 16), (8192, True, 8), (4096, True, 8),
+                                  (2048, False, 8), (4096, False, 8)):
+                if block >= k or not one:
+                    cands[f"b{block}{'' if one else '_2pass'}w{w}"] = (block, one, w)
+            t = {}
+            for name, (block, one, w) in cands.items():
+                def run(block=block, one=one, w=w):
+                    _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one,
+                                            PERMUTE=False, num_warps=w)
+                run()
+                assert torch.equal(q, ref[0]) and torch.equal(s, ref[1]), name
+                t[name] = timeit_graphed(run)
+            rows.append({"K": k, "M": m, "us": t, "current": cands["current"]})
+            print(f"act_quant K={k} M={m}: " + " ".join(f"{a}={b:.1f}" for a, b in t.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--act-quant", action="store_true")
     args = ap.parse_args()
+    if args.act_quant:
+        rows = act_quant_configs()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                    "git_sha": git_sha()}, "act_quant": rows}, f, indent=1)
+        return
     build.load()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "git_sha": git_sha(),

@@ -309,12 +309,15 @@ int min_split(const W4A8Problem& p) {
 
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
   // NOTE: H100 sweep (benchmarks/results/probe_mma_decode_h100.json, 4 or 8 warps x 1/2/4/8 splits at
-  // M = 1 and 16): the best split was 1 at 224-448 CTA tiles of 64 rows (within 2-10% of 2), 2 at
-  // 96-192, 4 at 64 and 8 at 16, i.e. about 256 / tiles: CTAs for about two per SM.
+  // M = 1 and 16, K = 4096): the best split was 1 at 224-448 CTA tiles of 64 rows (within 2-10% of
+  // 2), 2 at 96-192, 4 at 64 and 8 at 16: about 2 * SMs CTAs. Longer rows take proportionally more
+  // (4096x11008 at M=16: 8 splits 26.6 us, 4 splits 29.3, 2 splits 29.1).
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
-  const int split = (2 * num_sms - 8 + tiles - 1) / tiles;
-  return std::max(min_split(p), std::max(1, std::min({split, 8, steps})));
+  const long long want = (static_cast<long long>(2 * num_sms - 8) * std::max(steps, 32) + 32LL * tiles - 1) /
+                         (32LL * tiles);
+  const int split = static_cast<int>(std::min<long long>(want, 8));
+  return std::max(min_split(p), std::max(1, std::min(split, steps)));
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t stream, char* err, int err_len) {
