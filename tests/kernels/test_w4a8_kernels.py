@@ -38,7 +38,7 @@ SHAPES = SMALL + (BIG if ON_GPU else [])
 
 
 @pytest.mark.parametrize("m,k", [(1, 64), (7, 300), (33, 5000), (3, 10000), (65, 9000)]
-                         + ([(2048, 14336)] if ON_GPU else []))
+                         + ([(2048, 14336), (16, 14336)] if ON_GPU else []))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_act_quant_bit_exact(m, k, dtype):
     x = (torch.randn(m, k, device=DEV) * 3).to(dtype)
@@ -47,6 +47,16 @@ def test_act_quant_bit_exact(m, k, dtype):
     qr, sr = act_quant_ref(x)
     assert torch.equal(q, qr)
     assert torch.equal(s, sr)
+
+
+def test_act_quant_launch_rule():
+    from lowbit.kernels.w4a8.act_quant import act_quant_launch
+
+    assert act_quant_launch(4096, 16) == (4096, True, 4)
+    assert act_quant_launch(10000, 3) == (16384, True, 16)  # decode batch, long row: one wide pass
+    assert act_quant_launch(14336, 63) == (16384, True, 16)
+    assert act_quant_launch(11008, 64) == (2048, False, 8)  # prefill: two passes
+    assert act_quant_launch(20000, 4) == (4096, False, 4)  # past one 16384-wide block
 
 
 def test_act_quant_zero_row_and_noncontiguous():

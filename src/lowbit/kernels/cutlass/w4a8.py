@@ -51,16 +51,19 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
 #   4096x14336 M=2/4/8/16: 38.7/38.8/39.7/42.1 vs 41.2/70.2/43.4/43.9
 #   22016x4096 M=8/16: 37.8/40.3 vs 43.5/43.6;  28672x4096 M=4/8: 40.4/41.4 vs 44.9/45.2
 #   6144x4096 M=8/16: 20.4/21.4 vs 24.0/24.2
-# It is slower than both elsewhere (M=1: the dp4a GEMV; 11008x4096, 14336x4096, 4096x4096 and
-# 1024x4096), so AUTO takes it only on these (N, K, first, end) entries, first <= M < end. From int8
-# activations (compiled graphs) the same entries hold against CUTLASS (e.g. 4096x11008 M=16 26.8 vs
-# 27.6 us, 22016x4096 M=8 35.0 vs 39.1 us).
+#   1024x4096 M=8/16 (probe_mma_decode_rule2_h100.json, sha f669eb5, vs the Triton decode kernel):
+#   14.0/14.0 vs 16.6/16.4
+# It is slower elsewhere (M=1: the dp4a GEMV; 11008x4096, 14336x4096, 4096x4096), so AUTO takes it
+# only on these (N, K, first, end) entries, first <= M < end. From int8 activations (compiled graphs)
+# the entries hold against CUTLASS too (f669eb5: 4096x11008 M=16 26.3 vs 27.4 us, 22016x4096 M=8 31.6
+# vs 39.1 us, 6144x4096 M=16 18.3 vs 19.4 us).
 MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 17),
     (4096, 14336, 2, 17),
     (22016, 4096, 5, 17),
     (28672, 4096, 4, 9),
     (6144, 4096, 5, 17),
+    (1024, 4096, 5, 17),
 )
 MMA_MAX_TOKENS = 32
 

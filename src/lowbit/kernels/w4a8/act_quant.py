@@ -81,9 +81,15 @@ def act_quant_launch(k: int, m: int) -> tuple[int, bool, int]:
     # "act_quant"): K=11008 125.1 vs 129.5 us, K=14336 148.5 vs 167.1 us (M=8192); 42.5 vs 47.5,
     # 50.1 vs 60.7 (M=2048). Fewer rows (decode batches) keep 4096 x 4 warps: the longer serial
     # chunk loop of a 2048 block was not measured there.
+    # Decode batches (m < 64) with 8192 < K <= 16384 are latency-bound: the whole row in one
+    # 16384-wide pass with 16 warps (results/probe_act_quant_decode_h100.json, M = 1..32: K=11008
+    # 9.2-9.7 us vs 13.3-14.0 for two 4096-wide passes with 4 warps, K=14336 8.8-9.2 vs 15.1-15.6);
+    # at K=4096 the 4-warp one-pass launch is already the fastest measured (6.3 us at M=1).
     if k <= 8192:
         block = max(triton.next_power_of_2(k), 128)
         return block, True, (4 if block <= 4096 else 8)
+    if m < 64 and k <= 16384:
+        return 16384, True, 16
     return (2048, False, 8) if m >= 64 else (4096, False, 4)
 
 
