@@ -174,6 +174,23 @@ def test_mma_table_routes_auto_only(monkeypatch):
     assert not w4a8._takes_mma(explicit, 8)  # kernel=CUTLASS keeps the CUTLASS GEMM
 
 
+def test_mma_route_agrees_for_symbolic_tokens(monkeypatch):
+    """A compiled graph with a dynamic token count must take the kernel Int4Tensor's lookup chose:
+    both compare the symbolic M against the same table entries."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    monkeypatch.setattr(build, "compiled", lambda: True)
+    auto = _w4a8_weight(64, 128, kernel=KernelChoice.AUTO)
+    monkeypatch.setattr(w4a8, "MMA_AUTO_SHAPES", ((64, 128, 2, 9),))
+    monkeypatch.setattr(w4a8, "CUTLASS_AUTO_SHAPES", ())
+    env = ShapeEnv()
+    for m in (1, 4, 8, 9, 16):
+        sym = env.create_symintnode(env.create_symbol(m, ConstantSource(f"m{m}")), hint=m)
+        assert w4a8._takes_mma(auto, sym) == w4a8._takes_mma(auto, m) == (2 <= m < 9)
+        assert w4a8.auto_prefers_cutlass(64, 128, sym) == (2 <= m < 9)
+
+
 def test_compiled_needs_a_library(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_compiled_on_disk", build._compiled_on_disk.__wrapped__)
     monkeypatch.setattr(build, "ready", lambda: False)
@@ -317,6 +334,14 @@ def test_mma_rejects_bad_input():
         w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 5, 1)
     with pytest.raises(RuntimeError, match="does not match"):
         w4a8.mma_gemm(qa[:4, :128], sa[:4], packed, scale, None, torch.bfloat16)
+    long_k = torch.zeros(32, 65536, dtype=torch.int8, device="cuda")  # slice too big even at 8 splits
+    with pytest.raises(RuntimeError, match="too long for 32 tokens"):
+        w4a8.mma_gemm(long_k, torch.ones(32, 1, device="cuda"),
+                      torch.zeros(8, 32768, dtype=torch.uint8, device="cuda"), torch.ones(8, 1, device="cuda"),
+                      None, torch.bfloat16)
+    bias = torch.randn(64, dtype=torch.bfloat16, device="cuda")
+    empty_k = w4a8.mma_gemm(qa[:4, :0], sa[:4], packed[:, :0], scale, bias, torch.bfloat16)
+    assert torch.equal(empty_k, bias.expand(4, 64))  # an empty sum: the bias alone
 
 
 @needs_sm90

@@ -52,7 +52,9 @@ def test_act_quant_bit_exact(m, k, dtype):
 def test_act_quant_launch_rule():
     from lowbit.kernels.w4a8.act_quant import act_quant_launch
 
-    assert act_quant_launch(4096, 16) == (4096, True, 4)
+    assert act_quant_launch(4096, 16) == (4096, True, 8)  # decode batch
+    assert act_quant_launch(4096, 64) == (4096, True, 4)  # prefill rows (measured at 8192 rows)
+    assert act_quant_launch(2048, 1) == (2048, True, 4)
     assert act_quant_launch(10000, 3) == (16384, True, 16)  # decode batch, long row: one wide pass
     assert act_quant_launch(14336, 63) == (16384, True, 16)
     assert act_quant_launch(11008, 64) == (2048, False, 8)  # prefill: two passes

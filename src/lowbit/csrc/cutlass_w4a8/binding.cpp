@@ -79,6 +79,11 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
   c10::cuda::CUDAGuard guard(qa.device());
   auto out = torch::empty({m, n}, qa.options().dtype(out_dtype));
   if (m == 0 || n == 0) return out;
+  if (k == 0) {  // an empty sum: the bias alone
+    out.zero_();
+    if (bias) out.add_(*bias);
+    return out;
+  }
   W4A8Problem p{packed.data_ptr(), qa.data_ptr(), sw.data_ptr<float>(), sa.data_ptr<float>(),
                 bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
                 static_cast<int>(n), static_cast<int>(k),

@@ -1,6 +1,6 @@
-// W4A8 for decode batches (1..64 tokens): int8 activations x packed int4 weights on mma.sync,
+// W4A8 for decode batches (1..32 tokens): int8 activations x packed int4 weights on mma.sync,
 // with the weight read straight from HBM into the MMA's B fragment (no shared memory, no layout
-// conversion). Plain CUDA: no CUTLASS types; built into the same extension as w4a8_gemm.cu.
+// conversion for the weight). Plain CUDA: no CUTLASS types; built into the same extension as w4a8_gemm.cu.
 //
 // Fragment mapping (mma.sync.m16n8k32 s8: lane = 4 * g + q, g = lane / 4, q = lane % 4).
 //   B (k32 x n8): lane holds column n = g and the k slots {4q..4q+3} (b0) and {16+4q..16+4q+3} (b1).
@@ -12,10 +12,11 @@
 //   b1 =  word       & 0xF0F0F0F0   high nibbles = odd k,  each byte 16 * q4
 //   a0 / a2 = even / odd bytes of the activations at the same 8 k (two byte permutes).
 // Every product carries the factor 16; it is removed exactly (a power of two) in the epilogue, and
-// |sum| <= 16 * 8 * 127 * K stays inside int32 for K <= 131072 (checked by the launcher).
+// |sum| <= 16 * 8 * 128 * K stays inside int32 for K < 131072 (checked by the launcher; any int8
+// activation, -128 included).
 //
-// Work split: a CTA owns WARPS_N * 8 weight rows; its warps walk the same K range (so the
-// activation slice is read once per CTA through L1). Small N splits K over the CTAs of a thread
+// Work split: a CTA owns WARPS_N * 8 weight rows; its warps walk the same K range, whose
+// activation slice the CTA copies once into shared memory (cp.async). Small N splits K over the CTAs of a thread
 // block cluster (<= 8), whose int32 partial tiles are summed through distributed shared memory:
 // one launch, no workspace, no atomics.
 #include <cooperative_groups.h>
@@ -302,16 +303,18 @@ int min_split(const W4A8Problem& p) {
     const int sps = (steps + split - 1) / split;
     if (x_smem_bytes(std::min(p.tokens, m_tiles(p.tokens) * 16), sps * 128) <= kMaxStagedBytes) return split;
   }
-  return 9;  // too long a row: not supported
+  return 9;  // too long a row for the shared-memory slice even at 8 splits
 }
 
 }  // namespace
 
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
   // NOTE: H100 sweep (benchmarks/results/probe_mma_decode_h100.json, 4 or 8 warps x 1/2/4/8 splits at
-  // M = 1 and 16, K = 4096): the best split was 1 at 224-448 CTA tiles of 64 rows (within 2-10% of
-  // 2), 2 at 96-192, 4 at 64 and 8 at 16: about 2 * SMs CTAs. Longer rows take proportionally more
-  // (4096x11008 at M=16: 8 splits 26.6 us, 4 splits 29.3, 2 splits 29.1).
+  // M = 1 and 16). K = 4096: split 1 was best at 344 CTA tiles of 64 rows (22016x4096; split 2
+  // 14-23% slower), 1 or 2 at 224 and 448 (14336x4096: 1 by 5-7%; 28672x4096: 1 at M=1, 2 by 10% at
+  // M=16), 2 at 172-192, 4 at 64 and 8 at 16; 96 tiles (6144x4096) took 2 (3 was not swept).
+  // This rule, about 2 * SMs CTAs, gives 1 / 2 / 1 / 2 / 4 / 8 / 3 for those. Longer rows take
+  // proportionally more (4096x11008 at M=16: 8 splits 26.6 us, 4 splits 29.3, 2 splits 29.1).
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
   const long long want = (static_cast<long long>(2 * num_sms - 8) * std::max(steps, 32) + 32LL * tiles - 1) /
@@ -325,8 +328,8 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t s
     snprintf(err, err_len, "the mma kernel takes 1..%d tokens, got %d", W4A8_MMA_MAX_TOKENS, p.tokens);
     return 1;
   }
-  if (p.k % 32 || p.n_out % 8 || p.k > 131072) {
-    snprintf(err, err_len, "the mma kernel needs K %% 32 == 0, K <= 131072 and N %% 8 == 0, got N=%d, K=%d",
+  if (p.k % 32 || p.n_out % 8 || p.k >= 131072 || p.k == 0) {
+    snprintf(err, err_len, "the mma kernel needs K %% 32 == 0, 0 < K < 131072 and N %% 8 == 0, got N=%d, K=%d",
              p.n_out, p.k);
     return 1;
   }
@@ -336,6 +339,13 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t s
   }
   const int steps = (p.k + 127) / 128;
   const int lo = min_split(p);
+  if (lo > 8) {
+    snprintf(err, err_len,
+             "K=%d is too long for %d tokens: the activation slice of 8 K splits exceeds %d bytes of shared "
+             "memory",
+             p.k, p.tokens, kMaxStagedBytes);
+    return 1;
+  }
   if (split < lo || split > 8 || split > steps) {
     snprintf(err, err_len, "split must be in %d..min(8, K/128 rounded up)=%d for K=%d and %d tokens, got %d", lo,
              std::min(8, steps), p.k, p.tokens, split);

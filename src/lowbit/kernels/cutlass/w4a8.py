@@ -55,8 +55,9 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
 #   14.0/14.0 vs 16.6/16.4
 # It is slower elsewhere (M=1: the dp4a GEMV; 11008x4096, 14336x4096, 4096x4096), so AUTO takes it
 # only on these (N, K, first, end) entries, first <= M < end. From int8 activations (compiled graphs)
-# the entries hold against CUTLASS too (f669eb5: 4096x11008 M=16 26.3 vs 27.4 us, 22016x4096 M=8 31.6
-# vs 39.1 us, 6144x4096 M=16 18.3 vs 19.4 us).
+# the M >= 5 entries hold against CUTLASS too (f669eb5: 4096x11008 M=16 26.3 vs 27.4 us, 22016x4096
+# M=8 31.6 vs 39.1 us, 6144x4096 M=16 18.3 vs 19.4 us); at M = 2..4 a compiled graph ran the same
+# fused dp4a GEMV as the eager call (the AUTO column above).
 MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 17),
     (4096, 14336, 2, 17),
@@ -217,13 +218,15 @@ def _(qa, sa, packed, scale, bias, out_dtype):
     return qa.new_empty((qa.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
-def _takes_mma(w, tokens: object) -> bool:
-    """AUTO weights on a MMA_AUTO_SHAPES entry; an explicit kernel=CUTLASS keeps the CUTLASS GEMM."""
+def _takes_mma(w, tokens) -> bool:
+    """AUTO weights on a MMA_AUTO_SHAPES entry; an explicit kernel=CUTLASS keeps the CUTLASS GEMM.
+    A symbolic token count is compared like an int (guards, as Int4Tensor's table lookup does), so
+    the graph runs the kernel that lookup chose."""
     from lowbit.core.kernel_choice import KernelChoice
 
-    if w.kernel is not KernelChoice.AUTO or not isinstance(tokens, int):
+    if w.kernel is not KernelChoice.AUTO:
         return False
-    return auto_prefers_mma(w.shape[0], w.shape[1], tokens)
+    return bool(auto_prefers_mma(w.shape[0], w.shape[1], tokens))
 
 
 def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:

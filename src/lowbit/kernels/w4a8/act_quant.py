@@ -84,10 +84,10 @@ def act_quant_launch(k: int, m: int) -> tuple[int, bool, int]:
     # Decode batches (m < 64) with 8192 < K <= 16384 are latency-bound: the whole row in one
     # 16384-wide pass with 16 warps (results/probe_act_quant_decode_h100.json, M = 1..32: K=11008
     # 9.2-9.7 us vs 13.3-14.0 for two 4096-wide passes with 4 warps, K=14336 8.8-9.2 vs 15.1-15.6);
-    # at K=4096 the 4-warp one-pass launch is already the fastest measured (6.3 us at M=1).
+    # at K=4096 the one-pass 4096 block with 8 warps (6.2-6.5 us at M=1..32 vs 6.3-7.0 with 4).
     if k <= 8192:
         block = max(triton.next_power_of_2(k), 128)
-        return block, True, (4 if block <= 4096 else 8)
+        return block, True, (4 if block < 4096 or (block == 4096 and m >= 64) else 8)
     if m < 64 and k <= 16384:
         return 16384, True, 16
     return (2048, False, 8) if m >= 64 else (4096, False, 4)
