@@ -336,9 +336,9 @@ def test_mma_rejects_bad_input():
         w4a8.mma_gemm(qa[:4, :128], sa[:4], packed, scale, None, torch.bfloat16)
     long_k = torch.zeros(32, 65536, dtype=torch.int8, device="cuda")  # slice too big even at 8 splits
     with pytest.raises(RuntimeError, match="too long for 32 tokens"):
-        w4a8.mma_gemm(long_k, torch.ones(32, 1, device="cuda"),
-                      torch.zeros(8, 32768, dtype=torch.uint8, device="cuda"), torch.ones(8, 1, device="cuda"),
-                      None, torch.bfloat16)
+        w4a8.mma_gemm(long_k, torch.ones(32, 1, device="cuda"), torch.zeros(8, 32768, dtype=torch.uint8,
+                                                                              device="cuda"),
+                      torch.ones(8, 1, device="cuda"), None, torch.bfloat16)
     bias = torch.randn(64, dtype=torch.bfloat16, device="cuda")
     empty_k = w4a8.mma_gemm(qa[:4, :0], sa[:4], packed[:, :0], scale, bias, torch.bfloat16)
     assert torch.equal(empty_k, bias.expand(4, 64))  # an empty sum: the bias alone
