@@ -12,11 +12,9 @@ namespace {
 
 void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "lowbit CUTLASS W4A8: ", what); }
 
-// qa int8 (M, K), sa float32 (M,) or (M, 1), packed uint8 (N, K/2), sw float32 (N,) or (N, 1),
-// bias (N,) in out_dtype or None -> (M, N) in out_dtype.
-torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
-                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias,
-                        at::ScalarType out_dtype) {
+// The checks both entry points share: devices, dtypes, contiguity and sizes.
+void check_operands(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
+                    const torch::Tensor& sw, at::ScalarType out_dtype) {
   check(qa.is_cuda() && sa.is_cuda() && packed.is_cuda() && sw.is_cuda(), "all inputs must be CUDA tensors");
   check(qa.scalar_type() == at::kChar && qa.dim() == 2 && qa.is_contiguous(),
         "activations must be contiguous int8 (M, K)");
@@ -28,6 +26,15 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   check(packed.size(1) * 2 == k, "weight K/2 does not match activation K");
   check(sa.numel() == m && sw.numel() == n, "scale sizes must be (M,) and (N,)");
+}
+
+// qa int8 (M, K), sa float32 (M,) or (M, 1), packed uint8 (N, K/2), sw float32 (N,) or (N, 1),
+// bias (N,) in out_dtype or None -> (M, N) in out_dtype.
+torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
+                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias,
+                        at::ScalarType out_dtype) {
+  check_operands(qa, sa, packed, sw, out_dtype);
+  const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   check(k % 32 == 0 && n % 8 == 0, "needs K % 32 == 0 and N % 8 == 0 (16-byte TMA rows)");
   if (bias) {
     check(bias->is_cuda() && bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == out_dtype,
@@ -54,17 +61,8 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
                        int64_t warps_n, int64_t split) {
-  check(qa.is_cuda() && sa.is_cuda() && packed.is_cuda() && sw.is_cuda(), "all inputs must be CUDA tensors");
-  check(qa.scalar_type() == at::kChar && qa.dim() == 2 && qa.is_contiguous(),
-        "activations must be contiguous int8 (M, K)");
-  check(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
-        "weights must be contiguous uint8 (N, K/2)");
-  check(sa.scalar_type() == at::kFloat && sa.is_contiguous(), "activation scale must be contiguous float32");
-  check(sw.scalar_type() == at::kFloat && sw.is_contiguous(), "weight scale must be contiguous float32");
-  check(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output dtype must be bfloat16 or float16");
+  check_operands(qa, sa, packed, sw, out_dtype);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
-  check(packed.size(1) * 2 == k, "weight K/2 does not match activation K");
-  check(sa.numel() == m && sw.numel() == n, "scale sizes must be (M,) and (N,)");
   check(qa.get_device() == packed.get_device() && sa.get_device() == qa.get_device() &&
             sw.get_device() == qa.get_device(),
         "all inputs must be on one device");

@@ -135,6 +135,14 @@ def _quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return act_quant_ref(x2)
 
 
+def _native_args(qa, sa, packed, scale, bias, out_dtype) -> tuple:
+    """The extension's operand layout: contiguous int8 / uint8, flat float32 scales, bias in out_dtype."""
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    return (qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), _scale_f32(scale),
+            None if bias is None else bias.contiguous(), out_dtype)
+
+
 def gemm(
     qa: torch.Tensor,
     sa: torch.Tensor,
@@ -146,16 +154,7 @@ def gemm(
     """int8 (M, K) x packed int4 (N, K//2) -> (M, N): (acc * scale) * sa (+ bias), one rounding."""
     from lowbit.kernels.cutlass.build import load
 
-    if bias is not None and bias.dtype != out_dtype:
-        bias = bias.to(out_dtype)
-    return load().w4a8_gemm(
-        qa.contiguous(),
-        sa.reshape(-1).contiguous(),
-        packed.contiguous(),
-        _scale_f32(scale),
-        None if bias is None else bias.contiguous(),
-        out_dtype,
-    )
+    return load().w4a8_gemm(*_native_args(qa, sa, packed, scale, bias, out_dtype))
 
 
 def mma_gemm(
@@ -172,18 +171,7 @@ def mma_gemm(
     numerics and arguments as gemm. warps_n (4 or 8) and split (1..8) 0 = the launcher's rule."""
     from lowbit.kernels.cutlass.build import load
 
-    if bias is not None and bias.dtype != out_dtype:
-        bias = bias.to(out_dtype)
-    return load().w4a8_mma(
-        qa.contiguous(),
-        sa.reshape(-1).contiguous(),
-        packed.contiguous(),
-        _scale_f32(scale),
-        None if bias is None else bias.contiguous(),
-        out_dtype,
-        warps_n,
-        split,
-    )
+    return load().w4a8_mma(*_native_args(qa, sa, packed, scale, bias, out_dtype), warps_n, split)
 
 
 def _linear_impl(
