@@ -58,7 +58,7 @@ def check() -> list[dict]:
         qa, sa = act_quant(x)
         b = torch.randn(n, device="cuda", dtype=dt) if bias else None
         try:
-            out = mma_gemm(qa, sa, packed, scale, b, dt, wn, sp)
+            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp)
         except RuntimeError as e:  # a split below the shared-memory minimum is refused
             assert "split must be" in str(e), e
             continue
@@ -73,40 +73,42 @@ def check() -> list[dict]:
     return rows
 
 
-def timings(sweep: bool) -> list[dict]:
+def timings(sweep: bool, group: int | None = None) -> list[dict]:
     rows = []
     for label, n, k in bench_shapes(False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        qw = lowbit.W4A8Config(group_size=None).quantize_weight(w)
+        qw = lowbit.W4A8Config(group_size=group).quantize_weight(w)
         packed, scale = qw.qdata, qw.scale
+        g = qw.group_size
         wp, sz, _ = tinygemm_weight(w)
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             qa, sa = act_quant(x)
             t = {
-                "mma_q": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16)),
-                "mma": timeit_graphed(lambda: mma_gemm(*act_quant(x), packed, scale, None, torch.bfloat16)),
+                "mma_q": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, g)),
+                "mma": timeit_graphed(lambda: mma_gemm(*act_quant(x), packed, scale, None, torch.bfloat16, g)),
                 "auto": timeit_graphed(lambda: F.linear(x, qw)),
-                "cutlass_q": timeit_graphed(lambda: cutlass_gemm(qa, sa, packed, scale, None, torch.bfloat16)),
                 "bf16": timeit_graphed(lambda: F.linear(x, w)),
                 "tinygemm_g128": timeit_graphed(lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz)),
             }
+            if g == k:  # the CUTLASS GEMM takes per-row scales only
+                t["cutlass_q"] = timeit_graphed(lambda: cutlass_gemm(qa, sa, packed, scale, None, torch.bfloat16))
             if m >= 2:
                 t["triton_q"] = timeit_graphed(
-                    lambda: w4_decode(qa, sa, packed, scale, None, None, k, torch.bfloat16))
+                    lambda: w4_decode(qa, sa, packed, scale, None, None, g, torch.bfloat16))
             row = {"shape": label, "N": n, "K": k, "M": m, "us": t,
                    "mma_weight_gbps": n * k / 2 / t["mma_q"] / 1e3}
             rows.append(row)
             print(f"{label:28s} M={m:3d} " + " ".join(f"{a}={b:6.1f}" for a, b in t.items()), flush=True)
-            if sweep and m in (1, 16):
+            if sweep and m in (1, 16) and g == k:
                 cfgs = {}
                 for wn, sp in itertools.product((4, 8), (1, 2, 4, 8)):
                     try:
-                        mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, wn, sp)
+                        mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, 0, wn, sp)
                     except RuntimeError:
                         continue
                     cfgs[f"w{wn}s{sp}"] = timeit_graphed(
-                        lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, wn, sp))
+                        lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, 0, wn, sp))
                 row["sweep"] = cfgs
                 print("   sweep: " + " ".join(f"{a}={b:.1f}" for a, b in cfgs.items()), flush=True)
     return rows
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--act-quant", action="store_true")
+    ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
     if args.act_quant:
         rows = act_quant_configs()
@@ -157,13 +160,14 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "git_sha": git_sha(),
             "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
-    result = {"meta": meta, "check": check(), "rows": timings(not args.no_sweep)}
+    meta["group_size"] = args.group_size or None
+    result = {"meta": meta, "check": check(), "rows": timings(not args.no_sweep, args.group_size or None)}
     print("\n| shape | M | mma_q | mma | auto | cutlass_q | triton_q | bf16 | tinygemm | bf16/mma | bf16/auto |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         t = r["us"]
         print(f"| {r['shape']} | {r['M']} | {t['mma_q']:.1f} | {t['mma']:.1f} | {t['auto']:.1f} | "
-              f"{t['cutlass_q']:.1f} | {t.get('triton_q', float('nan')):.1f} | {t['bf16']:.1f} | "
+              f"{t.get('cutlass_q', float('nan')):.1f} | {t.get('triton_q', float('nan')):.1f} | {t['bf16']:.1f} | "
               f"{t['tinygemm_g128']:.1f} | {t['bf16'] / t['mma']:.2f} | {t['bf16'] / t['auto']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -174,6 +174,19 @@ def test_mma_table_routes_auto_only(monkeypatch):
     assert not w4a8._takes_mma(explicit, 8)  # kernel=CUTLASS keeps the CUTLASS GEMM
 
 
+def test_mma_grouped_table(monkeypatch):
+    """Group-wise weights consult their own table, and only groups the kernel takes."""
+    monkeypatch.setattr(build, "compiled", lambda: True)
+    monkeypatch.setattr(w4a8, "MMA_AUTO_SHAPES_GROUPED", ((64, 256, 2, 9),))
+    assert w4a8.auto_prefers_mma(64, 256, 4, 128) and not w4a8.auto_prefers_mma(64, 256, 4, None)
+    assert not w4a8.auto_prefers_mma(64, 256, 4, 64)  # groups below 128
+    assert w4a8.auto_prefers_cutlass(64, 256, 4, 128) and not w4a8.auto_prefers_cutlass(64, 256, 9, 128)
+    x = torch.empty(4, 256, dtype=torch.bfloat16)
+    assert "per-row" in w4a8.unavailable_reason(x, 64, 256, 128, True)  # the CUTLASS GEMM: per row only
+    assert "per-row" not in w4a8.unavailable_reason(x, 64, 256, 128, True, mma=True)  # only the device
+    assert "per-row" in w4a8.unavailable_reason(x, 64, 256, 64, True, mma=True)
+
+
 def test_mma_route_agrees_for_symbolic_tokens(monkeypatch):
     """A compiled graph with a dynamic token count must take the kernel Int4Tensor's lookup chose:
     both compare the symbolic M against the same table entries."""
@@ -308,13 +321,44 @@ def test_mma_matches_reference_exactly(m, nk, dtype):
     ran = 0
     for warps_n, split in [(0, 0), (4, 1), (8, 2), (8, 3), (4, 8)]:
         try:
-            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, warps_n, split)
+            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, 0, warps_n, split)
         except RuntimeError as e:  # a split below the shared-memory minimum or past K/128
             assert "split must be in" in str(e)
             continue
         ran += 1
         assert y.dtype == dtype and y.shape == (m, n)
         assert torch.equal(y, ref), (warps_n, split)
+    assert ran >= 2
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nkg", [(24, 11008, 128), (24, 11008, 256), (136, 1024, 128), (1000, 768, 384)])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 32])
+def test_mma_group_wise_matches_reference(m, nkg, dtype):
+    """Group scales: each group's int32 sum scaled in float32 (groups split across the CTAs of a
+    cluster included: K=768 in 4 splits cuts the 3-step groups); within float summation order."""
+    from lowbit.kernels.w4a8.act_quant import act_quant
+    from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
+
+    n, k, group = nkg
+    torch.manual_seed(m + n + group)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scale = torch.rand(n, k // group, device="cuda") * 0.01 + 1e-3
+    qa, sa = act_quant(torch.randn(m, k, dtype=dtype, device="cuda"))
+    bias = torch.randn(n, dtype=dtype, device="cuda") if m % 2 else None
+    ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, bias, group, torch.float32)
+    row_ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale[:, :1], bias, k, torch.float32)
+    ran = 0
+    for warps_n, split in [(0, 0), (4, 1), (8, 2), (8, 4)]:
+        try:
+            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, group, warps_n, split)
+        except RuntimeError as e:
+            assert "split must be in" in str(e)
+            continue
+        ran += 1
+        torch.testing.assert_close(y.float(), ref, rtol=2**-7, atol=ref.abs().max().item() * 2e-3)
+        assert not torch.allclose(y.float(), row_ref, rtol=0.05)  # the group scales are really applied
     assert ran >= 2
 
 
@@ -329,9 +373,13 @@ def test_mma_rejects_bad_input():
     with pytest.raises(RuntimeError, match="N % 8 == 0"):
         w4a8.mma_gemm(qa[:4], sa[:4], packed[:60], scale[:60], None, torch.bfloat16)
     with pytest.raises(RuntimeError, match="split must be in"):
-        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 8, 3)  # K=256: two steps
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 0, 8, 3)  # K=256: two steps
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, torch.ones(64, 4, device="cuda"), None, torch.bfloat16, 64)
+    with pytest.raises(RuntimeError, match="weight scale size"):
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, torch.ones(64, 3, device="cuda"), None, torch.bfloat16, 128)
     with pytest.raises(RuntimeError, match="warps_n"):
-        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 5, 1)
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 0, 5, 1)
     with pytest.raises(RuntimeError, match="does not match"):
         w4a8.mma_gemm(qa[:4, :128], sa[:4], packed, scale, None, torch.bfloat16)
     long_k = torch.zeros(32, 65536, dtype=torch.int8, device="cuda")  # slice too big even at 8 splits
@@ -373,3 +421,20 @@ def test_auto_takes_mma_eager_and_compiled(monkeypatch):
     ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     assert "lowbit.w4a8_mma.default" in ops and "lowbit.w4a8_cutlass_gemm.default" not in ops
     assert torch.equal(got, eager)
+
+
+@needs_sm90
+def test_auto_takes_mma_for_group_wise_weights(monkeypatch):
+    build.load()
+    monkeypatch.setattr(w4a8, "MMA_AUTO_SHAPES_GROUPED", ((4096, 11008, 2, 17),))
+    calls = []
+    real = w4a8.mma_gemm
+    monkeypatch.setattr(w4a8, "mma_gemm", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    lin = torch.nn.Linear(11008, 4096, bias=False).to("cuda", torch.bfloat16)
+    lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=128))
+    x = torch.randn(8, 11008, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        y = lin(x)
+    assert calls == [128]
+    ref = w4a8_linear_reference(x, lin.weight, None)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=ref.float().abs().max().item() * 2e-3)

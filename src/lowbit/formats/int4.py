@@ -91,9 +91,10 @@ class Int4Tensor(QuantizedTensor):
         if dynamic and (self.kernel is KernelChoice.CUTLASS or self._auto_cutlass(x)):
             from lowbit.kernels.cutlass import w4a8 as cutlass_w4a8
 
+            mma = cutlass_w4a8._takes_mma(self, token_count(x))
             cutlass = {KernelChoice.CUTLASS: cutlass_w4a8.unavailable_reason(
                 x, self.shape[0], self.shape[1], self.group_size,
-                self.zero_point_domain is ZeroPointDomain.NONE)}
+                self.zero_point_domain is ZeroPointDomain.NONE, mma=mma)}
             available = cutlass | available  # AUTO tries the first usable entry
         elif self.kernel is KernelChoice.CUTLASS:
             available[KernelChoice.CUTLASS] = "the CUTLASS kernel is W4A8 only (int8 activations)"
@@ -105,8 +106,7 @@ class Int4Tensor(QuantizedTensor):
             return False
         from lowbit.kernels.cutlass.w4a8 import auto_prefers_cutlass
 
-        tokens = x.numel() // max(x.shape[-1], 1)
-        return auto_prefers_cutlass(self.shape[0], self.shape[1], tokens)
+        return auto_prefers_cutlass(self.shape[0], self.shape[1], token_count(x), self.group_size)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         fmt = "w4a8" if self.act_quant is not None else "int4"

@@ -25,7 +25,7 @@ void check_operands(const torch::Tensor& qa, const torch::Tensor& sa, const torc
   check(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output dtype must be bfloat16 or float16");
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   check(packed.size(1) * 2 == k, "weight K/2 does not match activation K");
-  check(sa.numel() == m && sw.numel() == n, "scale sizes must be (M,) and (N,)");
+  check(sa.numel() == m, "activation scale size must be (M,)");
 }
 
 // qa int8 (M, K), sa float32 (M,) or (M, 1), packed uint8 (N, K/2), sw float32 (N,) or (N, 1),
@@ -35,6 +35,7 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
                         at::ScalarType out_dtype) {
   check_operands(qa, sa, packed, sw, out_dtype);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
+  check(sw.numel() == n, "weight scale size must be (N,)");
   check(k % 32 == 0 && n % 8 == 0, "needs K % 32 == 0 and N % 8 == 0 (16-byte TMA rows)");
   if (bias) {
     check(bias->is_cuda() && bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == out_dtype,
@@ -57,12 +58,17 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
   return out;
 }
 
-// Same arguments as w4a8_gemm, 1..32 tokens; warps_n / split = 0 take the launcher's defaults.
+// Same arguments as w4a8_gemm, 1..32 tokens, plus group_size (0 or K: per-row sw (N,); else a
+// multiple of 128 dividing K, sw (N, K / group_size)); warps_n / split = 0 take the launcher's defaults.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
-                       int64_t warps_n, int64_t split) {
+                       int64_t group_size, int64_t warps_n, int64_t split) {
   check_operands(qa, sa, packed, sw, out_dtype);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
+  const bool per_row = group_size == 0 || group_size == k;
+  check(per_row || (group_size > 0 && k % group_size == 0), "group_size must divide K");
+  check(sw.numel() == (per_row ? n : n * (k / group_size)),
+        "weight scale size must be (N,) or (N, K / group_size)");
   check(qa.get_device() == packed.get_device() && sa.get_device() == qa.get_device() &&
             sw.get_device() == qa.get_device(),
         "all inputs must be on one device");
@@ -93,7 +99,8 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
     sp = lowbit_w4a8_mma_default_split(p, wn, sms);
   }
   char err[512] = {0};
-  const int rc = lowbit_w4a8_mma(p, wn, sp, c10::cuda::getCurrentCUDAStream().stream(), err, sizeof(err));
+  const int rc = lowbit_w4a8_mma(p, per_row ? 0 : static_cast<int>(group_size), wn, sp,
+                                 c10::cuda::getCurrentCUDAStream().stream(), err, sizeof(err));
   check(rc == 0, err);
   return out;
 }
@@ -105,5 +112,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
   m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..32 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"),
-        py::arg("warps_n") = 0, py::arg("split") = 0);
+        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0);
 }

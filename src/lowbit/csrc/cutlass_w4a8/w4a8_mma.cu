@@ -72,20 +72,29 @@ __device__ __forceinline__ float to_float(OutT v) {
   return static_cast<float>(v);
 }
 
-// y[m, n] = ((acc / 16) * sw[n]) * sa[m] (+ bias[n]): the Triton kernels' order of roundings.
+// y[m, n] = (w[n] * sa[m]) (+ bias[n]) for a pair of columns, w already weight-scaled.
 template <typename OutT>
-__device__ __forceinline__ void epilogue_pair(const int (&acc)[2], int m, int n, const float* sw, const float* sa,
-                                              const OutT* bias, OutT* out, int M, int N) {
+__device__ __forceinline__ void store_scaled(float v0, float v1, int m, int n, const float* sa, const OutT* bias,
+                                             OutT* out, int M, int N) {
   if (m >= M || n >= N) return;  // N % 8 == 0: n < N implies n + 1 < N
-  // _rn intrinsics: no FMA contraction, so the result is the reference's bit for bit.
+  // _rn intrinsics: no FMA contraction, so per-row results are the reference's bit for bit.
   const float a = sa[m];
-  float v0 = __fmul_rn(__fmul_rn(static_cast<float>(acc[0]) * 0.0625f, sw[n]), a);
-  float v1 = __fmul_rn(__fmul_rn(static_cast<float>(acc[1]) * 0.0625f, sw[n + 1]), a);
+  v0 = __fmul_rn(v0, a);
+  v1 = __fmul_rn(v1, a);
   if (bias != nullptr) {
     v0 = __fadd_rn(v0, to_float(bias[n]));
     v1 = __fadd_rn(v1, to_float(bias[n + 1]));
   }
   store_pair(out + static_cast<size_t>(m) * N + n, v0, v1);
+}
+
+// Per-row weights: y[m, n] = ((acc / 16) * sw[n]) * sa[m] (+ bias[n]), the Triton kernels' roundings.
+template <typename OutT>
+__device__ __forceinline__ void epilogue_pair(const int (&acc)[2], int m, int n, const float* sw, const float* sa,
+                                              const OutT* bias, OutT* out, int M, int N) {
+  if (m >= M || n >= N) return;
+  store_scaled(__fmul_rn(static_cast<float>(acc[0]) * 0.0625f, sw[n]),
+               __fmul_rn(static_cast<float>(acc[1]) * 0.0625f, sw[n + 1]), m, n, sa, bias, out, M, N);
 }
 
 // Shared-memory row stride of the staged activations: the slice plus 16 bytes, so the eight rows a
@@ -95,12 +104,16 @@ __host__ __device__ constexpr int x_stride(int k_slice) { return k_slice + 16; }
 // Only the token rows are staged (fragment rows past M are zeros that are never read).
 __host__ __device__ constexpr int x_smem_bytes(int rows, int k_slice) { return rows * x_stride(k_slice); }
 
-// One m tile: at most 64 registers, so four 256-thread CTAs fit an SM where shared memory allows.
-template <int MT, int WARPS_N, typename OutT>
-__global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) : 1)
+// One m tile, per-row scales: at most 64 registers, so four 256-thread CTAs fit an SM where shared
+// memory allows (the group-wise variant needs a few more and is not capped).
+// GROUPED: sw is (N, K / group) with group a multiple of 128 (group_steps = group / 128 K steps);
+// each group's int32 sum is scaled into a float accumulator when the group (or the CTA's K range)
+// ends. Otherwise sw is (N,) and the int32 sum over the whole K range is scaled once.
+template <int MT, int WARPS_N, bool GROUPED, typename OutT>
+__global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? 1024 / (WARPS_N * 32) : 1)
     w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const float* __restrict__ sw,
                     const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
-                    int N, int K, int steps_per_split) {
+                    int N, int K, int steps_per_split, int group_steps) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -145,8 +158,32 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) 
   __syncthreads();
 
   int acc[MT][4];
+  float accf[MT][4];  // GROUPED: the weight-scaled sums of the finished groups
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc[mt][j] = 0;
+      accf[mt][j] = 0.0f;
+    }
+  }
+  // GROUPED: this lane's output columns (C fragment) and their scale rows; columns past N (a
+  // partial last CTA) read the last pair, their outputs are not stored.
+  const int n_col = min(n_warp + 2 * q, N - 2);
+  const int n_groups = GROUPED ? (K / 128) / group_steps : 1;
+  auto flush_group = [&](int grp) {
+    const float s0 = sw[static_cast<size_t>(n_col) * n_groups + grp];
+    const float s1 = sw[static_cast<size_t>(n_col + 1) * n_groups + grp];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float prod = __fmul_rn(static_cast<float>(acc[mt][j]) * 0.0625f, (j & 1) ? s1 : s0);
+        accf[mt][j] = __fadd_rn(accf[mt][j], prod);
+        acc[mt][j] = 0;
+      }
+    }
+  };
   // Fragment rows that hold tokens (others are zero and never read from shared memory).
   bool row_ok[MT][2];
 #pragma unroll
@@ -199,7 +236,11 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) 
     }
 #pragma unroll
     for (int i = 0; i < kRound; ++i) {
-      if (s0 + i < s_end) step(cur[i], s0 + i);
+      const int s = s0 + i;
+      if (s < s_end) {
+        step(cur[i], s);
+        if (GROUPED && ((s + 1) % group_steps == 0 || s + 1 == s_end)) flush_group(s / group_steps);
+      }
     }
 #pragma unroll
     for (int i = 0; i < kRound; ++i) cur[i] = nxt[i];
@@ -211,8 +252,13 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) 
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int pair[2] = {acc[mt][2 * h], acc[mt][2 * h + 1]};
-        epilogue_pair(pair, mt * 16 + g + 8 * h, n_warp + 2 * q, sw, sa, bias, out, M, N);
+        if (GROUPED) {
+          store_scaled(accf[mt][2 * h], accf[mt][2 * h + 1], mt * 16 + g + 8 * h, n_warp + 2 * q, sa, bias, out, M,
+                       N);
+        } else {
+          const int pair[2] = {acc[mt][2 * h], acc[mt][2 * h + 1]};
+          epilogue_pair(pair, mt * 16 + g + 8 * h, n_warp + 2 * q, sw, sa, bias, out, M, N);
+        }
       }
     }
     return;
@@ -223,7 +269,9 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) 
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) partial[((warp * MT + mt) * 4 + j) * 32 + lane] = acc[mt][j];
+    for (int j = 0; j < 4; ++j) {
+      partial[((warp * MT + mt) * 4 + j) * 32 + lane] = GROUPED ? __float_as_int(accf[mt][j]) : acc[mt][j];
+    }
   }
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
@@ -238,14 +286,24 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 ? 1024 / (WARPS_N * 32) 
     const int mt = (p >> 6) % MT;
     const int wp = (p >> 6) / MT;
     const int e = ((wp * MT + mt) * 4 + 2 * h) * 32 + l;
-    int sum[2] = {0, 0};
-    for (int r = 0; r < ranks; ++r) {
-      const int* remote = cluster.map_shared_rank(partial, r);
-      sum[0] += remote[e];
-      sum[1] += remote[e + 32];
-    }
     const int n = (blockIdx.x * WARPS_N + wp) * 8 + 2 * (l & 3);
-    epilogue_pair(sum, mt * 16 + (l >> 2) + 8 * h, n, sw, sa, bias, out, M, N);
+    if (GROUPED) {  // float partials, summed in rank (K) order
+      float sum[2] = {0.0f, 0.0f};
+      for (int r = 0; r < ranks; ++r) {
+        const int* remote = cluster.map_shared_rank(partial, r);
+        sum[0] = __fadd_rn(sum[0], __int_as_float(remote[e]));
+        sum[1] = __fadd_rn(sum[1], __int_as_float(remote[e + 32]));
+      }
+      store_scaled(sum[0], sum[1], mt * 16 + (l >> 2) + 8 * h, n, sa, bias, out, M, N);
+    } else {
+      int sum[2] = {0, 0};
+      for (int r = 0; r < ranks; ++r) {
+        const int* remote = cluster.map_shared_rank(partial, r);
+        sum[0] += remote[e];
+        sum[1] += remote[e + 32];
+      }
+      epilogue_pair(sum, mt * 16 + (l >> 2) + 8 * h, n, sw, sa, bias, out, M, N);
+    }
   }
   cluster.sync();  // keep every CTA's shared memory alive until the others have read it
 }
@@ -257,9 +315,9 @@ int smem_bytes(int tokens, int split, int steps_per_split) {
          (split > 1 ? WARPS_N * MT * 4 * 32 * 4 : 0);
 }
 
-template <int MT, int WARPS_N, typename OutT>
-cudaError_t launch(const W4A8Problem& p, int split, int steps_per_split, cudaStream_t stream) {
-  auto kernel = w4a8_mma_kernel<MT, WARPS_N, OutT>;
+template <int MT, int WARPS_N, bool GROUPED, typename OutT>
+cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_per_split, cudaStream_t stream) {
+  auto kernel = w4a8_mma_kernel<MT, WARPS_N, GROUPED, OutT>;
   const int smem = smem_bytes<MT, WARPS_N>(p.tokens, split, steps_per_split);
   if (smem > 48 * 1024) {  // a host-side attribute of the current device's function (no stream work)
     const cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -280,18 +338,25 @@ cudaError_t launch(const W4A8Problem& p, int split, int steps_per_split, cudaStr
   cfg.numAttrs = split > 1 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.w), static_cast<const int8_t*>(p.x),
                             p.w_scale, p.a_scale, static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out),
-                            p.tokens, p.n_out, p.k, steps_per_split);
+                            p.tokens, p.n_out, p.k, steps_per_split, group_steps);
 }
 
-template <int MT, typename OutT>
-cudaError_t launch_warps(const W4A8Problem& p, int warps_n, int split, int sps, cudaStream_t stream) {
-  return warps_n == 4 ? launch<MT, 4, OutT>(p, split, sps, stream) : launch<MT, 8, OutT>(p, split, sps, stream);
+template <int MT, bool GROUPED, typename OutT>
+cudaError_t launch_warps(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
+  return warps_n == 4 ? launch<MT, 4, GROUPED, OutT>(p, gs, split, sps, stream)
+                      : launch<MT, 8, GROUPED, OutT>(p, gs, split, sps, stream);
+}
+
+template <bool GROUPED, typename OutT>
+cudaError_t launch_tiles(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
+  if (p.tokens <= 16) return launch_warps<1, GROUPED, OutT>(p, gs, warps_n, split, sps, stream);
+  return launch_warps<2, GROUPED, OutT>(p, gs, warps_n, split, sps, stream);
 }
 
 template <typename OutT>
-cudaError_t launch_dtype(const W4A8Problem& p, int warps_n, int split, int sps, cudaStream_t stream) {
-  if (p.tokens <= 16) return launch_warps<1, OutT>(p, warps_n, split, sps, stream);
-  return launch_warps<2, OutT>(p, warps_n, split, sps, stream);
+cudaError_t launch_dtype(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
+  return gs ? launch_tiles<true, OutT>(p, gs, warps_n, split, sps, stream)
+            : launch_tiles<false, OutT>(p, gs, warps_n, split, sps, stream);
 }
 
 int m_tiles(int tokens) { return tokens <= 16 ? 1 : 2; }
@@ -323,7 +388,8 @@ int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms
   return std::max(min_split(p), std::max(1, std::min(split, steps)));
 }
 
-int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t stream, char* err, int err_len) {
+int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, cudaStream_t stream, char* err,
+                    int err_len) {
   if (p.tokens < 1 || p.tokens > W4A8_MMA_MAX_TOKENS) {
     snprintf(err, err_len, "the mma kernel takes 1..%d tokens, got %d", W4A8_MMA_MAX_TOKENS, p.tokens);
     return 1;
@@ -333,6 +399,12 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t s
              p.n_out, p.k);
     return 1;
   }
+  if (group != 0 && group != p.k && (group % 128 || p.k % group)) {
+    snprintf(err, err_len, "the mma kernel takes per-row scales or groups of a multiple of 128 dividing K, "
+             "got group_size=%d for K=%d", group, p.k);
+    return 1;
+  }
+  const int gs = (group == 0 || group == p.k) ? 0 : group / 128;
   if (warps_n != 4 && warps_n != 8) {
     snprintf(err, err_len, "warps_n must be 4 or 8, got %d", warps_n);
     return 1;
@@ -354,8 +426,8 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int warps_n, int split, cudaStream_t s
   const int sps = (steps + split - 1) / split;
   split = (steps + sps - 1) / sps;  // no empty split
   const cudaError_t rc = p.out_dtype == W4A8_OUT_FP16
-                             ? launch_dtype<__half>(p, warps_n, split, sps, stream)
-                             : launch_dtype<__nv_bfloat16>(p, warps_n, split, sps, stream);
+                             ? launch_dtype<__half>(p, gs, warps_n, split, sps, stream)
+                             : launch_dtype<__nv_bfloat16>(p, gs, warps_n, split, sps, stream);
   if (rc != cudaSuccess) {
     snprintf(err, err_len, "mma kernel launch failed: %s", cudaGetErrorString(rc));
     return 2;

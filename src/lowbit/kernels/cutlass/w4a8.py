@@ -66,6 +66,9 @@ MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (6144, 4096, 5, 17),
     (1024, 4096, 5, 17),
 )
+# Group-wise weights (group a multiple of 128 dividing K): the mma kernel scales each group's int32
+# sum in float32. Entries as above, measured with g128 weights against AUTO's Triton path.
+MMA_AUTO_SHAPES_GROUPED: tuple[tuple[int, int, int, int], ...] = ()
 MMA_MAX_TOKENS = 32
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -83,15 +86,23 @@ def shape_unsupported(n: int, k: int, group_size: int) -> str | None:
     return None
 
 
-def unavailable_reason(x: torch.Tensor, n: int, k: int, group_size: int, symmetric: bool) -> str | None:
-    """None when kernel=CUTLASS can run this W4A8 linear here, else a one-line reason."""
+def mma_groups_ok(k: int, group_size: int) -> bool:
+    """Scales the mma kernel takes: per row, or groups of a multiple of 128 dividing K."""
+    return group_size >= k or (group_size % 128 == 0 and k % group_size == 0)
+
+
+def unavailable_reason(x: torch.Tensor, n: int, k: int, group_size: int, symmetric: bool,
+                       mma: bool = False) -> str | None:
+    """None when kernel=CUTLASS can run this W4A8 linear here, else a one-line reason. mma: the
+    call would run the extension's mma kernel (AUTO), which also takes group-wise scales."""
     from lowbit.kernels.cutlass import build
 
     if not symmetric:
         return "the CUTLASS W4A8 kernel takes symmetric weights (zero_point_domain='none')"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUTLASS kernel takes fp16/bf16 activations, got {x.dtype}"
-    reason = shape_unsupported(n, k, group_size) or build.device_blocker(x.device)
+    shape = shape_unsupported(n, k, k if mma and mma_groups_ok(k, group_size) else group_size)
+    reason = shape or build.device_blocker(x.device)
     return reason or (None if build.ready() else build.build_blocker())
 
 
@@ -99,17 +110,22 @@ def _listed(table: tuple[tuple[int, int, int, int], ...], n: int, k: int, tokens
     return any(n == sn and k == sk and lo <= tokens < hi for sn, sk, lo, hi in table)
 
 
-def auto_prefers_mma(n: int, k: int, tokens: int) -> bool:
-    """True where AUTO's native path runs the mma.sync decode-batch kernel (MMA_AUTO_SHAPES)."""
-    return _listed(MMA_AUTO_SHAPES, n, k, tokens)
+def auto_prefers_mma(n: int, k: int, tokens, group_size: int | None = None) -> bool:
+    """True where AUTO's native path runs the mma.sync decode-batch kernel: MMA_AUTO_SHAPES for
+    per-row weights (group_size None or >= K), MMA_AUTO_SHAPES_GROUPED for group-wise ones."""
+    if group_size is None or group_size >= k:
+        return _listed(MMA_AUTO_SHAPES, n, k, tokens)
+    return mma_groups_ok(k, group_size) and _listed(MMA_AUTO_SHAPES_GROUPED, n, k, tokens)
 
 
-def auto_prefers_cutlass(n: int, k: int, tokens: int) -> bool:
+def auto_prefers_cutlass(n: int, k: int, tokens, group_size: int | None = None) -> bool:
     """True where a measured table prefers the native extension (the CUTLASS GEMM or the mma
     decode-batch kernel) and the extension needs no compile."""
     from lowbit.kernels.cutlass import build
 
-    if not (_listed(CUTLASS_AUTO_SHAPES, n, k, tokens) or auto_prefers_mma(n, k, tokens)):
+    per_row = group_size is None or group_size >= k
+    cutlass = per_row and _listed(CUTLASS_AUTO_SHAPES, n, k, tokens)
+    if not (cutlass or auto_prefers_mma(n, k, tokens, group_size)):
         return False
     return build.compiled()
 
@@ -164,14 +180,17 @@ def mma_gemm(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    group_size: int = 0,
     warps_n: int = 0,
     split: int = 0,
 ) -> torch.Tensor:
     """Decode batches (1..32 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
-    numerics and arguments as gemm. warps_n (4 or 8) and split (1..8) 0 = the launcher's rule."""
+    arguments as gemm, plus group_size: 0 or K = per-row scale (N, 1) (same numerics as gemm), else
+    a multiple of 128 dividing K with scale (N, K // group_size). warps_n (4 or 8) and split (1..8):
+    0 = the launcher's rule."""
     from lowbit.kernels.cutlass.build import load
 
-    return load().w4a8_mma(*_native_args(qa, sa, packed, scale, bias, out_dtype), warps_n, split)
+    return load().w4a8_mma(*_native_args(qa, sa, packed, scale, bias, out_dtype), group_size, warps_n, split)
 
 
 def _linear_impl(
@@ -188,8 +207,9 @@ def _mma_default(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    group_size: int,
 ) -> torch.Tensor:
-    return mma_gemm(qa, sa, packed, scale, bias, out_dtype)
+    return mma_gemm(qa, sa, packed, scale, bias, out_dtype, group_size)
 
 
 w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_gemm", mutates_args=())(gemm)
@@ -202,7 +222,7 @@ def _(qa, sa, packed, scale, bias, out_dtype):
 
 
 @w4a8_mma_op.register_fake
-def _(qa, sa, packed, scale, bias, out_dtype):
+def _(qa, sa, packed, scale, bias, out_dtype, group_size):
     return qa.new_empty((qa.shape[0], packed.shape[0]), dtype=out_dtype)
 
 
@@ -214,7 +234,7 @@ def _takes_mma(w, tokens) -> bool:
 
     if w.kernel is not KernelChoice.AUTO:
         return False
-    return bool(auto_prefers_mma(w.shape[0], w.shape[1], tokens))
+    return bool(auto_prefers_mma(w.shape[0], w.shape[1], tokens, w.group_size))
 
 
 def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
@@ -226,10 +246,11 @@ def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
         from lowbit.kernels.w4a8.act_quant import act_quant_traceable
 
         qa, sa = act_quant_traceable(x2)
-        op = w4a8_mma_op if mma else w4a8_cutlass_op
-        return op(qa, sa, w.qdata, w.scale, bias, x2.dtype)
+        if mma:
+            return w4a8_mma_op(qa, sa, w.qdata, w.scale, bias, x2.dtype, w.group_size)
+        return w4a8_cutlass_op(qa, sa, w.qdata, w.scale, bias, x2.dtype)
     # NOTE: eager calls skip the custom-op dispatcher (tens of microseconds per call).
     if mma:
         qa, sa = _quantize(x2)
-        return mma_gemm(qa, sa, w.qdata, w.scale, bias, x2.dtype)
+        return mma_gemm(qa, sa, w.qdata, w.scale, bias, x2.dtype, w.group_size)
     return _linear_impl(x2, w.qdata, w.scale, bias)
