@@ -248,7 +248,8 @@ def test_integer_accumulation_exact(m):
 @needs_sm90
 def test_cached_load_in_new_process_is_fast():
     build.load()  # builds once if needed
-    assert build.cached_load_seconds() < 5.0  # a fresh process, import torch included
+    # a fresh process, import torch included (5.2 s once on a just-started machine); a rebuild takes 80-120 s
+    assert build.cached_load_seconds() < 10.0
 
 
 def test_build_blocker_chain(tmp_path, monkeypatch):

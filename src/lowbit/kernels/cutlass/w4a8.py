@@ -67,8 +67,24 @@ MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (1024, 4096, 5, 17),
 )
 # Group-wise weights (group a multiple of 128 dividing K): the mma kernel scales each group's int32
-# sum in float32. Entries as above, measured with g128 weights against AUTO's Triton path.
-MMA_AUTO_SHAPES_GROUPED: tuple[tuple[int, int, int, int], ...] = ()
+# sum in float32. H100, g128, results/probe_mma_decode_g128_h100.json (sha 4eeaefb), incl. act_quant,
+# vs AUTO's Triton path (the dp4a GEMV at M <= 4, the decode kernel above), us:
+#   4096x11008 M=2/4/8/16: 39.6/39.7/39.7/40.8 vs 77.0/134.5/49.5/50.0
+#   4096x14336 M=2/4/8/16: 41.9/42.0/42.5/43.9 vs 43.7/61.6/46.9/46.6
+#   22016x4096 M=8/16: 40.8/43.9 vs 56.3/56.3;  28672x4096: 47.3/50.7 vs 63.2/63.3
+#   14336x4096 M=8/16: 34.1/35.9 vs 40.3/40.6;  1024x4096: 13.3/13.6 vs 15.7/16.1
+#   12288x4096 M=8/16: 31.0/34.2 vs 33.5/33.6;  11008x4096: 30.1/34.0 vs 33.3/33.2 (M=8 only)
+# Slower on 4096x4096 and 6144x4096, and at M = 2..4 on the K=4096 layers.
+MMA_AUTO_SHAPES_GROUPED: tuple[tuple[int, int, int, int], ...] = (
+    (4096, 11008, 2, 17),
+    (4096, 14336, 2, 17),
+    (22016, 4096, 5, 17),
+    (28672, 4096, 5, 17),
+    (14336, 4096, 5, 17),
+    (1024, 4096, 5, 17),
+    (12288, 4096, 5, 9),
+    (11008, 4096, 5, 9),
+)
 MMA_MAX_TOKENS = 32
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
