@@ -338,7 +338,8 @@ def test_mma_matches_reference_exactly(m, nk, dtype):
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 32])
 def test_mma_group_wise_matches_reference(m, nkg, dtype):
     """Group scales: each group's int32 sum scaled in float32 (groups split across the CTAs of a
-    cluster included: K=768 in 4 splits cuts the 3-step groups); within float summation order."""
+    cluster included: K=768 asked for 4 splits runs 3 of 2 steps, which cut the 3-step groups);
+    within float summation order."""
     from lowbit.kernels.w4a8.act_quant import act_quant
     from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
 
