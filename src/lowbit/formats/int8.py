@@ -13,6 +13,7 @@ from lowbit.formats.common import (
     check_activation,
     int_group_dot,
     resolve_kernel,
+    token_count,
     uses_act_quant,
 )
 
@@ -63,7 +64,7 @@ class Int8Tensor(QuantizedTensor):
             return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False
-        tokens = x.numel() // x.shape[-1]
+        tokens = token_count(x)
         return isinstance(tokens, int) and tokens >= TRITON_MIN_TOKENS
 
     def _triton_reason(self, x: torch.Tensor) -> str | None:

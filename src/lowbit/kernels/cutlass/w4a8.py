@@ -91,7 +91,6 @@ MMA_AUTO_SHAPES_GROUPED: tuple[tuple[int, int, int, int], ...] = (
     (11008, 4096, 5, 9),
     (11008, 4096, 17, 33),
 )
-MMA_MAX_TOKENS = 32
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -261,9 +260,10 @@ def _takes_mma(w, tokens) -> bool:
 
 def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
     """Entry point used by Int4Tensor: x2 (M, K) fp16/bf16 -> (M, N). Inference only."""
+    from lowbit.kernels import dispatches_op
+
     mma = _takes_mma(w, x2.shape[0])
-    traced = type(x2) is not torch.Tensor or type(w.qdata) is not torch.Tensor
-    if torch.compiler.is_compiling() or traced:
+    if dispatches_op(x2, w.qdata, grad=False):
         # The graph quantizes the activations in plain ops, which Inductor fuses into their producer.
         from lowbit.kernels.w4a8.act_quant import act_quant_traceable
 

@@ -79,8 +79,8 @@ def act_quant_launch(k: int, m: int) -> tuple[int, bool, int]:
     # block) 269 us vs two passes of 4096 137 us, so rows above 8192 take two passes. At prefill
     # sizes two passes of 2048 with 8 warps beat 4096 with 4 (results/probe_tma_gemm_h100.json,
     # "act_quant"): K=11008 125.1 vs 129.5 us, K=14336 148.5 vs 167.1 us (M=8192); 42.5 vs 47.5,
-    # 50.1 vs 60.7 (M=2048). Fewer rows (decode batches) keep 4096 x 4 warps: the longer serial
-    # chunk loop of a 2048 block was not measured there.
+    # 50.1 vs 60.7 (M=2048). Decode batches with rows past 16384 keep two 4096 x 4-warp passes:
+    # the longer serial chunk loop of a 2048 block was not measured there.
     # Decode batches (m < 64) with 8192 < K <= 16384 are latency-bound: the whole row in one
     # 16384-wide pass with 16 warps (results/probe_act_quant_decode_h100.json, M = 1..32: K=11008
     # 9.2-9.7 us vs 13.3-14.0 for two 4096-wide passes with 4 warps, K=14336 8.8-9.2 vs 15.1-15.6);
