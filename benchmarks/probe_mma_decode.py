@@ -10,7 +10,9 @@ count, CUDA-graph replays with L2 flushed (bench_linear's timing):
   triton_q   the Triton int8 decode kernel from int8 activations (M >= 2)
   bf16, tinygemm_g128
 and sweeps warps_n x split for mma_q at M = 1 and 16. `--act-quant` times act_quant's launch
-configs at decode batch sizes instead (BLOCK_K, one pass or two, warps).
+configs at decode batch sizes instead (BLOCK_K, one pass or two, warps). `--depth` checks every load
+depth (weight rounds in flight) for exactness and sweeps warps_n x split x depth for mma_q per
+shape at M = 1 / 16 / 32 (per row, or `--group-size`), next to bf16 and the launcher's default.
 
     python benchmarks/probe_mma_decode.py [--out results/probe_mma_decode_h100.json]
 """
@@ -43,13 +45,13 @@ def random_weight(n: int, k: int, dev="cuda"):
     return packed, scale
 
 
-def check() -> list[dict]:
+def check(depths: tuple[int, ...] = (0,)) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     cases = [(8, 32), (40, 160), (136, 4192), (1000, 1056), (4096, 4096), (24, 11008)]
-    for (n, k), m, dt, bias, (wn, sp) in itertools.product(
+    for (n, k), m, dt, bias, (wn, sp), dp in itertools.product(
             cases, (1, 3, 7, 16, 17, 32), (torch.bfloat16, torch.float16), (False, True),
-            ((0, 0), (4, 1), (8, 3), (4, 8))):
+            ((0, 0), (4, 1), (8, 3), (4, 8)), depths):
         steps = -(-k // 128)
         if sp > steps:
             continue
@@ -58,14 +60,14 @@ def check() -> list[dict]:
         qa, sa = act_quant(x)
         b = torch.randn(n, device="cuda", dtype=dt) if bias else None
         try:
-            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp)
+            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp, dp)
         except RuntimeError as e:  # a split below the shared-memory minimum is refused
             assert "split must be" in str(e), e
             continue
         ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, b, k, dt)
         diff = (out.float() - ref.float()).abs().max().item()
         rows.append({"n": n, "k": k, "m": m, "dtype": str(dt), "bias": bias, "warps_n": wn, "split": sp,
-                     "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
+                     "depth": dp, "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
     bad = [r for r in rows if not r["exact"]]
     print(f"check: {len(rows) - len(bad)}/{len(rows)} exact; worst {max(r['max_abs_diff'] for r in rows):.3g}")
     for r in bad[:10]:
@@ -114,6 +116,39 @@ def timings(sweep: bool, group: int | None = None) -> list[dict]:
     return rows
 
 
+def depth_sweep(group: int | None) -> list[dict]:
+    rows = []
+    for label, n, k in bench_shapes(False):
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        qw = lowbit.W4A8Config(group_size=group).quantize_weight(w)
+        packed, scale, g = qw.qdata, qw.scale, qw.group_size
+        gs = 0 if g == k else g
+        for m in (1, 16, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            qa, sa = act_quant(x)
+            ref = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, 8, 0, 1)
+            t = {"bf16": timeit_graphed(lambda: F.linear(x, w)),
+                 "default": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs)),
+                 "auto": timeit_graphed(lambda: F.linear(x, qw))}
+            cfgs = {}
+            for wn, sp, dp in itertools.product((4, 8), (1, 2, 4, 8), (1, 2, 3)):
+                try:
+                    out = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp)
+                except RuntimeError:
+                    continue
+                assert torch.equal(out, ref) if not gs else torch.allclose(out, ref, rtol=1e-2, atol=1e-2), \
+                    (label, m, wn, sp, dp)
+                cfgs[f"w{wn}s{sp}d{dp}"] = timeit_graphed(
+                    lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp))
+            best = min(cfgs, key=cfgs.get)
+            rows.append({"shape": label, "N": n, "K": k, "M": m, "us": t, "sweep": cfgs, "best": best})
+            by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in (1, 2, 3)}
+            print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} auto={t['auto']:5.1f} "
+                  f"best={best}:{cfgs[best]:5.1f} by depth " +
+                  " ".join(f"d{d}={v:5.1f}" for d, v in by_depth.items()), flush=True)
+    return rows
+
+
 def act_quant_configs() -> list[dict]:
     from lowbit.kernels.w4a8.act_quant import _act_quant_kernel, act_quant_launch
 
@@ -147,6 +182,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--act-quant", action="store_true")
+    ap.add_argument("--depth", action="store_true")
     ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
     if args.act_quant:
@@ -161,6 +197,12 @@ def main() -> None:
             "triton": __import__("triton").__version__, "git_sha": git_sha(),
             "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
     meta["group_size"] = args.group_size or None
+    if args.depth:
+        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(args.group_size or None)}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     result = {"meta": meta, "check": check(), "rows": timings(not args.no_sweep, args.group_size or None)}
     print("\n| shape | M | mma_q | mma | auto | cutlass_q | triton_q | bf16 | tinygemm | bf16/mma | bf16/auto |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

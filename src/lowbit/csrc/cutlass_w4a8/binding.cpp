@@ -59,10 +59,11 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
 }
 
 // Same arguments as w4a8_gemm, 1..32 tokens, plus group_size (0 or K: per-row sw (N,); else a
-// multiple of 128 dividing K, sw (N, K / group_size)); warps_n / split = 0 take the launcher's defaults.
+// multiple of 128 dividing K, sw (N, K / group_size)); warps_n / split / depth = 0 take the launcher's
+// defaults.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
-                       int64_t group_size, int64_t warps_n, int64_t split) {
+                       int64_t group_size, int64_t warps_n, int64_t split, int64_t depth) {
   check_operands(qa, sa, packed, sw, out_dtype);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   const bool per_row = group_size == 0 || group_size == k;
@@ -98,9 +99,11 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
     const int sms = at::cuda::getDeviceProperties(qa.get_device())->multiProcessorCount;
     sp = lowbit_w4a8_mma_default_split(p, wn, sms);
   }
+  const int group = per_row ? 0 : static_cast<int>(group_size);
+  const int dp = depth ? static_cast<int>(depth) : lowbit_w4a8_mma_default_depth(p, group, sp);
   char err[512] = {0};
-  const int rc = lowbit_w4a8_mma(p, per_row ? 0 : static_cast<int>(group_size), wn, sp,
-                                 c10::cuda::getCurrentCUDAStream().stream(), err, sizeof(err));
+  const int rc = lowbit_w4a8_mma(p, group, wn, sp, dp, c10::cuda::getCurrentCUDAStream().stream(), err,
+                                 sizeof(err));
   check(rc == 0, err);
   return out;
 }
@@ -112,5 +115,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
   m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..32 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"),
-        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0);
+        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0, py::arg("depth") = 0);
 }

@@ -28,8 +28,10 @@ int lowbit_w4a8_gemm(const W4A8Problem& p, void* workspace, cudaStream_t stream,
 // Decode-batch W4A8 on mma.sync (w4a8_mma.cu, no CUTLASS): same problem, 1..32 tokens. group: 0 or
 // K for per-row weight scales (w_scale (n_out,)), else a multiple of 128 dividing K (w_scale
 // (n_out, K / group), row-major). warps_n (4 or 8) warps per CTA, each owning 8 weight rows; split
-// (1..8) K ranges summed inside a thread block cluster.
+// (1..8) K ranges summed inside a thread block cluster; depth (1..3) rounds of weight loads in
+// flight ahead of the MMAs.
 constexpr int W4A8_MMA_MAX_TOKENS = 32;
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms);
-int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, cudaStream_t stream, char* err,
-                    int err_len);
+int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group, int split);
+int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,
+                    char* err, int err_len);

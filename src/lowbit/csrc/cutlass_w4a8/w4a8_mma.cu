@@ -109,8 +109,10 @@ __host__ __device__ constexpr int x_smem_bytes(int rows, int k_slice) { return r
 // GROUPED: sw is (N, K / group) with group a multiple of 128 (group_steps = group / 128 K steps);
 // each group's int32 sum is scaled into a float accumulator when the group (or the CTA's K range)
 // ends. Otherwise sw is (N,) and the int32 sum over the whole K range is scaled once.
-template <int MT, int WARPS_N, bool GROUPED, typename OutT>
-__global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? 1024 / (WARPS_N * 32) : 1)
+// DEPTH: weight rounds in flight ahead of the one being multiplied (1..3); the first DEPTH rounds
+// are issued before the activation slice is staged.
+template <int MT, int WARPS_N, bool GROUPED, int DEPTH, typename OutT>
+__global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? (DEPTH == 1 ? 1024 : 512) / (WARPS_N * 32) : 1)
     w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const float* __restrict__ sw,
                     const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
                     int N, int K, int steps_per_split, int group_steps) {
@@ -127,17 +129,21 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? 1024 / (WA
   // Rows past N (a partial last CTA) read the last row; their outputs are not stored.
   const uint8_t* w_lane = w + static_cast<size_t>(min(n_warp + g, N - 1)) * kh + q * 16;
 
-  auto load_round = [&](uint4 (&buf)[kRound], int s0) {
+  auto load_round = [&](uint4 (&dst)[kRound], int s0) {
 #pragma unroll
     for (int i = 0; i < kRound; ++i) {
       const int s = s0 + i;
       // K % 32 == 0: a lane's 16-byte chunk (32 k) is wholly inside the row or wholly past it.
-      buf[i] = (s < s_end && s * 64 + q * 16 < kh) ? load_weights(w_lane + s * 64) : make_uint4(0, 0, 0, 0);
+      dst[i] = (s < s_end && s * 64 + q * 16 < kh) ? load_weights(w_lane + s * 64) : make_uint4(0, 0, 0, 0);
     }
   };
-  // The first weights are in flight while the CTA stages its activation slice in shared memory.
-  uint4 cur[kRound], nxt[kRound];
-  load_round(cur, s_begin);
+  // The first DEPTH rounds of weights are in flight while the CTA stages its activation slice in
+  // shared memory. buf is a ring of DEPTH + 1 rounds, indexed with constants only (the loop below is
+  // unrolled over one turn of the ring), so it stays in registers.
+  constexpr int kRing = DEPTH + 1;
+  uint4 buf[kRing][kRound];
+#pragma unroll
+  for (int r = 0; r < DEPTH; ++r) load_round(buf[r], s_begin + r * kRound);
 
   const int k0 = s_begin * 128;
   const int k_len = min(s_end * 128, K) - k0;  // a multiple of 32
@@ -227,23 +233,23 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? 1024 / (WA
     }
   };
 
-  for (int s0 = s_begin; s0 < s_end; s0 += kRound) {
-    if (s0 + kRound < s_end) {
-      load_round(nxt, s0 + kRound);
-    } else {
+  for (int s0 = s_begin; s0 < s_end; s0 += kRing * kRound) {
 #pragma unroll
-      for (int i = 0; i < kRound; ++i) nxt[i] = make_uint4(0, 0, 0, 0);
-    }
+    for (int r = 0; r < kRing; ++r) {
+      const int sr = s0 + r * kRound;  // the round in buf[r]
+      if (sr < s_end) {
+        // the round DEPTH ahead goes into the slot the previous round freed (past s_end: zeros, no load)
+        load_round(buf[(r + DEPTH) % kRing], sr + DEPTH * kRound);
 #pragma unroll
-    for (int i = 0; i < kRound; ++i) {
-      const int s = s0 + i;
-      if (s < s_end) {
-        step(cur[i], s);
-        if (GROUPED && ((s + 1) % group_steps == 0 || s + 1 == s_end)) flush_group(s / group_steps);
+        for (int i = 0; i < kRound; ++i) {
+          const int s = sr + i;
+          if (s < s_end) {
+            step(buf[r][i], s);
+            if (GROUPED && ((s + 1) % group_steps == 0 || s + 1 == s_end)) flush_group(s / group_steps);
+          }
+        }
       }
     }
-#pragma unroll
-    for (int i = 0; i < kRound; ++i) cur[i] = nxt[i];
   }
 
   // C fragment: acc[mt][0..1] -> row mt*16+g, cols n_warp+2q, +1; acc[mt][2..3] -> row +8.
@@ -315,9 +321,9 @@ int smem_bytes(int tokens, int split, int steps_per_split) {
          (split > 1 ? WARPS_N * MT * 4 * 32 * 4 : 0);
 }
 
-template <int MT, int WARPS_N, bool GROUPED, typename OutT>
+template <int MT, int WARPS_N, bool GROUPED, int DEPTH, typename OutT>
 cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_per_split, cudaStream_t stream) {
-  auto kernel = w4a8_mma_kernel<MT, WARPS_N, GROUPED, OutT>;
+  auto kernel = w4a8_mma_kernel<MT, WARPS_N, GROUPED, DEPTH, OutT>;
   const int smem = smem_bytes<MT, WARPS_N>(p.tokens, split, steps_per_split);
   if (smem > 48 * 1024) {  // a host-side attribute of the current device's function (no stream work)
     const cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -341,22 +347,37 @@ cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_p
                             p.tokens, p.n_out, p.k, steps_per_split, group_steps);
 }
 
-template <int MT, bool GROUPED, typename OutT>
+template <int MT, bool GROUPED, int DEPTH, typename OutT>
 cudaError_t launch_warps(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
-  return warps_n == 4 ? launch<MT, 4, GROUPED, OutT>(p, gs, split, sps, stream)
-                      : launch<MT, 8, GROUPED, OutT>(p, gs, split, sps, stream);
+  return warps_n == 4 ? launch<MT, 4, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream)
+                      : launch<MT, 8, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream);
+}
+
+template <int MT, bool GROUPED, typename OutT>
+cudaError_t launch_depth(const W4A8Problem& p, int gs, int warps_n, int split, int sps, int depth,
+                         cudaStream_t stream) {
+  switch (depth) {
+    case 1:
+      return launch_warps<MT, GROUPED, 1, OutT>(p, gs, warps_n, split, sps, stream);
+    case 2:
+      return launch_warps<MT, GROUPED, 2, OutT>(p, gs, warps_n, split, sps, stream);
+    default:
+      return launch_warps<MT, GROUPED, 3, OutT>(p, gs, warps_n, split, sps, stream);
+  }
 }
 
 template <bool GROUPED, typename OutT>
-cudaError_t launch_tiles(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
-  if (p.tokens <= 16) return launch_warps<1, GROUPED, OutT>(p, gs, warps_n, split, sps, stream);
-  return launch_warps<2, GROUPED, OutT>(p, gs, warps_n, split, sps, stream);
+cudaError_t launch_tiles(const W4A8Problem& p, int gs, int warps_n, int split, int sps, int depth,
+                         cudaStream_t stream) {
+  if (p.tokens <= 16) return launch_depth<1, GROUPED, OutT>(p, gs, warps_n, split, sps, depth, stream);
+  return launch_depth<2, GROUPED, OutT>(p, gs, warps_n, split, sps, depth, stream);
 }
 
 template <typename OutT>
-cudaError_t launch_dtype(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
-  return gs ? launch_tiles<true, OutT>(p, gs, warps_n, split, sps, stream)
-            : launch_tiles<false, OutT>(p, gs, warps_n, split, sps, stream);
+cudaError_t launch_dtype(const W4A8Problem& p, int gs, int warps_n, int split, int sps, int depth,
+                         cudaStream_t stream) {
+  return gs ? launch_tiles<true, OutT>(p, gs, warps_n, split, sps, depth, stream)
+            : launch_tiles<false, OutT>(p, gs, warps_n, split, sps, depth, stream);
 }
 
 int m_tiles(int tokens) { return tokens <= 16 ? 1 : 2; }
@@ -388,8 +409,15 @@ int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms
   return std::max(min_split(p), std::max(1, std::min(split, steps)));
 }
 
-int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, cudaStream_t stream, char* err,
-                    int err_len) {
+int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group, int split) {
+  (void)p;
+  (void)group;
+  (void)split;
+  return 1;
+}
+
+int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,
+                    char* err, int err_len) {
   if (p.tokens < 1 || p.tokens > W4A8_MMA_MAX_TOKENS) {
     snprintf(err, err_len, "the mma kernel takes 1..%d tokens, got %d", W4A8_MMA_MAX_TOKENS, p.tokens);
     return 1;
@@ -409,6 +437,10 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, cud
     snprintf(err, err_len, "warps_n must be 4 or 8, got %d", warps_n);
     return 1;
   }
+  if (depth < 1 || depth > 3) {
+    snprintf(err, err_len, "depth must be 1, 2 or 3, got %d", depth);
+    return 1;
+  }
   const int steps = (p.k + 127) / 128;
   const int lo = min_split(p);
   if (lo > 8) {
@@ -426,8 +458,8 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, cud
   const int sps = (steps + split - 1) / split;
   split = (steps + sps - 1) / sps;  // no empty split
   const cudaError_t rc = p.out_dtype == W4A8_OUT_FP16
-                             ? launch_dtype<__half>(p, gs, warps_n, split, sps, stream)
-                             : launch_dtype<__nv_bfloat16>(p, gs, warps_n, split, sps, stream);
+                             ? launch_dtype<__half>(p, gs, warps_n, split, sps, depth, stream)
+                             : launch_dtype<__nv_bfloat16>(p, gs, warps_n, split, sps, depth, stream);
   if (rc != cudaSuccess) {
     snprintf(err, err_len, "mma kernel launch failed: %s", cudaGetErrorString(rc));
     return 2;

@@ -204,14 +204,15 @@ def mma_gemm(
     group_size: int = 0,
     warps_n: int = 0,
     split: int = 0,
+    depth: int = 0,
 ) -> torch.Tensor:
     """Decode batches (1..32 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
     arguments as gemm, plus group_size: 0 or K = per-row scale (N, 1) (same numerics as gemm), else
-    a multiple of 128 dividing K with scale (N, K // group_size). warps_n (4 or 8) and split (1..8):
-    0 = the launcher's rule."""
+    a multiple of 128 dividing K with scale (N, K // group_size). warps_n (4 or 8), split (1..8) and
+    depth (1..3 rounds of weight loads in flight): 0 = the launcher's rule."""
     from lowbit.kernels.cutlass.build import load
 
-    return load().w4a8_mma(*_native_args(qa, sa, packed, scale, bias, out_dtype), group_size, warps_n, split)
+    return load().w4a8_mma(*_native_args(qa, sa, packed, scale, bias, out_dtype), group_size, warps_n, split, depth)
 
 
 def _linear_impl(
