@@ -51,7 +51,7 @@ def check(depths: tuple[int, ...] = (0,)) -> list[dict]:
     cases = [(8, 32), (40, 160), (136, 4192), (1000, 1056), (4096, 4096), (24, 11008)]
     for (n, k), m, dt, bias, (wn, sp), dp in itertools.product(
             cases, (1, 3, 7, 16, 17, 32), (torch.bfloat16, torch.float16), (False, True),
-            ((0, 0), (4, 1), (8, 3), (4, 8)), depths):
+            ((0, 0), (4, 1), (8, 3), (4, 8), (16, 2)), depths):
         steps = -(-k // 128)
         if sp > steps:
             continue
@@ -116,14 +116,14 @@ def timings(sweep: bool, group: int | None = None) -> list[dict]:
     return rows
 
 
-def depth_sweep(group: int | None) -> list[dict]:
+def depth_sweep(group: int | None, ms: tuple[int, ...]) -> list[dict]:
     rows = []
     for label, n, k in bench_shapes(False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         qw = lowbit.W4A8Config(group_size=group).quantize_weight(w)
         packed, scale, g = qw.qdata, qw.scale, qw.group_size
         gs = 0 if g == k else g
-        for m in (1, 16, 32):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             qa, sa = act_quant(x)
             ref = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, 8, 0, 1)
@@ -131,7 +131,7 @@ def depth_sweep(group: int | None) -> list[dict]:
                  "default": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs)),
                  "auto": timeit_graphed(lambda: F.linear(x, qw))}
             cfgs = {}
-            for wn, sp, dp in itertools.product((4, 8), (1, 2, 4, 8), (1, 2, 3)):
+            for wn, sp, dp in itertools.product((4, 8, 16), (1, 2, 3, 4, 8), (1, 2)):
                 try:
                     out = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp)
                 except RuntimeError:
@@ -142,7 +142,7 @@ def depth_sweep(group: int | None) -> list[dict]:
                     lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp))
             best = min(cfgs, key=cfgs.get)
             rows.append({"shape": label, "N": n, "K": k, "M": m, "us": t, "sweep": cfgs, "best": best})
-            by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in (1, 2, 3)}
+            by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in (1, 2)}
             print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} auto={t['auto']:5.1f} "
                   f"best={best}:{cfgs[best]:5.1f} by depth " +
                   " ".join(f"d{d}={v:5.1f}" for d, v in by_depth.items()), flush=True)
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--act-quant", action="store_true")
     ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--ms", default="16,32", help="token counts of the --depth sweep")
+    ap.add_argument("--timings", action="store_true", help="with --depth: also the default-launch table")
     ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
     if args.act_quant:
@@ -198,7 +200,14 @@ def main() -> None:
             "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
     meta["group_size"] = args.group_size or None
     if args.depth:
-        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(args.group_size or None)}
+        ms = tuple(int(v) for v in args.ms.split(","))
+        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(args.group_size or None, ms)}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        if not args.timings:
+            return
+        result["timings"] = timings(False, args.group_size or None)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

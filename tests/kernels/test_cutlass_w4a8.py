@@ -308,7 +308,7 @@ def test_compiled_quantizes_in_graph(m):
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 32])
 def test_mma_matches_reference_exactly(m, nk, dtype):
     """Integer sums in int32 and the reference's float roundings: equal bit for bit, for every
-    launch shape (4 or 8 warps, one CTA or a cluster of K splits)."""
+    launch shape (4, 8 or 16 warps, one CTA or a cluster of K splits, 1..3 weight rounds in flight)."""
     from lowbit.kernels.w4a8.act_quant import act_quant
     from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
 
@@ -320,16 +320,17 @@ def test_mma_matches_reference_exactly(m, nk, dtype):
     bias = torch.randn(n, dtype=dtype, device="cuda") if m % 2 else None
     ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, bias, k, dtype)
     ran = 0
-    for warps_n, split in [(0, 0), (4, 1), (8, 2), (8, 3), (4, 8)]:
+    for warps_n, split, depth in [(0, 0, 0), (4, 1, 1), (8, 2, 2), (8, 3, 3), (4, 8, 2), (16, 1, 2),
+                                  (16, 4, 1), (8, 1, 3)]:
         try:
-            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, 0, warps_n, split)
+            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, 0, warps_n, split, depth)
         except RuntimeError as e:  # a split below the shared-memory minimum or past K/128
             assert "split must be in" in str(e)
             continue
         ran += 1
         assert y.dtype == dtype and y.shape == (m, n)
-        assert torch.equal(y, ref), (warps_n, split)
-    assert ran >= 2
+        assert torch.equal(y, ref), (warps_n, split, depth)
+    assert ran >= 4
 
 
 @needs_sm90
@@ -352,9 +353,9 @@ def test_mma_group_wise_matches_reference(m, nkg, dtype):
     ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, bias, group, torch.float32)
     row_ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale[:, :1], bias, k, torch.float32)
     ran = 0
-    for warps_n, split in [(0, 0), (4, 1), (8, 2), (8, 4)]:
+    for warps_n, split, depth in [(0, 0, 0), (4, 1, 1), (8, 2, 2), (8, 4, 3), (16, 1, 2)]:
         try:
-            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, group, warps_n, split)
+            y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, group, warps_n, split, depth)
         except RuntimeError as e:
             assert "split must be in" in str(e)
             continue
@@ -382,6 +383,8 @@ def test_mma_rejects_bad_input():
         w4a8.mma_gemm(qa[:4], sa[:4], packed, torch.ones(64, 3, device="cuda"), None, torch.bfloat16, 128)
     with pytest.raises(RuntimeError, match="warps_n"):
         w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 0, 5, 1)
+    with pytest.raises(RuntimeError, match="depth must be"):
+        w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 0, 8, 1, 4)
     with pytest.raises(RuntimeError, match="does not match"):
         w4a8.mma_gemm(qa[:4, :128], sa[:4], packed, scale, None, torch.bfloat16)
     long_k = torch.zeros(32, 65536, dtype=torch.int8, device="cuda")  # slice too big even at 8 splits

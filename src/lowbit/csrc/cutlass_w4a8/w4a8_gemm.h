@@ -27,7 +27,7 @@ int lowbit_w4a8_gemm(const W4A8Problem& p, void* workspace, cudaStream_t stream,
 
 // Decode-batch W4A8 on mma.sync (w4a8_mma.cu, no CUTLASS): same problem, 1..32 tokens. group: 0 or
 // K for per-row weight scales (w_scale (n_out,)), else a multiple of 128 dividing K (w_scale
-// (n_out, K / group), row-major). warps_n (4 or 8) warps per CTA, each owning 8 weight rows; split
+// (n_out, K / group), row-major). warps_n (4, 8 or 16) warps per CTA, each owning 8 weight rows; split
 // (1..8) K ranges summed inside a thread block cluster; depth (1..3) rounds of weight loads in
 // flight ahead of the MMAs.
 constexpr int W4A8_MMA_MAX_TOKENS = 32;

@@ -349,8 +349,14 @@ cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_p
 
 template <int MT, bool GROUPED, int DEPTH, typename OutT>
 cudaError_t launch_warps(const W4A8Problem& p, int gs, int warps_n, int split, int sps, cudaStream_t stream) {
-  return warps_n == 4 ? launch<MT, 4, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream)
-                      : launch<MT, 8, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream);
+  switch (warps_n) {
+    case 4:
+      return launch<MT, 4, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream);
+    case 8:
+      return launch<MT, 8, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream);
+    default:
+      return launch<MT, 16, GROUPED, DEPTH, OutT>(p, gs, split, sps, stream);
+  }
 }
 
 template <int MT, bool GROUPED, typename OutT>
@@ -395,25 +401,24 @@ int min_split(const W4A8Problem& p) {
 }  // namespace
 
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
-  // NOTE: H100 sweep (benchmarks/results/probe_mma_decode_h100.json, 4 or 8 warps x 1/2/4/8 splits at
-  // M = 1 and 16). K = 4096: split 1 was best at 344 CTA tiles of 64 rows (22016x4096; split 2
-  // 14-23% slower), 1 or 2 at 224 and 448 (14336x4096: 1 by 5-7%; 28672x4096: 1 at M=1, 2 by 10% at
-  // M=16), 2 at 172-192, 4 at 64 and 8 at 16; 96 tiles (6144x4096) took 2 (3 was not swept).
-  // This rule, about 2 * SMs CTAs, gives 1 / 2 / 1 / 2 / 4 / 8 / 3 for those. Longer rows take
-  // proportionally more (4096x11008 at M=16: 8 splits 26.6 us, 4 splits 29.3, 2 splits 29.1).
+  // NOTE: H100 sweep (benchmarks/results/probe_mma_decode_depth_h100.json: 4 or 8 warps x 1/2/4/8
+  // splits x load depth 1/2/3, M = 1 / 16 / 32, ten Llama shapes). With two weight rounds in flight
+  // (depth 2) the best split gave about one CTA per SM: 1 at 96..448 CTA tiles of 64 rows, 2 at 64
+  // (4096x4096, and 4096x11008 where the long row needs no more), 8 at 16; the older rule (about
+  // 2 * SMs CTAs at depth 1) was 5-18% slower at M = 16 on 8 of 10 shapes. Rows too long for the
+  // shared-memory slice take the fewest splits that fit.
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
-  const long long want = (static_cast<long long>(2 * num_sms - 8) * std::max(steps, 32) + 32LL * tiles - 1) /
-                         (32LL * tiles);
-  const int split = static_cast<int>(std::min<long long>(want, 8));
-  return std::max(min_split(p), std::max(1, std::min(split, steps)));
+  const int split = std::max(1, std::min({(num_sms + tiles / 2) / tiles, 8, steps}));
+  return std::max(min_split(p), split);
 }
 
 int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group, int split) {
+  // Depth 2 was the best or within 3% of it on 26 of 30 (shape, M) cases of the sweep above.
   (void)p;
   (void)group;
   (void)split;
-  return 1;
+  return 2;
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,
@@ -433,8 +438,8 @@ int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int
     return 1;
   }
   const int gs = (group == 0 || group == p.k) ? 0 : group / 128;
-  if (warps_n != 4 && warps_n != 8) {
-    snprintf(err, err_len, "warps_n must be 4 or 8, got %d", warps_n);
+  if (warps_n != 4 && warps_n != 8 && warps_n != 16) {
+    snprintf(err, err_len, "warps_n must be 4, 8 or 16, got %d", warps_n);
     return 1;
   }
   if (depth < 1 || depth > 3) {

@@ -208,7 +208,7 @@ def mma_gemm(
 ) -> torch.Tensor:
     """Decode batches (1..32 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
     arguments as gemm, plus group_size: 0 or K = per-row scale (N, 1) (same numerics as gemm), else
-    a multiple of 128 dividing K with scale (N, K // group_size). warps_n (4 or 8), split (1..8) and
+    a multiple of 128 dividing K with scale (N, K // group_size). warps_n (4, 8 or 16), split (1..8) and
     depth (1..3 rounds of weight loads in flight): 0 = the launcher's rule."""
     from lowbit.kernels.cutlass.build import load
 
