@@ -330,7 +330,7 @@ def test_mma_matches_reference_exactly(m, nk, dtype):
         ran += 1
         assert y.dtype == dtype and y.shape == (m, n)
         assert torch.equal(y, ref), (warps_n, split, depth)
-    assert ran >= 4
+    assert ran >= 3
 
 
 @needs_sm90

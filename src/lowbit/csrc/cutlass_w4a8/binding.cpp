@@ -93,7 +93,7 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
                 bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
                 static_cast<int>(n), static_cast<int>(k),
                 out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
-  const int wn = warps_n ? static_cast<int>(warps_n) : 8;
+  const int wn = warps_n ? static_cast<int>(warps_n) : lowbit_w4a8_mma_default_warps(p);
   int sp = static_cast<int>(split);
   if (sp == 0) {
     const int sms = at::cuda::getDeviceProperties(qa.get_device())->multiProcessorCount;

@@ -400,16 +400,29 @@ int min_split(const W4A8Problem& p) {
 
 }  // namespace
 
+int lowbit_w4a8_mma_default_warps(const W4A8Problem& p) {
+  // NOTE: H100, benchmarks/results/probe_mma_decode_depth2_h100.json (4 / 8 / 16 warps x splits
+  // 1/2/3/4/8 x depth 1/2 at M = 16 / 32): 16-warp CTAs (128 weight rows: half the activation
+  // staging per weight byte) at depth 2 were the best on 7 of 10 shapes at M = 16 (e.g. 11008x4096
+  // 19.2 vs 21.0 us with 8 warps, 4096x11008 21.7 vs 23.5) and within 0.7 us on the rest except
+  // 22016x4096 (34.0 vs 33.1); at M = 32 (two m tiles, more registers) 8 warps were as good or better.
+  return p.tokens <= 16 ? 16 : 8;
+}
+
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
-  // NOTE: H100 sweep (benchmarks/results/probe_mma_decode_depth_h100.json: 4 or 8 warps x 1/2/4/8
-  // splits x load depth 1/2/3, M = 1 / 16 / 32, ten Llama shapes). With two weight rounds in flight
-  // (depth 2) the best split gave about one CTA per SM: 1 at 96..448 CTA tiles of 64 rows, 2 at 64
-  // (4096x4096, and 4096x11008 where the long row needs no more), 8 at 16; the older rule (about
-  // 2 * SMs CTAs at depth 1) was 5-18% slower at M = 16 on 8 of 10 shapes. Rows too long for the
-  // shared-memory slice take the fewest splits that fit.
+  // NOTE: H100 sweeps (benchmarks/results/probe_mma_decode_depth_h100.json and _depth2_h100.json).
+  // With two weight rounds in flight (depth 2) the best split gave at most one wave of CTAs:
+  //   8 warps (two CTAs per SM): about one CTA per SM: split 1 at 96..448 CTA tiles of 64 rows, 2 at
+  //   64 (4096x4096, 4096x11008), 8 at 16; the older rule (about 2 * SMs CTAs at depth 1) was 5-18%
+  //   slower at M = 16 on 8 of 10 shapes.
+  //   16 warps (one CTA per SM): about 3/4 of the SMs; a full wave of clusters did not fit (4096x4096
+  //   at 32 tiles of 128 rows: split 3 14.6 us, split 4 19.3; 6144x4096 at 48 tiles: split 2 16.9,
+  //   split 3 22.1); split 1 at 86..224 tiles, 8 at 8.
+  // Rows too long for the shared-memory slice take the fewest splits that fit.
   const int tiles = (p.n_out + warps_n * 8 - 1) / (warps_n * 8);
   const int steps = (p.k + 127) / 128;
-  const int split = std::max(1, std::min({(num_sms + tiles / 2) / tiles, 8, steps}));
+  const int want = warps_n == 16 ? (3 * num_sms) / (4 * tiles) : (num_sms + tiles / 2) / tiles;
+  const int split = std::max(1, std::min({want, 8, steps}));
   return std::max(min_split(p), split);
 }
 

@@ -44,27 +44,31 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
                  (4096, 14336), (11008, 4096), (6144, 4096))
 ) + ((32000, 4096, 5, 33), (128256, 4096, 5, 33))
 
-# NOTE: H100, benchmarks/results/probe_mma_decode_h100.json (python benchmarks/probe_mma_decode.py, one
-# run, sha 881d748): the mma.sync decode-batch kernel (csrc/cutlass_w4a8/w4a8_mma.cu) incl. act_quant vs
-# today's AUTO (CUTLASS at M >= 5 on these shapes, the dp4a GEMV at M <= 4), us:
-#   4096x11008 M=2/4/8/16: 33.7/33.9/34.6/36.7 vs 74.0/128.4/39.0/39.0
-#   4096x14336 M=2/4/8/16: 38.7/38.8/39.7/42.1 vs 41.2/70.2/43.4/43.9
-#   22016x4096 M=8/16: 37.8/40.3 vs 43.5/43.6;  28672x4096 M=4/8: 40.4/41.4 vs 44.9/45.2
-#   6144x4096 M=8/16: 20.4/21.4 vs 24.0/24.2
-#   1024x4096 M=8/16 (probe_mma_decode_rule2_h100.json, sha f669eb5, vs the Triton decode kernel):
-#   14.0/14.0 vs 16.6/16.4
-# It is slower elsewhere (M=1: the dp4a GEMV; 11008x4096, 14336x4096, 4096x4096), so AUTO takes it
-# only on these (N, K, first, end) entries, first <= M < end. From int8 activations (compiled graphs)
-# the M >= 5 entries hold against CUTLASS too (f669eb5: 4096x11008 M=16 26.3 vs 27.4 us, 22016x4096
-# M=8 31.6 vs 39.1 us, 6144x4096 M=16 18.3 vs 19.4 us); at M = 2..4 a compiled graph ran the same
-# fused dp4a GEMV as the eager call (the AUTO column above).
+# NOTE: H100, benchmarks/results/probe_mma_decode_depth2_h100.json ("timings": python
+# benchmarks/probe_mma_decode.py --depth --timings, one run, sha 65acd97): the mma.sync decode-batch
+# kernel (csrc/cutlass_w4a8/w4a8_mma.cu, two weight rounds in flight) incl. act_quant vs the best
+# other path (the dp4a GEMV at M <= 4, the CUTLASS GEMM or the Triton decode kernel, each incl.
+# act_quant), us:
+#   12288x4096 M=4/8/16: 22.5/22.5/24.1 vs 25.9/25.3/25.7;  22016x4096: 34.6/35.1/37.8 vs 38.0/40.6/41.6
+#   11008x4096 M=4/8/16: 21.6/22.0/23.7 vs 24.5/24.5/24.5;  14336x4096: 24.0/24.2/26.1 vs 27.4/27.5/27.7
+#   6144x4096 M=4/8/16: 17.8/18.0/18.7 vs 18.7/21.6/21.7
+#   4096x11008 M=2/4/8/16: 26.8/27.2/27.6/29.2 vs 32.8/32.9/32.8/33.1 (4096x14336: 29.7/30.1/30.8/31.6
+#   vs 36.3/36.1/36.3/36.3; 28672x4096: 36.4/37.1/37.5/40.8 vs 37.7/44.6/43.5/44.2)
+#   4096x4096 M=8/16/32: 16.5/17.3/20.0 vs 17.5/17.5/20.6;  1024x4096: 13.1/13.2/14.0 vs 16.0/16.0/17.5
+# It is slower at M=1 everywhere and at M=2 on the other K=4096 layers (the dp4a GEMV), at M=4 on
+# 4096x4096 and 1024x4096, and at M=32 elsewhere (the CUTLASS GEMM), so AUTO takes it only on these
+# (N, K, first, end) entries, first <= M < end. M=5..7 run the same kernels as M=8.
 MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 17),
     (4096, 14336, 2, 17),
-    (22016, 4096, 5, 17),
-    (28672, 4096, 4, 9),
-    (6144, 4096, 5, 17),
-    (1024, 4096, 5, 17),
+    (28672, 4096, 2, 17),
+    (22016, 4096, 4, 17),
+    (12288, 4096, 4, 17),
+    (11008, 4096, 4, 17),
+    (14336, 4096, 4, 17),
+    (6144, 4096, 4, 17),
+    (4096, 4096, 5, 33),
+    (1024, 4096, 5, 33),
 )
 # Group-wise weights (group a multiple of 128 dividing K): the mma kernel scales each group's int32
 # sum in float32. H100, g128, results/probe_mma_decode_g128_h100.json (sha 4eeaefb), incl. act_quant,
