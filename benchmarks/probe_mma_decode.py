@@ -116,7 +116,7 @@ def timings(sweep: bool, group: int | None = None) -> list[dict]:
     return rows
 
 
-def depth_sweep(group: int | None, ms: tuple[int, ...]) -> list[dict]:
+def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] = (4, 8, 16)) -> list[dict]:
     rows = []
     for label, n, k in bench_shapes(False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -131,7 +131,7 @@ def depth_sweep(group: int | None, ms: tuple[int, ...]) -> list[dict]:
                  "default": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs)),
                  "auto": timeit_graphed(lambda: F.linear(x, qw))}
             cfgs = {}
-            for wn, sp, dp in itertools.product((4, 8, 16), (1, 2, 3, 4, 8), (1, 2)):
+            for wn, sp, dp in itertools.product(warps, (1, 2, 3, 4, 8), (1, 2)):
                 try:
                     out = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp)
                 except RuntimeError:
@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--act-quant", action="store_true")
     ap.add_argument("--depth", action="store_true")
     ap.add_argument("--ms", default="16,32", help="token counts of the --depth sweep")
+    ap.add_argument("--warps", default="4,8,16", help="warps per CTA in the --depth sweep")
     ap.add_argument("--timings", action="store_true", help="with --depth: also the default-launch table")
     ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
@@ -201,7 +202,8 @@ def main() -> None:
     meta["group_size"] = args.group_size or None
     if args.depth:
         ms = tuple(int(v) for v in args.ms.split(","))
-        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(args.group_size or None, ms)}
+        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(args.group_size or None, ms,
+                                                                  tuple(int(v) for v in args.warps.split(",")))}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
