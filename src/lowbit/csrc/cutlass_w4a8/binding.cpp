@@ -93,14 +93,14 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
                 bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
                 static_cast<int>(n), static_cast<int>(k),
                 out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
-  const int wn = warps_n ? static_cast<int>(warps_n) : lowbit_w4a8_mma_default_warps(p);
+  const int group = per_row ? 0 : static_cast<int>(group_size);
+  const int wn = warps_n ? static_cast<int>(warps_n) : lowbit_w4a8_mma_default_warps(p, group);
   int sp = static_cast<int>(split);
   if (sp == 0) {
     const int sms = at::cuda::getDeviceProperties(qa.get_device())->multiProcessorCount;
     sp = lowbit_w4a8_mma_default_split(p, wn, sms);
   }
-  const int group = per_row ? 0 : static_cast<int>(group_size);
-  const int dp = depth ? static_cast<int>(depth) : lowbit_w4a8_mma_default_depth(p, group, sp);
+  const int dp = depth ? static_cast<int>(depth) : lowbit_w4a8_mma_default_depth(p, group);
   char err[512] = {0};
   const int rc = lowbit_w4a8_mma(p, group, wn, sp, dp, c10::cuda::getCurrentCUDAStream().stream(), err,
                                  sizeof(err));

@@ -31,8 +31,8 @@ int lowbit_w4a8_gemm(const W4A8Problem& p, void* workspace, cudaStream_t stream,
 // (1..8) K ranges summed inside a thread block cluster; depth (1..3) rounds of weight loads in
 // flight ahead of the MMAs.
 constexpr int W4A8_MMA_MAX_TOKENS = 32;
-int lowbit_w4a8_mma_default_warps(const W4A8Problem& p);
+int lowbit_w4a8_mma_default_warps(const W4A8Problem& p, int group);
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms);
-int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group, int split);
+int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group);
 int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,
                     char* err, int err_len);

@@ -400,13 +400,15 @@ int min_split(const W4A8Problem& p) {
 
 }  // namespace
 
-int lowbit_w4a8_mma_default_warps(const W4A8Problem& p) {
-  // NOTE: H100, benchmarks/results/probe_mma_decode_depth2_h100.json (4 / 8 / 16 warps x splits
-  // 1/2/3/4/8 x depth 1/2 at M = 16 / 32): 16-warp CTAs (128 weight rows: half the activation
-  // staging per weight byte) at depth 2 were the best on 7 of 10 shapes at M = 16 (e.g. 11008x4096
-  // 19.2 vs 21.0 us with 8 warps, 4096x11008 21.7 vs 23.5) and within 0.7 us on the rest except
-  // 22016x4096 (34.0 vs 33.1); at M = 32 (two m tiles, more registers) 8 warps were as good or better.
-  return p.tokens <= 16 ? 16 : 8;
+int lowbit_w4a8_mma_default_warps(const W4A8Problem& p, int group) {
+  // NOTE: H100, benchmarks/results/probe_mma_decode_depth2_h100.json (per row: 4 / 8 / 16 warps x
+  // splits 1/2/3/4/8 x depth 1/2 at M = 16 / 32) and probe_mma_decode_depth_g128_h100.json (g128:
+  // 8 / 16 warps at M = 1 / 16 / 32). 16-warp CTAs (128 weight rows: half the activation staging
+  // per weight byte) were the best on 7 of 10 shapes at M = 16 per row (e.g. 11008x4096 19.2 vs
+  // 21.0 us with 8 warps, 4096x11008 21.7 vs 23.5) and within 0.7 us on the rest except 22016x4096
+  // (34.0 vs 33.1); group-wise they were the best on 7 of 10 at M = 16 and on 9 of 10 at M = 32.
+  // Per row at M = 32 (two m tiles, more registers) 8 warps were as good or better.
+  return (p.tokens <= 16 || group != 0) ? 16 : 8;
 }
 
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms) {
@@ -426,12 +428,11 @@ int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms
   return std::max(min_split(p), split);
 }
 
-int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group, int split) {
-  // Depth 2 was the best or within 3% of it on 26 of 30 (shape, M) cases of the sweep above.
-  (void)p;
-  (void)group;
-  (void)split;
-  return 2;
+int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group) {
+  // Per row, depth 2 was the best or within 3% of it on 26 of 30 (shape, M) cases of the first
+  // sweep; group-wise past 16 tokens (two m tiles and the float group sums: the most registers)
+  // depth 1 was the best on 10 of 10 (e.g. 22016x4096 M = 32: 56.8 vs 61.6 us).
+  return (group != 0 && p.tokens > 16) ? 1 : 2;
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,

@@ -71,29 +71,30 @@ MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (1024, 4096, 5, 33),
 )
 # Group-wise weights (group a multiple of 128 dividing K): the mma kernel scales each group's int32
-# sum in float32. H100, g128, results/probe_mma_decode_g128_h100.json (sha 4eeaefb), incl. act_quant,
-# vs AUTO's Triton path (the dp4a GEMV at M <= 4, the decode kernel above), us:
-#   4096x11008 M=2/4/8/16: 39.6/39.7/39.7/40.8 vs 77.0/134.5/49.5/50.0
-#   4096x14336 M=2/4/8/16: 41.9/42.0/42.5/43.9 vs 43.7/61.6/46.9/46.6
-#   22016x4096 M=8/16: 40.8/43.9 vs 56.3/56.3;  28672x4096: 47.3/50.7 vs 63.2/63.3
-#   14336x4096 M=8/16: 34.1/35.9 vs 40.3/40.6;  1024x4096: 13.3/13.6 vs 15.7/16.1
-#   12288x4096 M=8/16: 31.0/34.2 vs 33.5/33.6;  11008x4096: 30.1/34.0 vs 33.3/33.2 (M=8 only)
-#   M=32 (two 16-token tiles in both kernels, as for M=17..31): 22016x4096 68.1 vs 90.7, 28672x4096
-#   79.7 vs 113.3, 12288x4096 43.9 vs 54.6, 11008x4096 43.2 vs 54.3, 14336x4096 50.3 vs 62.0,
-#   4096x11008 52.6 vs 55.5, 4096x14336 58.8 vs 65.7, 1024x4096 15.0 vs 17.4
-# No gain on 4096x4096 and 6144x4096 (6144x4096 M=8 25.5 vs 25.7, slower at 16 and 32), at M = 2..4
-# on the K=4096 layers, or on 12288x4096 / 11008x4096 at M=16.
+# sum in float32. H100, g128, incl. act_quant, vs AUTO's Triton path (the dp4a GEMV at M <= 4, the
+# Triton decode kernel above), us. M <= 16: results/probe_mma_decode_w16_g128_h100.json (sha eb7d861):
+#   4096x11008 M=2/4/8/16: 34.5/34.6/34.5/35.4 vs 50.1 (decode kernel, M=2) / 49.6/49.5/50.0
+#   4096x14336 M=2/4/8/16: 36.8/36.6/37.2/38.0 vs 47.2/46.4/46.7/46.4
+#   22016x4096 M=8/16: 47.8/48.7 vs 55.7/55.7;  28672x4096: 49.3/50.9 vs 62.8/62.7
+#   14336x4096 M=8/16: 30.1/30.7 vs 40.3/40.3;  12288x4096: 29.1/29.4 vs 33.2/32.9
+#   11008x4096 M=8/16: 28.4/28.8 vs 32.9/32.9;  6144x4096: 22.4/22.9 vs 25.6/25.5
+#   1024x4096 M=8/16: 13.7/14.0 vs 16.0/16.2
+#   slower at M = 2..4 on the K=4096 layers (the GEMV) and on 4096x4096 at M = 8/16 (19.1/19.5 vs
+#   18.9/19.0).
+# M = 32 (two 16-token tiles in both kernels, as for M=17..31; 16 warps at depth 1, the launcher's
+# group-wise default from results/probe_mma_decode_depth_g128_h100.json, sha f803d08, checked in
+# results/probe_mma_decode_final_g128_h100.json): see that file's "rows".
 MMA_AUTO_SHAPES_GROUPED: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 33),
     (4096, 14336, 2, 33),
     (22016, 4096, 5, 33),
     (28672, 4096, 5, 33),
     (14336, 4096, 5, 33),
+    (12288, 4096, 5, 33),
+    (11008, 4096, 5, 33),
+    (6144, 4096, 5, 33),
     (1024, 4096, 5, 33),
-    (12288, 4096, 5, 9),
-    (12288, 4096, 17, 33),
-    (11008, 4096, 5, 9),
-    (11008, 4096, 17, 33),
+    (4096, 4096, 17, 33),
 )
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
