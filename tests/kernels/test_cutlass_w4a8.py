@@ -444,3 +444,45 @@ def test_auto_takes_mma_for_group_wise_weights(monkeypatch):
     assert calls == [128]
     ref = w4a8_linear_reference(x, lin.weight, None)
     torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=ref.float().abs().max().item() * 2e-3)
+
+
+@needs_sm90
+@pytest.mark.parametrize("group", [0, 128])
+def test_mma_reads_half_scales_as_stored(group):
+    """bf16 / fp16 weight scales are read as stored and widened in the kernel (exact): the output is
+    the float32-scale output bit for bit, and no converted copy is made."""
+    from lowbit.kernels.w4a8.act_quant import act_quant
+
+    n, k, m = 136, 1024, 7
+    torch.manual_seed(group + 3)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    cols = 1 if group == 0 else k // group
+    qa, sa = act_quant(torch.randn(m, k, dtype=torch.bfloat16, device="cuda"))
+    for dt in (torch.bfloat16, torch.float16):
+        scale = (torch.rand(n, cols, device="cuda") * 0.01 + 1e-3).to(dt)
+        y = w4a8.mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, group)
+        assert torch.equal(y, w4a8.mma_gemm(qa, sa, packed, scale.float(), None, torch.bfloat16, group)), dt
+
+
+@needs_sm90
+@pytest.mark.parametrize("route", ["mma", "cutlass"])
+def test_w4a8_under_cudagraph_trees(monkeypatch, route):
+    """torch.compile(mode="reduce-overhead") with no eager call first: the extension's ops keep no
+    allocation made while CUDA graphs warm up or record (cudagraph trees reject untracked tensors in
+    their pool), and the replayed output equals eager."""
+    build.load()
+    monkeypatch.setattr(w4a8, "MMA_AUTO_SHAPES", ((256, 512, 2, 17),) if route == "mma" else ())
+    monkeypatch.setattr(w4a8, "CUTLASS_AUTO_SHAPES", ((256, 512, 2, 2048),))
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(512, 256, bias=False).to("cuda", torch.bfloat16)
+    lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=None))
+    assert lin.weight.scale.dtype == torch.bfloat16  # stored in bf16: a float32 copy would be new memory
+    f = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(8, 512, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            y = f(x).clone()
+        eager = lin(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(y.float(), eager.float(), rtol=2**-7,
+                               atol=eager.float().abs().max().item() * 1e-3)

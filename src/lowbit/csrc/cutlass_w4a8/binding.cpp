@@ -14,14 +14,20 @@ void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "lowbit CUTLASS W
 
 // The checks both entry points share: devices, dtypes, contiguity and sizes.
 void check_operands(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
-                    const torch::Tensor& sw, at::ScalarType out_dtype) {
+                    const torch::Tensor& sw, at::ScalarType out_dtype, bool half_scales = false) {
   check(qa.is_cuda() && sa.is_cuda() && packed.is_cuda() && sw.is_cuda(), "all inputs must be CUDA tensors");
   check(qa.scalar_type() == at::kChar && qa.dim() == 2 && qa.is_contiguous(),
         "activations must be contiguous int8 (M, K)");
   check(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
         "weights must be contiguous uint8 (N, K/2)");
   check(sa.scalar_type() == at::kFloat && sa.is_contiguous(), "activation scale must be contiguous float32");
-  check(sw.scalar_type() == at::kFloat && sw.is_contiguous(), "weight scale must be contiguous float32");
+  if (half_scales) {
+    check((sw.scalar_type() == at::kFloat || sw.scalar_type() == at::kBFloat16 || sw.scalar_type() == at::kHalf) &&
+              sw.is_contiguous(),
+          "weight scale must be contiguous float32, bfloat16 or float16");
+  } else {
+    check(sw.scalar_type() == at::kFloat && sw.is_contiguous(), "weight scale must be contiguous float32");
+  }
   check(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output dtype must be bfloat16 or float16");
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   check(packed.size(1) * 2 == k, "weight K/2 does not match activation K");
@@ -58,13 +64,13 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
   return out;
 }
 
-// Same arguments as w4a8_gemm, 1..32 tokens, plus group_size (0 or K: per-row sw (N,); else a
-// multiple of 128 dividing K, sw (N, K / group_size)); warps_n / split / depth = 0 take the launcher's
+// Same arguments as w4a8_gemm, 1..32 tokens, sw float32, bfloat16 or float16 (read as stored), plus
+// group_size (0 or K: per-row sw (N,); else a multiple of 128 dividing K, sw (N, K / group_size)); warps_n / split / depth = 0 take the launcher's
 // defaults.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
                        int64_t group_size, int64_t warps_n, int64_t split, int64_t depth) {
-  check_operands(qa, sa, packed, sw, out_dtype);
+  check_operands(qa, sa, packed, sw, out_dtype, /*half_scales=*/true);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   const bool per_row = group_size == 0 || group_size == k;
   check(per_row || (group_size > 0 && k % group_size == 0), "group_size must divide K");
@@ -89,10 +95,13 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
     if (bias) out.add_(*bias);
     return out;
   }
-  W4A8Problem p{packed.data_ptr(), qa.data_ptr(), sw.data_ptr<float>(), sa.data_ptr<float>(),
+  W4A8Problem p{packed.data_ptr(), qa.data_ptr(), static_cast<const float*>(sw.data_ptr()), sa.data_ptr<float>(),
                 bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
                 static_cast<int>(n), static_cast<int>(k),
                 out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
+  p.w_scale_dtype = sw.scalar_type() == at::kBFloat16 ? W4A8_SCALE_BF16
+                    : sw.scalar_type() == at::kHalf   ? W4A8_SCALE_FP16
+                                                      : W4A8_SCALE_F32;
   const int group = per_row ? 0 : static_cast<int>(group_size);
   const int wn = warps_n ? static_cast<int>(warps_n) : lowbit_w4a8_mma_default_warps(p, group);
   int sp = static_cast<int>(split);

@@ -5,11 +5,12 @@
 #include <cuda_runtime.h>
 
 enum W4A8OutDtype { W4A8_OUT_BF16 = 0, W4A8_OUT_FP16 = 1 };
+enum W4A8ScaleDtype { W4A8_SCALE_F32 = 0, W4A8_SCALE_BF16 = 1, W4A8_SCALE_FP16 = 2 };
 
 struct W4A8Problem {
   const void* w;        // packed int4 weights, uint8 (n_out, k / 2), low nibble = even k
   const void* x;        // int8 activations (tokens, k), row-major
-  const float* w_scale;  // (n_out,) float32 per-row weight scale
+  const float* w_scale;  // (n_out,) per-row weight scale: float32 (the mma kernel: see w_scale_dtype)
   const float* a_scale;  // (tokens,) float32 per-token activation scale
   const void* bias;     // (n_out,) in the output dtype, or nullptr
   void* out;            // (tokens, n_out) row-major, bf16 or fp16
@@ -17,6 +18,7 @@ struct W4A8Problem {
   int n_out;
   int k;
   int out_dtype;        // W4A8OutDtype
+  int w_scale_dtype = W4A8_SCALE_F32;  // the mma kernel also reads bf16 / fp16 scales (exact widening)
 };
 
 // Bytes of device workspace lowbit_w4a8_gemm needs for this problem.

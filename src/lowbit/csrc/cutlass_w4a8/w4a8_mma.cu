@@ -88,9 +88,20 @@ __device__ __forceinline__ void store_scaled(float v0, float v1, int m, int n, c
   store_pair(out + static_cast<size_t>(m) * N + n, v0, v1);
 }
 
+// Weight scales are read in their stored dtype (W4A8ScaleDtype) and widened to float32, which is exact.
+struct Scales {
+  const void* p;
+  int dtype;
+  __device__ __forceinline__ float operator[](size_t i) const {
+    if (dtype == W4A8_SCALE_BF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    if (dtype == W4A8_SCALE_FP16) return __half2float(static_cast<const __half*>(p)[i]);
+    return static_cast<const float*>(p)[i];
+  }
+};
+
 // Per-row weights: y[m, n] = ((acc / 16) * sw[n]) * sa[m] (+ bias[n]), the Triton kernels' roundings.
 template <typename OutT>
-__device__ __forceinline__ void epilogue_pair(const int (&acc)[2], int m, int n, const float* sw, const float* sa,
+__device__ __forceinline__ void epilogue_pair(const int (&acc)[2], int m, int n, const Scales& sw, const float* sa,
                                               const OutT* bias, OutT* out, int M, int N) {
   if (m >= M || n >= N) return;
   store_scaled(__fmul_rn(static_cast<float>(acc[0]) * 0.0625f, sw[n]),
@@ -113,7 +124,7 @@ __host__ __device__ constexpr int x_smem_bytes(int rows, int k_slice) { return r
 // are issued before the activation slice is staged.
 template <int MT, int WARPS_N, bool GROUPED, int DEPTH, typename OutT>
 __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? (DEPTH == 1 ? 1024 : 512) / (WARPS_N * 32) : 1)
-    w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const float* __restrict__ sw,
+    w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const Scales sw,
                     const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
                     int N, int K, int steps_per_split, int group_steps) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -343,7 +354,7 @@ cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_p
   cfg.attrs = attr;
   cfg.numAttrs = split > 1 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.w), static_cast<const int8_t*>(p.x),
-                            p.w_scale, p.a_scale, static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out),
+                            Scales{p.w_scale, p.w_scale_dtype}, p.a_scale, static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out),
                             p.tokens, p.n_out, p.k, steps_per_split, group_steps);
 }
 

@@ -98,6 +98,7 @@ MMA_AUTO_SHAPES_GROUPED: tuple[tuple[int, int, int, int], ...] = (
 )
 
 _SCALE_F32: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_MMA_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def shape_unsupported(n: int, k: int, group_size: int) -> str | None:
@@ -217,7 +218,14 @@ def mma_gemm(
     depth (1..3 rounds of weight loads in flight): 0 = the launcher's rule."""
     from lowbit.kernels.cutlass.build import load
 
-    return load().w4a8_mma(*_native_args(qa, sa, packed, scale, bias, out_dtype), group_size, warps_n, split, depth)
+    # The kernel reads bf16 / fp16 / fp32 weight scales as stored (widening is exact): no converted
+    # copy to cache, which in a CUDA graph's memory pool would outlive the graph's outputs.
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    sw = scale.reshape(-1) if scale.dtype in _MMA_SCALE_DTYPES else scale.reshape(-1).to(torch.float32)
+    return load().w4a8_mma(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), sw.contiguous(),
+                           None if bias is None else bias.contiguous(), out_dtype, group_size, warps_n, split,
+                           depth)
 
 
 def _linear_impl(
@@ -239,7 +247,27 @@ def _mma_default(
     return mma_gemm(qa, sa, packed, scale, bias, out_dtype, group_size)
 
 
-w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_gemm", mutates_args=())(gemm)
+def _gemm_in_graph(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """gemm for compiled graphs: the float32 scale is converted per call, never cached. A cached copy
+    made while CUDA graphs warm up or record would live in their memory pool untracked (cudagraph
+    trees refuse that)."""
+    from lowbit.kernels.cutlass.build import load
+
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    return load().w4a8_gemm(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(),
+                            scale.reshape(-1).to(torch.float32).contiguous(),
+                            None if bias is None else bias.contiguous(), out_dtype)
+
+
+w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_gemm", mutates_args=())(_gemm_in_graph)
 w4a8_mma_op = torch.library.custom_op("lowbit::w4a8_mma", mutates_args=())(_mma_default)
 
 
