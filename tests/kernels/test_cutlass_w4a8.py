@@ -470,10 +470,17 @@ def test_w4a8_under_cudagraph_trees(monkeypatch, route):
     """torch.compile(mode="reduce-overhead") with no eager call first: the extension's ops keep no
     allocation made while CUDA graphs warm up or record (cudagraph trees reject untracked tensors in
     their pool), and the replayed output equals eager."""
-    build.load()
+    from torch._dynamo.utils import counters
+
+    ext = build.load()
+    calls = []
+    name = "w4a8_mma" if route == "mma" else "w4a8_gemm"
+    real = getattr(ext, name)
+    monkeypatch.setattr(ext, name, lambda *a: calls.append(a[0].shape[0]) or real(*a))
     monkeypatch.setattr(w4a8, "MMA_AUTO_SHAPES", ((256, 512, 2, 17),) if route == "mma" else ())
     monkeypatch.setattr(w4a8, "CUTLASS_AUTO_SHAPES", ((256, 512, 2, 2048),))
     torch._dynamo.reset()
+    counters.clear()
     lin = torch.nn.Linear(512, 256, bias=False).to("cuda", torch.bfloat16)
     lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=None))
     assert lin.weight.scale.dtype == torch.bfloat16  # stored in bf16: a float32 copy would be new memory
@@ -484,5 +491,7 @@ def test_w4a8_under_cudagraph_trees(monkeypatch, route):
             y = f(x).clone()
         eager = lin(x)
     torch._dynamo.reset()
+    assert calls and set(calls) == {8}, calls  # the route under test ran (warm-up and recording)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])  # graphs were used
     torch.testing.assert_close(y.float(), eager.float(), rtol=2**-7,
                                atol=eager.float().abs().max().item() * 1e-3)
