@@ -255,15 +255,19 @@ def _gemm_in_graph(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """gemm for compiled graphs: the float32 scale is converted per call, never cached. A cached copy
-    made while CUDA graphs warm up or record would live in their memory pool untracked (cudagraph
-    trees refuse that)."""
+    """gemm for compiled graphs: takes a float32 scale an eager call already cached, else converts it
+    for this call only. A copy cached here, while CUDA graphs warm up or record, would live in their
+    memory pool untracked (cudagraph trees refuse that)."""
     from lowbit.kernels.cutlass.build import load
 
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
-    return load().w4a8_gemm(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(),
-                            scale.reshape(-1).to(torch.float32).contiguous(),
+    hit = _SCALE_F32.get(scale)
+    if hit is not None and hit[0] == scale._version:
+        sw = hit[1]
+    else:
+        sw = scale.reshape(-1).to(torch.float32).contiguous()
+    return load().w4a8_gemm(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), sw,
                             None if bias is None else bias.contiguous(), out_dtype)
 
 
