@@ -322,7 +322,7 @@ def test_mma_matches_reference_exactly(m, nk, dtype):
     ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, bias, k, dtype)
     ran = 0
     for warps_n, split, depth in [(0, 0, 0), (4, 1, 1), (8, 2, 2), (8, 3, 3), (4, 8, 2), (16, 1, 2),
-                                  (16, 4, 1), (8, 1, 3)]:
+                                  (16, 4, 1), (8, 1, 3), (16, 4, 3)]:
         try:
             y = w4a8.mma_gemm(qa, sa, packed, scale, bias, dtype, 0, warps_n, split, depth)
         except RuntimeError as e:  # a split below the shared-memory minimum or past K/128
@@ -386,6 +386,8 @@ def test_mma_rejects_bad_input():
         w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 0, 5, 1)
     with pytest.raises(RuntimeError, match="depth must be"):
         w4a8.mma_gemm(qa[:4], sa[:4], packed, scale, None, torch.bfloat16, 0, 8, 1, 4)
+    with pytest.raises(RuntimeError, match="warps_n"):  # checked before the default split divides by it
+        w4a8.mma_gemm(qa[:4, :256], sa[:4], packed[:8], scale[:8], None, torch.bfloat16, 0, -1)
     with pytest.raises(RuntimeError, match="does not match"):
         w4a8.mma_gemm(qa[:4, :128], sa[:4], packed, scale, None, torch.bfloat16)
     long_k = torch.zeros(32, 65536, dtype=torch.int8, device="cuda")  # slice too big even at 8 splits
@@ -450,18 +452,20 @@ def test_auto_takes_mma_for_group_wise_weights(monkeypatch):
 @pytest.mark.parametrize("group", [0, 128])
 def test_mma_reads_half_scales_as_stored(group):
     """bf16 / fp16 weight scales are read as stored and widened in the kernel (exact): the output is
-    the float32-scale output bit for bit, and no converted copy is made."""
+    the float32-scale output bit for bit, for one and two token tiles, split or not, every depth."""
     from lowbit.kernels.w4a8.act_quant import act_quant
 
-    n, k, m = 136, 1024, 7
+    n, k = 136, 1024
     torch.manual_seed(group + 3)
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
     cols = 1 if group == 0 else k // group
-    qa, sa = act_quant(torch.randn(m, k, dtype=torch.bfloat16, device="cuda"))
-    for dt in (torch.bfloat16, torch.float16):
-        scale = (torch.rand(n, cols, device="cuda") * 0.01 + 1e-3).to(dt)
-        y = w4a8.mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, group)
-        assert torch.equal(y, w4a8.mma_gemm(qa, sa, packed, scale.float(), None, torch.bfloat16, group)), dt
+    for m, launch in ((7, (0, 0, 0)), (7, (8, 4, 3)), (20, (16, 2, 1)), (32, (4, 1, 2))):
+        qa, sa = act_quant(torch.randn(m, k, dtype=torch.bfloat16, device="cuda"))
+        for dt in (torch.bfloat16, torch.float16):
+            scale = (torch.rand(n, cols, device="cuda") * 0.01 + 1e-3).to(dt)
+            y = w4a8.mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, group, *launch)
+            f32 = w4a8.mma_gemm(qa, sa, packed, scale.float(), None, torch.bfloat16, group, *launch)
+            assert torch.equal(y, f32), (m, launch, dt)
 
 
 @needs_sm90

@@ -102,6 +102,10 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
   p.w_scale_dtype = sw.scalar_type() == at::kBFloat16 ? W4A8_SCALE_BF16
                     : sw.scalar_type() == at::kHalf   ? W4A8_SCALE_FP16
                                                       : W4A8_SCALE_F32;
+  // checked before the default rules use them (the launcher checks the full set again)
+  check(warps_n == 0 || warps_n == 4 || warps_n == 8 || warps_n == 16, "warps_n must be 4, 8 or 16 (0: default)");
+  check(depth >= 0 && depth <= 3, "depth must be 1, 2 or 3 (0: default)");
+  check(split >= 0, "split must be in 1..8 (0: default)");
   const int group = per_row ? 0 : static_cast<int>(group_size);
   const int wn = warps_n ? static_cast<int>(warps_n) : lowbit_w4a8_mma_default_warps(p, group);
   int sp = static_cast<int>(split);

@@ -34,7 +34,7 @@ namespace cg = cooperative_groups;
 
 namespace {
 
-constexpr int kRound = 4;  // K steps (128 k each) whose weights are loaded together; one round ahead
+constexpr int kRound = 4;  // K steps (128 k each) whose weights are loaded together; DEPTH rounds ahead
 constexpr int kMaxStagedBytes = 96 * 1024;  // activation slice per CTA in shared memory
 
 __device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
@@ -115,8 +115,9 @@ __host__ __device__ constexpr int x_stride(int k_slice) { return k_slice + 16; }
 // Only the token rows are staged (fragment rows past M are zeros that are never read).
 __host__ __device__ constexpr int x_smem_bytes(int rows, int k_slice) { return rows * x_stride(k_slice); }
 
-// One m tile, per-row scales: at most 64 registers, so four 256-thread CTAs fit an SM where shared
-// memory allows (the group-wise variant needs a few more and is not capped).
+// One m tile, per-row scales: at depth 1 at most 64 registers (four 256-thread CTAs per SM where
+// shared memory allows; the scale-dtype read spills 24 bytes there, in the epilogue), deeper at most
+// 128 (two); the group-wise and two-tile variants are not capped.
 // GROUPED: sw is (N, K / group) with group a multiple of 128 (group_steps = group / 128 K steps);
 // each group's int32 sum is scaled into a float accumulator when the group (or the CTA's K range)
 // ends. Otherwise sw is (N,) and the int32 sum over the whole K range is scaled once.
@@ -415,10 +416,12 @@ int lowbit_w4a8_mma_default_warps(const W4A8Problem& p, int group) {
   // NOTE: H100, benchmarks/results/probe_mma_decode_depth2_h100.json (per row: 4 / 8 / 16 warps x
   // splits 1/2/3/4/8 x depth 1/2 at M = 16 / 32) and probe_mma_decode_depth_g128_h100.json (g128:
   // 8 / 16 warps at M = 1 / 16 / 32). 16-warp CTAs (128 weight rows: half the activation staging
-  // per weight byte) were the best on 7 of 10 shapes at M = 16 per row (e.g. 11008x4096 19.2 vs
-  // 21.0 us with 8 warps, 4096x11008 21.7 vs 23.5) and within 0.7 us on the rest except 22016x4096
-  // (34.0 vs 33.1); group-wise they were the best on 7 of 10 at M = 16 and on 9 of 10 at M = 32.
-  // Per row at M = 32 (two m tiles, more registers) 8 warps were as good or better.
+  // per weight byte) were the best on 7 of 10 shapes at M = 16 per row (best vs best 8-warp launch:
+  // 11008x4096 19.2 vs 20.9 us, 4096x11008 21.7 vs 22.7) and within 0.9 us on the rest; group-wise
+  // the best on 7 of 10 at M = 16 and 9 of 10 at M = 32, but on none at M = 1 (22016x4096: 44.2 vs
+  // 38.5 us with 8 warps). Per row at M = 32 (two m tiles, more registers) 8 warps were better on
+  // 6 of 10 shapes (by up to 4.9 us, 28672x4096) and 16 warps on 4, by at most 1.3 us.
+  if (p.tokens == 1) return 8;
   return (p.tokens <= 16 || group != 0) ? 16 : 8;
 }
 

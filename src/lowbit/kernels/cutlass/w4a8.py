@@ -44,20 +44,22 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
                  (4096, 14336), (11008, 4096), (6144, 4096))
 ) + ((32000, 4096, 5, 33), (128256, 4096, 5, 33))
 
-# NOTE: H100, benchmarks/results/probe_mma_decode_depth2_h100.json ("timings": python
-# benchmarks/probe_mma_decode.py --depth --timings, one run, sha 65acd97): the mma.sync decode-batch
-# kernel (csrc/cutlass_w4a8/w4a8_mma.cu, two weight rounds in flight) incl. act_quant vs the best
-# other path (the dp4a GEMV at M <= 4, the CUTLASS GEMM or the Triton decode kernel, each incl.
-# act_quant), us:
-#   12288x4096 M=4/8/16: 22.5/22.5/24.1 vs 25.9/25.3/25.7;  22016x4096: 34.6/35.1/37.8 vs 38.0/40.6/41.6
-#   11008x4096 M=4/8/16: 21.6/22.0/23.7 vs 24.5/24.5/24.5;  14336x4096: 24.0/24.2/26.1 vs 27.4/27.5/27.7
-#   6144x4096 M=4/8/16: 17.8/18.0/18.7 vs 18.7/21.6/21.7
-#   4096x11008 M=2/4/8/16: 26.8/27.2/27.6/29.2 vs 32.8/32.9/32.8/33.1 (4096x14336: 29.7/30.1/30.8/31.6
-#   vs 36.3/36.1/36.3/36.3; 28672x4096: 36.4/37.1/37.5/40.8 vs 37.7/44.6/43.5/44.2)
-#   4096x4096 M=8/16/32: 16.5/17.3/20.0 vs 17.5/17.5/20.6;  1024x4096: 13.1/13.2/14.0 vs 16.0/16.0/17.5
+# NOTE: H100, benchmarks/results/probe_mma_decode_w16_h100.json (python benchmarks/probe_mma_decode.py
+# --no-sweep, one run, sha eb7d861: the launcher's defaults of today, two weight rounds in flight,
+# 16-warp CTAs): the mma.sync decode-batch kernel (csrc/cutlass_w4a8/w4a8_mma.cu) incl. act_quant vs
+# the best other path, us. The other paths are the CUTLASS GEMM or the Triton decode kernel from
+# int8 inputs plus that run's act_quant cost (the mma column minus mma_q), and at M <= 4 the dp4a
+# GEMV with its fused quantization (AUTO's time in results/probe_mma_decode_depth2_h100.json, sha
+# 65acd97, where those entries were not yet listed):
+#   12288x4096 M=4/8/16: 22.2/22.2/22.9 vs 25.5/25.1/25.5;  22016x4096: 35.0/35.5/36.7 vs 38.0/41.3/41.2
+#   11008x4096 M=4/8/16: 21.1/21.2/22.0 vs 24.4/24.5/24.4;  14336x4096: 23.9/24.1/24.6 vs 27.7/27.6/27.5
+#   6144x4096 M=8/16: 19.1/19.3 vs 21.9/22.0 (M=4: 19.2 vs 18.7, the GEMV)
+#   4096x11008 M=2/4/8/16: 26.9/27.1/27.0/27.9 vs 32.9/33.1/33.0/33.2 (4096x14336: 29.5/29.4/30.0/30.8
+#   vs 35.9/36.0/36.4/36.3; 28672x4096: 36.9/37.1/37.1/38.7 vs 37.7/44.7/44.2/44.6)
+#   4096x4096 M=8/16/32: 17.3/17.3/19.9 vs 17.7/17.5/20.8;  1024x4096: 13.1/12.9/13.8 vs 15.6/15.6/17.4
 # It is slower at M=1 everywhere and at M=2 on the other K=4096 layers (the dp4a GEMV), at M=4 on
-# 4096x4096 and 1024x4096, and at M=32 elsewhere (the CUTLASS GEMM), so AUTO takes it only on these
-# (N, K, first, end) entries, first <= M < end. M=5..7 run the same kernels as M=8.
+# 4096x4096, 1024x4096 and 6144x4096, and at M=32 elsewhere (the CUTLASS GEMM), so AUTO takes it only
+# on these (N, K, first, end) entries, first <= M < end. M=5..7 run the same kernels as M=8.
 MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 17),
     (4096, 14336, 2, 17),
@@ -66,13 +68,14 @@ MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (12288, 4096, 4, 17),
     (11008, 4096, 4, 17),
     (14336, 4096, 4, 17),
-    (6144, 4096, 4, 17),
+    (6144, 4096, 5, 17),
     (4096, 4096, 5, 33),
     (1024, 4096, 5, 33),
 )
 # Group-wise weights (group a multiple of 128 dividing K): the mma kernel scales each group's int32
 # sum in float32. H100, g128, incl. act_quant, vs AUTO's Triton path (the dp4a GEMV at M <= 4, the
-# Triton decode kernel above), us. M <= 16: results/probe_mma_decode_w16_g128_h100.json (sha eb7d861):
+# Triton decode kernel above), us; the Triton decode times are its int8-input time plus that run's
+# act_quant cost. M <= 16: results/probe_mma_decode_w16_g128_h100.json (sha eb7d861):
 #   4096x11008 M=2/4/8/16: 34.5/34.6/34.5/35.4 vs 50.1 (decode kernel, M=2) / 49.6/49.5/50.0
 #   4096x14336 M=2/4/8/16: 36.8/36.6/37.2/38.0 vs 47.2/46.4/46.7/46.4
 #   22016x4096 M=8/16: 47.8/48.7 vs 55.7/55.7;  28672x4096: 49.3/50.9 vs 62.8/62.7
@@ -255,19 +258,16 @@ def _gemm_in_graph(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """gemm for compiled graphs: takes a float32 scale an eager call already cached, else converts it
-    for this call only. A copy cached here, while CUDA graphs warm up or record, would live in their
-    memory pool untracked (cudagraph trees refuse that)."""
+    """gemm for compiled graphs: the float32 scale is converted per call, never cached. A copy cached
+    while CUDA graphs warm up or record would live in their memory pool untracked (cudagraph trees
+    refuse that), and a graph holding an eagerly cached copy would read stale or freed memory after
+    an in-place scale update."""
     from lowbit.kernels.cutlass.build import load
 
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
-    hit = _SCALE_F32.get(scale)
-    if hit is not None and hit[0] == scale._version:
-        sw = hit[1]
-    else:
-        sw = scale.reshape(-1).to(torch.float32).contiguous()
-    return load().w4a8_gemm(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), sw,
+    return load().w4a8_gemm(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(),
+                            scale.reshape(-1).to(torch.float32).contiguous(),
                             None if bias is None else bias.contiguous(), out_dtype)
 
 
