@@ -12,9 +12,16 @@ count, CUDA-graph replays with L2 flushed (bench_linear's timing):
 and sweeps warps_n x split for mma_q at M = 1 and 16. `--act-quant` times act_quant's launch
 configs at decode batch sizes instead (BLOCK_K, one pass or two, warps). `--depth` checks every load
 depth (weight rounds in flight) for exactness and sweeps warps_n x split x depth for mma_q per
-shape at M = 1 / 16 / 32 (per row, or `--group-size`), next to bf16 and the launcher's default.
+shape (per row, or `--group-size`), next to bf16 and the launcher's default.
 
     python benchmarks/probe_mma_decode.py [--out results/probe_mma_decode_h100.json]
+
+The committed depth and launch-rule results came from (one H100 run each):
+    --depth --ms 1,16,32 --warps 4,8 --splits 1,2,4,8 --depths 1,2,3   probe_mma_decode_depth_h100.json
+    --depth --timings --ms 16,32                                       probe_mma_decode_depth2_h100.json
+    --depth --group-size 128 --ms 1,16,32 --warps 8,16             probe_mma_decode_depth_g128_h100.json
+    --no-sweep [--group-size 128]            probe_mma_decode_w16_h100.json, ..._w16_g128_h100.json,
+                                             ..._final_g128_h100.json
 """
 
 from __future__ import annotations
@@ -116,7 +123,8 @@ def timings(sweep: bool, group: int | None = None) -> list[dict]:
     return rows
 
 
-def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] = (4, 8, 16)) -> list[dict]:
+def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] = (4, 8, 16),
+                splits: tuple[int, ...] = (1, 2, 3, 4, 8), depths: tuple[int, ...] = (1, 2)) -> list[dict]:
     rows = []
     for label, n, k in bench_shapes(False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -131,7 +139,7 @@ def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] =
                  "default": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs)),
                  "auto": timeit_graphed(lambda: F.linear(x, qw))}
             cfgs = {}
-            for wn, sp, dp in itertools.product(warps, (1, 2, 3, 4, 8), (1, 2)):
+            for wn, sp, dp in itertools.product(warps, splits, depths):
                 try:
                     out = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp)
                 except RuntimeError:
@@ -142,7 +150,7 @@ def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] =
                     lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp))
             best = min(cfgs, key=cfgs.get)
             rows.append({"shape": label, "N": n, "K": k, "M": m, "us": t, "sweep": cfgs, "best": best})
-            by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in (1, 2)}
+            by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in depths}
             print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} auto={t['auto']:5.1f} "
                   f"best={best}:{cfgs[best]:5.1f} by depth " +
                   " ".join(f"d{d}={v:5.1f}" for d, v in by_depth.items()), flush=True)
@@ -185,6 +193,8 @@ def main() -> None:
     ap.add_argument("--depth", action="store_true")
     ap.add_argument("--ms", default="16,32", help="token counts of the --depth sweep")
     ap.add_argument("--warps", default="4,8,16", help="warps per CTA in the --depth sweep")
+    ap.add_argument("--splits", default="1,2,3,4,8", help="K splits in the --depth sweep")
+    ap.add_argument("--depths", default="1,2", help="load depths in the --depth sweep")
     ap.add_argument("--timings", action="store_true", help="with --depth: also the default-launch table")
     ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
@@ -201,9 +211,12 @@ def main() -> None:
             "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
     meta["group_size"] = args.group_size or None
     if args.depth:
-        ms = tuple(int(v) for v in args.ms.split(","))
-        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(args.group_size or None, ms,
-                                                                  tuple(int(v) for v in args.warps.split(",")))}
+        def ints(csv: str) -> tuple[int, ...]:
+            return tuple(int(v) for v in csv.split(","))
+
+        ms = ints(args.ms)
+        result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(
+            args.group_size or None, ms, ints(args.warps), ints(args.splits), ints(args.depths))}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -65,8 +65,8 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
 }
 
 // Same arguments as w4a8_gemm, 1..32 tokens, sw float32, bfloat16 or float16 (read as stored), plus
-// group_size (0 or K: per-row sw (N,); else a multiple of 128 dividing K, sw (N, K / group_size)); warps_n / split / depth = 0 take the launcher's
-// defaults.
+// group_size (0 or K: per-row sw (N,); else a multiple of 128 dividing K, sw (N, K / group_size));
+// warps_n / split / depth = 0 take the launcher's defaults.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
                        int64_t group_size, int64_t warps_n, int64_t split, int64_t depth) {

@@ -8,8 +8,8 @@ bias in its epilogue.
 
 Per-row weight scales only (group_size == K): the CUTLASS mixed-input collective applies
 group scales to the converted operand before the MMA, which cannot work when that operand is
-int8; see the .cu header. The float32 copy of the scale the epilogue reads is cached per scale
-tensor (refreshed when the tensor is modified in place).
+int8; see the .cu header. Eager calls cache the float32 copy of the scale the epilogue reads per
+scale tensor (refreshed when the tensor is modified in place); compiled graphs convert it per call.
 
 The same extension holds a plain-CUDA kernel for decode batches (1..32 tokens, csrc/cutlass_w4a8/
 w4a8_mma.cu, `mma_gemm`): mma.sync with the packed weight loaded straight into the B fragment.
@@ -181,11 +181,12 @@ def _quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return act_quant_ref(x2)
 
 
-def _native_args(qa, sa, packed, scale, bias, out_dtype) -> tuple:
-    """The extension's operand layout: contiguous int8 / uint8, flat float32 scales, bias in out_dtype."""
+def _native_args(qa, sa, packed, sw, bias, out_dtype) -> tuple:
+    """The extension's operand layout: contiguous int8 / uint8, flat scales (sw already in the dtype
+    the kernel reads), bias in out_dtype."""
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
-    return (qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), _scale_f32(scale),
+    return (qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), sw.reshape(-1).contiguous(),
             None if bias is None else bias.contiguous(), out_dtype)
 
 
@@ -200,7 +201,7 @@ def gemm(
     """int8 (M, K) x packed int4 (N, K//2) -> (M, N): (acc * scale) * sa (+ bias), one rounding."""
     from lowbit.kernels.cutlass.build import load
 
-    return load().w4a8_gemm(*_native_args(qa, sa, packed, scale, bias, out_dtype))
+    return load().w4a8_gemm(*_native_args(qa, sa, packed, _scale_f32(scale), bias, out_dtype))
 
 
 def mma_gemm(
@@ -223,12 +224,9 @@ def mma_gemm(
 
     # The kernel reads bf16 / fp16 / fp32 weight scales as stored (widening is exact): no converted
     # copy to cache, which in a CUDA graph's memory pool would outlive the graph's outputs.
-    if bias is not None and bias.dtype != out_dtype:
-        bias = bias.to(out_dtype)
-    sw = scale.reshape(-1) if scale.dtype in _MMA_SCALE_DTYPES else scale.reshape(-1).to(torch.float32)
-    return load().w4a8_mma(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(), sw.contiguous(),
-                           None if bias is None else bias.contiguous(), out_dtype, group_size, warps_n, split,
-                           depth)
+    sw = scale if scale.dtype in _MMA_SCALE_DTYPES else scale.to(torch.float32)
+    args = _native_args(qa, sa, packed, sw, bias, out_dtype)
+    return load().w4a8_mma(*args, group_size, warps_n, split, depth)
 
 
 def _linear_impl(
@@ -264,11 +262,7 @@ def _gemm_in_graph(
     an in-place scale update."""
     from lowbit.kernels.cutlass.build import load
 
-    if bias is not None and bias.dtype != out_dtype:
-        bias = bias.to(out_dtype)
-    return load().w4a8_gemm(qa.contiguous(), sa.reshape(-1).contiguous(), packed.contiguous(),
-                            scale.reshape(-1).to(torch.float32).contiguous(),
-                            None if bias is None else bias.contiguous(), out_dtype)
+    return load().w4a8_gemm(*_native_args(qa, sa, packed, scale.to(torch.float32), bias, out_dtype))
 
 
 w4a8_cutlass_op = torch.library.custom_op("lowbit::w4a8_cutlass_gemm", mutates_args=())(_gemm_in_graph)
