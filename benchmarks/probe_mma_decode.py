@@ -4,7 +4,9 @@ Checks the kernel against the reference on odd shapes first (exact match expecte
 accumulation, the reference's order of float roundings), then times, per Llama shape and token
 count, CUDA-graph replays with L2 flushed (bench_linear's timing):
   mma_q      the mma kernel from int8 activations (what a compiled graph pays: Inductor quantizes)
-  mma        act_quant + the mma kernel (an eager call)
+  mma        act_quant + the mma kernel, plain launches
+  mma_pdl    the same with programmatic dependent launch (act_quant triggers; the kernel streams
+             its first weights before waiting for the activations): what an eager AUTO call runs
   auto       F.linear on today's W4A8 per-row weight (KernelChoice.AUTO)
   cutlass_q  the CUTLASS kernel from int8 activations
   triton_q   the Triton int8 decode kernel from int8 activations (M >= 2)
@@ -64,17 +66,18 @@ def check(depths: tuple[int, ...] = (0,)) -> list[dict]:
             continue
         packed, scale = random_weight(n, k)
         x = torch.randn(m, k, device="cuda", dtype=dt)
-        qa, sa = act_quant(x)
+        pdl = m % 2 == 1  # odd token counts: launched after a triggering act_quant with PDL
+        qa, sa = act_quant(x, trigger_dependents=pdl)
         b = torch.randn(n, device="cuda", dtype=dt) if bias else None
         try:
-            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp, dp)
+            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp, dp, pdl=pdl)
         except RuntimeError as e:  # a split below the shared-memory minimum is refused
             assert "split must be" in str(e), e
             continue
         ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, b, k, dt)
         diff = (out.float() - ref.float()).abs().max().item()
         rows.append({"n": n, "k": k, "m": m, "dtype": str(dt), "bias": bias, "warps_n": wn, "split": sp,
-                     "depth": dp, "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
+                     "depth": dp, "pdl": pdl, "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
     bad = [r for r in rows if not r["exact"]]
     print(f"check: {len(rows) - len(bad)}/{len(rows)} exact; worst {max(r['max_abs_diff'] for r in rows):.3g}")
     for r in bad[:10]:
@@ -82,7 +85,7 @@ def check(depths: tuple[int, ...] = (0,)) -> list[dict]:
     return rows
 
 
-def timings(sweep: bool, group: int | None = None) -> list[dict]:
+def timings(sweep: bool, group: int | None = None, ms: tuple[int, ...] = MS) -> list[dict]:
     rows = []
     for label, n, k in bench_shapes(False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -90,12 +93,14 @@ def timings(sweep: bool, group: int | None = None) -> list[dict]:
         packed, scale = qw.qdata, qw.scale
         g = qw.group_size
         wp, sz, _ = tinygemm_weight(w)
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             qa, sa = act_quant(x)
             t = {
                 "mma_q": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, g)),
                 "mma": timeit_graphed(lambda: mma_gemm(*act_quant(x), packed, scale, None, torch.bfloat16, g)),
+                "mma_pdl": timeit_graphed(lambda: mma_gemm(*act_quant(x, trigger_dependents=True), packed, scale,
+                                                           None, torch.bfloat16, g, pdl=True)),
                 "auto": timeit_graphed(lambda: F.linear(x, qw)),
                 "bf16": timeit_graphed(lambda: F.linear(x, w)),
                 "tinygemm_g128": timeit_graphed(lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz)),
@@ -176,7 +181,7 @@ def act_quant_configs() -> list[dict]:
             for name, (block, one, w) in cands.items():
                 def run(block=block, one=one, w=w):
                     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one,
-                                            PERMUTE=False, num_warps=w)
+                                            PERMUTE=False, TRIGGER=False, num_warps=w)
                 run()
                 assert torch.equal(q, ref[0]) and torch.equal(s, ref[1]), name
                 t[name] = timeit_graphed(run)
@@ -196,6 +201,7 @@ def main() -> None:
     ap.add_argument("--splits", default="1,2,3,4,8", help="K splits in the --depth sweep")
     ap.add_argument("--depths", default="1,2", help="load depths in the --depth sweep")
     ap.add_argument("--timings", action="store_true", help="with --depth: also the default-launch table")
+    ap.add_argument("--timing-ms", default=",".join(map(str, MS)), help="token counts of the timing table")
     ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
     if args.act_quant:
@@ -227,14 +233,16 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
         return
-    result = {"meta": meta, "check": check(), "rows": timings(not args.no_sweep, args.group_size or None)}
-    print("\n| shape | M | mma_q | mma | auto | cutlass_q | triton_q | bf16 | tinygemm | bf16/mma | bf16/auto |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    tms = tuple(int(v) for v in args.timing_ms.split(","))
+    result = {"meta": meta, "check": check(), "rows": timings(not args.no_sweep, args.group_size or None, tms)}
+    print("\n| shape | M | mma_q | mma | mma_pdl | auto | cutlass_q | triton_q | bf16 | tinygemm | bf16/mma_pdl "
+          "| bf16/auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         t = r["us"]
-        print(f"| {r['shape']} | {r['M']} | {t['mma_q']:.1f} | {t['mma']:.1f} | {t['auto']:.1f} | "
+        print(f"| {r['shape']} | {r['M']} | {t['mma_q']:.1f} | {t['mma']:.1f} | {t['mma_pdl']:.1f} | {t['auto']:.1f} | "
               f"{t.get('cutlass_q', float('nan')):.1f} | {t.get('triton_q', float('nan')):.1f} | {t['bf16']:.1f} | "
-              f"{t['tinygemm_g128']:.1f} | {t['bf16'] / t['mma']:.2f} | {t['bf16'] / t['auto']:.2f} |")
+              f"{t['tinygemm_g128']:.1f} | {t['bf16'] / t['mma_pdl']:.2f} | {t['bf16'] / t['auto']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

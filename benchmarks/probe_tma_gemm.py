@@ -70,7 +70,7 @@ def act_quant_variant(x, block, warps, one_pass):
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
-                            PERMUTE=False, num_warps=warps)
+                            PERMUTE=False, TRIGGER=False, num_warps=warps)
     return q, s
 
 

@@ -401,6 +401,76 @@ def test_mma_rejects_bad_input():
 
 
 @needs_sm90
+@pytest.mark.parametrize("nk", [(136, 4192), (4096, 4096), (4096, 11008)])
+@pytest.mark.parametrize("m", [1, 7, 16, 32])
+def test_mma_pdl_after_triggering_act_quant(m, nk):
+    """Programmatic dependent launch: act_quant lets the kernel start at once, the kernel streams its
+    first weight rounds and then waits for qa / sa. Outputs equal the reference bit for bit for
+    fresh activations every call, eagerly and replayed in a CUDA graph (a kernel that read qa before
+    the wait would see the previous call's values)."""
+    from lowbit.kernels.w4a8.act_quant import act_quant, pdl_trigger_ok
+    from lowbit.kernels.w4a8.reference import int8_gemm_ref, unpack_ref
+
+    n, k = nk
+    torch.manual_seed(m + n)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scale = (torch.rand(n, 1, device="cuda") * 0.01 + 1e-3).to(torch.bfloat16)
+    x = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
+    assert pdl_trigger_ok(x)
+
+    def call():
+        return w4a8.mma_gemm(*act_quant(x, trigger_dependents=True), packed, scale, None, torch.bfloat16, 0,
+                             pdl=True)
+
+    def expect():
+        qa, sa = act_quant(x)
+        return int8_gemm_ref(qa, sa, unpack_ref(packed), scale.float(), None, k, torch.bfloat16)
+
+    for i in range(3):
+        x.copy_(torch.randn(m, k, dtype=torch.bfloat16, device="cuda") * (i + 1))
+        assert torch.equal(call(), expect()), f"eager call {i}"
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for i in range(3):
+        x.copy_(torch.randn(m, k, dtype=torch.bfloat16, device="cuda") * (i + 2))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect()), f"graph replay {i}"
+
+
+@needs_sm90
+def test_eager_auto_mma_launches_with_pdl(monkeypatch):
+    """An eager AUTO call on the mma route quantizes with a triggering act_quant and launches the
+    kernel with PDL; PDL_EAGER = False gives plain launches and the same output."""
+    from lowbit.kernels.w4a8 import act_quant as aq
+
+    build.load()
+    seen = []
+    real_mma, real_aq = w4a8.mma_gemm, aq.act_quant
+    monkeypatch.setattr(w4a8, "mma_gemm",
+                        lambda *a, **kw: seen.append(("mma", kw.get("pdl"))) or real_mma(*a, **kw))
+    monkeypatch.setattr(aq, "act_quant", lambda *a, **kw: seen.append(("aq", kw.get("trigger_dependents")))
+                        or real_aq(*a, **kw))
+    lin = torch.nn.Linear(11008, 4096, bias=True).to("cuda", torch.bfloat16)
+    lowbit.quantize_(lin, Int8DynamicActivationInt4WeightConfig(group_size=None))
+    x = torch.randn(16, 11008, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        with_pdl = lin(x)
+        assert seen == [("aq", True), ("mma", True)]
+        seen.clear()
+        monkeypatch.setattr(w4a8, "PDL_EAGER", False)
+        plain = lin(x)
+        assert seen == [("aq", False), ("mma", False)]
+    assert torch.equal(with_pdl, plain)
+
+
+@needs_sm90
 def test_auto_takes_mma_eager_and_compiled(monkeypatch):
     """On a MMA_AUTO_SHAPES entry an AUTO weight runs the mma kernel: eagerly (spied) and as
     lowbit::w4a8_mma in a compiled graph, with the same output bit for bit."""

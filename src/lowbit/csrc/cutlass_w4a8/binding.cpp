@@ -66,10 +66,11 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
 
 // Same arguments as w4a8_gemm, 1..32 tokens, sw float32, bfloat16 or float16 (read as stored), plus
 // group_size (0 or K: per-row sw (N,); else a multiple of 128 dividing K, sw (N, K / group_size));
-// warps_n / split / depth = 0 take the launcher's defaults.
+// warps_n / split / depth = 0 take the launcher's defaults. pdl: launch with programmatic dependent
+// launch (W4A8Problem::pdl), for a call that directly follows the kernel quantizing qa.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
-                       int64_t group_size, int64_t warps_n, int64_t split, int64_t depth) {
+                       int64_t group_size, int64_t warps_n, int64_t split, int64_t depth, bool pdl) {
   check_operands(qa, sa, packed, sw, out_dtype, /*half_scales=*/true);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   const bool per_row = group_size == 0 || group_size == k;
@@ -99,6 +100,7 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
                 bias ? bias->data_ptr() : nullptr, out.data_ptr(), static_cast<int>(m),
                 static_cast<int>(n), static_cast<int>(k),
                 out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
+  p.pdl = pdl;
   p.w_scale_dtype = sw.scalar_type() == at::kBFloat16 ? W4A8_SCALE_BF16
                     : sw.scalar_type() == at::kHalf   ? W4A8_SCALE_FP16
                                                       : W4A8_SCALE_F32;
@@ -128,5 +130,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
   m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..32 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"),
-        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0, py::arg("depth") = 0);
+        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0, py::arg("depth") = 0, py::arg("pdl") = false);
 }

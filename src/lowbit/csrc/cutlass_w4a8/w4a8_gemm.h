@@ -19,6 +19,10 @@ struct W4A8Problem {
   int k;
   int out_dtype;        // W4A8OutDtype
   int w_scale_dtype = W4A8_SCALE_F32;  // the mma kernel also reads bf16 / fp16 scales (exact widening)
+  // The mma kernel only: launch with programmatic dependent launch, so it may start while the kernel
+  // before it on the stream (the activation quantization) still runs. It issues its first weight
+  // loads, then waits (griddepcontrol.wait) before it reads x or a_scale.
+  bool pdl = false;
 };
 
 // Bytes of device workspace lowbit_w4a8_gemm needs for this problem.

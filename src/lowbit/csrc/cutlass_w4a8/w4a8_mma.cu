@@ -156,6 +156,10 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? (DEPTH == 
   uint4 buf[kRing][kRound];
 #pragma unroll
   for (int r = 0; r < DEPTH; ++r) load_round(buf[r], s_begin + r * kRound);
+  // Launched with programmatic dependent launch (W4A8Problem::pdl), the kernel before this one may
+  // still be writing x and sa: wait for it (and its writes) here, after the weight loads that need
+  // nothing from it. Without that launch attribute the wait returns at once.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
   const int k0 = s_begin * 128;
   const int k_len = min(s_end * 128, K) - k0;  // a multiple of 32
@@ -347,13 +351,22 @@ cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_p
   cfg.blockDim = dim3(WARPS_N * 32, 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = split;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n_attr = 0;
+  if (split > 1) {
+    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+    attr[n_attr].val.clusterDim.x = 1;
+    attr[n_attr].val.clusterDim.y = split;
+    attr[n_attr].val.clusterDim.z = 1;
+    ++n_attr;
+  }
+  if (p.pdl) {
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = split > 1 ? 1 : 0;
+  cfg.numAttrs = n_attr;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.w), static_cast<const int8_t*>(p.x),
                             Scales{p.w_scale, p.w_scale_dtype}, p.a_scale, static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out),
                             p.tokens, p.n_out, p.k, steps_per_split, group_steps);

@@ -38,6 +38,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 # Output heads (Llama-2 32000x4096, Llama-3 128256x4096), from int8 activations at M=16
 # (benchmarks/results/tune_decode16q_h100.json, tune_decode16q_rule_h100.json): CUTLASS 43.8 us vs
 # Triton 65.0 us, 122.1 us vs 221.1 us. Decode batches only (M <= 32: one 32-token tile).
+# Eager AUTO calls on the mma kernel launch it with programmatic dependent launch after an
+# act_quant that triggers it (mma_gemm's pdl): the first weight rounds stream in while the
+# activations are quantized. Compiled graphs quantize inside Inductor's kernels, which do not
+# trigger, and keep plain launches.
+PDL_EAGER = True
+
 CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
     (n, k, 5, 2048)
     for n, k in ((22016, 4096), (12288, 4096), (4096, 11008), (14336, 4096), (28672, 4096),
@@ -169,13 +175,13 @@ def _scale_f32(scale: torch.Tensor) -> torch.Tensor:
     return f32
 
 
-def _quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(x2: torch.Tensor, trigger_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from lowbit.kernels import _triton_installed
 
     if _triton_installed():
         from lowbit.kernels.w4a8.act_quant import act_quant
 
-        return act_quant(x2)
+        return act_quant(x2, trigger_dependents=trigger_dependents)
     from lowbit.kernels.w4a8.reference import act_quant_ref
 
     return act_quant_ref(x2)
@@ -215,18 +221,22 @@ def mma_gemm(
     warps_n: int = 0,
     split: int = 0,
     depth: int = 0,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Decode batches (1..32 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
     arguments as gemm, plus group_size: 0 or K = per-row scale (N, 1) (same numerics as gemm), else
     a multiple of 128 dividing K with scale (N, K // group_size). warps_n (4, 8 or 16), split (1..8) and
-    depth (1..3 rounds of weight loads in flight): 0 = the launcher's rule."""
+    depth (1..3 rounds of weight loads in flight): 0 = the launcher's rule. pdl=True launches with
+    programmatic dependent launch: the kernel may start while the previous kernel on the stream
+    (act_quant(trigger_dependents=True), which produced qa and sa) still runs, and waits for it
+    before reading them. Always correct; it only overlaps when that kernel triggers."""
     from lowbit.kernels.cutlass.build import load
 
     # The kernel reads bf16 / fp16 / fp32 weight scales as stored (widening is exact): no converted
     # copy to cache, which in a CUDA graph's memory pool would outlive the graph's outputs.
     sw = scale if scale.dtype in _MMA_SCALE_DTYPES else scale.to(torch.float32)
     args = _native_args(qa, sa, packed, sw, bias, out_dtype)
-    return load().w4a8_mma(*args, group_size, warps_n, split, depth)
+    return load().w4a8_mma(*args, group_size, warps_n, split, depth, pdl)
 
 
 def _linear_impl(
@@ -305,6 +315,7 @@ def w4a8_linear(x2: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
         return w4a8_cutlass_op(qa, sa, w.qdata, w.scale, bias, x2.dtype)
     # NOTE: eager calls skip the custom-op dispatcher (tens of microseconds per call).
     if mma:
-        qa, sa = _quantize(x2)
-        return mma_gemm(qa, sa, w.qdata, w.scale, bias, x2.dtype, w.group_size)
+        # The kernel starts streaming its weights while act_quant still runs (PDL_EAGER).
+        qa, sa = _quantize(x2, trigger_dependents=PDL_EAGER)
+        return mma_gemm(qa, sa, w.qdata, w.scale, bias, x2.dtype, w.group_size, pdl=PDL_EAGER)
     return _linear_impl(x2, w.qdata, w.scale, bias)

@@ -10,9 +10,18 @@ rounding is half-to-even so q equals the pure-torch reference bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents
+except ImportError:  # pragma: no cover - older Triton: no programmatic dependent launch
+    gdc_launch_dependents = None
+
+from lowbit.kernels import interpreter_enabled
 
 PERM_CHUNK = 128  # K chunk of the permuted layout (see act_quant(permute=True))
 
@@ -69,7 +78,9 @@ def act_quant_row(row, x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                      ONE_PASS: tl.constexpr, PERMUTE: tl.constexpr):
+                      ONE_PASS: tl.constexpr, PERMUTE: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # let a kernel launched with programmatic dependent launch start now (see act_quant)
+        gdc_launch_dependents()
     act_quant_row(tl.program_id(0), x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERMUTE)
 
 
@@ -93,12 +104,30 @@ def act_quant_launch(k: int, m: int) -> tuple[int, bool, int]:
     return (2048, False, 8) if m >= 64 else (4096, False, 4)
 
 
-def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_trigger_ok(x: torch.Tensor) -> bool:
+    """True when act_quant(x, trigger_dependents=True) really triggers (CUDA, sm_90+, compiled Triton)."""
+    if not x.is_cuda or gdc_launch_dependents is None or interpreter_enabled():
+        return False
+    return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def act_quant(x: torch.Tensor, permute: bool = False,
+              trigger_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> (q int8 (M, K), scale float32 (M, 1)).
 
     permute=True stores each 128-column chunk as its 64 even columns followed by its 64
     odd columns (K must be a multiple of 128): the order in which the swapped W4A8 GEMM
     consumes the low and high nibbles of the packed weight.
+
+    trigger_dependents=True (where pdl_trigger_ok(x)): every program first lets the next kernel on
+    the stream start, if that one is launched with programmatic dependent launch (the mma decode
+    kernel, `cutlass.w4a8.mma_gemm(pdl=True)`), which then waits for q and scale before reading
+    them. Ignored elsewhere.
     """
     if x.dim() != 2:
         raise ValueError(f"act_quant expects a 2-D (tokens, K) tensor, got shape {tuple(x.shape)}")
@@ -113,7 +142,8 @@ def act_quant(x: torch.Tensor, permute: bool = False) -> tuple[torch.Tensor, tor
         return q, s
     block, one_pass, num_warps = act_quant_launch(k, m)
     _act_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block, ONE_PASS=one_pass,
-                            PERMUTE=permute, num_warps=num_warps)
+                            PERMUTE=permute, TRIGGER=trigger_dependents and pdl_trigger_ok(x),
+                            num_warps=num_warps)
     return q, s
 
 
