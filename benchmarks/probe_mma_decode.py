@@ -67,18 +67,17 @@ def check(depths: tuple[int, ...] = (0,)) -> list[dict]:
         packed, scale = random_weight(n, k)
         x = torch.randn(m, k, device="cuda", dtype=dt)
         pdl = m % 2 == 1  # odd token counts: launched after a triggering act_quant with PDL
-        pf = (0, 8, 1 << 20)[(n + m + dp) % 3]  # K steps bulk-prefetched into L2
         qa, sa = act_quant(x, trigger_dependents=pdl)
         b = torch.randn(n, device="cuda", dtype=dt) if bias else None
         try:
-            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp, dp, pdl=pdl, prefetch=pf)
+            out = mma_gemm(qa, sa, packed, scale, b, dt, 0, wn, sp, dp, pdl=pdl)
         except RuntimeError as e:  # a split below the shared-memory minimum is refused
             assert "split must be" in str(e), e
             continue
         ref = int8_gemm_ref(qa, sa, unpack_ref(packed), scale, b, k, dt)
         diff = (out.float() - ref.float()).abs().max().item()
         rows.append({"n": n, "k": k, "m": m, "dtype": str(dt), "bias": bias, "warps_n": wn, "split": sp,
-                     "depth": dp, "pdl": pdl, "prefetch": pf, "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
+                     "depth": dp, "pdl": pdl, "exact": bool(torch.equal(out, ref)), "max_abs_diff": diff})
     bad = [r for r in rows if not r["exact"]]
     print(f"check: {len(rows) - len(bad)}/{len(rows)} exact; worst {max(r['max_abs_diff'] for r in rows):.3g}")
     for r in bad[:10]:
@@ -129,32 +128,14 @@ def timings(sweep: bool, group: int | None = None, ms: tuple[int, ...] = MS) -> 
     return rows
 
 
-def prefetch_sweep(group: int | None, ms: tuple[int, ...], prefetches: tuple[int, ...]) -> list[dict]:
-    """mma_q (from int8) and mma_pdl (after a triggering act_quant) per L2 prefetch depth, default launch."""
-    rows = []
-    for label, n, k in bench_shapes(False):
-        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        qw = lowbit.W4A8Config(group_size=group).quantize_weight(w)
-        packed, scale, g = qw.qdata, qw.scale, qw.group_size
-        for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            qa, sa = act_quant(x)
-            t = {"bf16": timeit_graphed(lambda: F.linear(x, w))}
-            for pf in prefetches:
-                t[f"q_p{pf}"] = timeit_graphed(
-                    lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, g, prefetch=pf))
-                t[f"pdl_p{pf}"] = timeit_graphed(
-                    lambda: mma_gemm(*act_quant(x, trigger_dependents=True), packed, scale, None, torch.bfloat16,
-                                     g, pdl=True, prefetch=pf))
-            rows.append({"shape": label, "N": n, "K": k, "M": m, "us": t})
-            print(f"{label:24s} M={m:3d} " + " ".join(f"{a}={b:.1f}" for a, b in t.items()), flush=True)
-    return rows
-
-
 def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] = (4, 8, 16),
-                splits: tuple[int, ...] = (1, 2, 3, 4, 8), depths: tuple[int, ...] = (1, 2)) -> list[dict]:
+                splits: tuple[int, ...] = (1, 2, 3, 4, 8), depths: tuple[int, ...] = (1, 2), pdl: bool = False,
+                shapes: tuple[str, ...] = ()) -> list[dict]:
+    """pdl: time act_quant (triggering) + the kernel launched with PDL instead of the kernel from int8."""
     rows = []
     for label, n, k in bench_shapes(False):
+        if shapes and f"{n}x{k}" not in shapes:
+            continue
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         qw = lowbit.W4A8Config(group_size=group).quantize_weight(w)
         packed, scale, g = qw.qdata, qw.scale, qw.group_size
@@ -165,6 +146,8 @@ def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] =
             ref = mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, 8, 0, 1)
             t = {"bf16": timeit_graphed(lambda: F.linear(x, w)),
                  "default": timeit_graphed(lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs)),
+                 "default_pdl": timeit_graphed(lambda: mma_gemm(*act_quant(x, trigger_dependents=True), packed,
+                                                                scale, None, torch.bfloat16, gs, pdl=True)),
                  "auto": timeit_graphed(lambda: F.linear(x, qw))}
             cfgs = {}
             for wn, sp, dp in itertools.product(warps, splits, depths):
@@ -174,12 +157,17 @@ def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] =
                     continue
                 assert torch.equal(out, ref) if not gs else torch.allclose(out, ref, rtol=1e-2, atol=1e-2), \
                     (label, m, wn, sp, dp)
-                cfgs[f"w{wn}s{sp}d{dp}"] = timeit_graphed(
-                    lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp))
+                if pdl:
+                    cfgs[f"w{wn}s{sp}d{dp}"] = timeit_graphed(lambda: mma_gemm(
+                        *act_quant(x, trigger_dependents=True), packed, scale, None, torch.bfloat16, gs, wn, sp, dp,
+                        pdl=True))
+                else:
+                    cfgs[f"w{wn}s{sp}d{dp}"] = timeit_graphed(
+                        lambda: mma_gemm(qa, sa, packed, scale, None, torch.bfloat16, gs, wn, sp, dp))
             best = min(cfgs, key=cfgs.get)
             rows.append({"shape": label, "N": n, "K": k, "M": m, "us": t, "sweep": cfgs, "best": best})
             by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in depths}
-            print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} auto={t['auto']:5.1f} "
+            print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} pdl={t['default_pdl']:5.1f} auto={t['auto']:5.1f} "
                   f"best={best}:{cfgs[best]:5.1f} by depth " +
                   " ".join(f"d{d}={v:5.1f}" for d, v in by_depth.items()), flush=True)
     return rows
@@ -224,7 +212,8 @@ def main() -> None:
     ap.add_argument("--splits", default="1,2,3,4,8", help="K splits in the --depth sweep")
     ap.add_argument("--depths", default="1,2", help="load depths in the --depth sweep")
     ap.add_argument("--timings", action="store_true", help="with --depth: also the default-launch table")
-    ap.add_argument("--prefetch", default=None, help="comma list of L2 prefetch steps: sweep them at --ms")
+    ap.add_argument("--pdl", action="store_true", help="with --depth: time act_quant + the kernel under PDL")
+    ap.add_argument("--shapes", default="", help="with --depth: only these NxK shapes (comma list)")
     ap.add_argument("--timing-ms", default=",".join(map(str, MS)), help="token counts of the timing table")
     ap.add_argument("--group-size", type=int, default=0, help="0 = per row (default), else e.g. 128")
     args = ap.parse_args()
@@ -240,21 +229,14 @@ def main() -> None:
             "triton": __import__("triton").__version__, "git_sha": git_sha(),
             "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
     meta["group_size"] = args.group_size or None
-    if args.prefetch:
-        pfs = tuple(int(v) for v in args.prefetch.split(","))
-        result = {"meta": meta, "check": check(), "rows": prefetch_sweep(
-            args.group_size or None, tuple(int(v) for v in args.ms.split(",")), pfs)}
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        return
     if args.depth:
         def ints(csv: str) -> tuple[int, ...]:
             return tuple(int(v) for v in csv.split(","))
 
         ms = ints(args.ms)
         result = {"meta": meta, "check": check((1, 2, 3)), "rows": depth_sweep(
-            args.group_size or None, ms, ints(args.warps), ints(args.splits), ints(args.depths))}
+            args.group_size or None, ms, ints(args.warps), ints(args.splits), ints(args.depths), args.pdl,
+            tuple(v for v in args.shapes.split(",") if v))}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

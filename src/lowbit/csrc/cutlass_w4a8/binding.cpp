@@ -2,8 +2,6 @@
 // lives in w4a8_gemm.cu behind a plain C++ launcher (raw pointers + cudaStream_t).
 #include <torch/extension.h>
 
-#include <algorithm>
-
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
@@ -69,12 +67,10 @@ torch::Tensor w4a8_gemm(const torch::Tensor& qa, const torch::Tensor& sa, const 
 // Same arguments as w4a8_gemm, 1..32 tokens, sw float32, bfloat16 or float16 (read as stored), plus
 // group_size (0 or K: per-row sw (N,); else a multiple of 128 dividing K, sw (N, K / group_size));
 // warps_n / split / depth = 0 take the launcher's defaults. pdl: launch with programmatic dependent
-// launch (W4A8Problem::pdl), for a call that directly follows the kernel quantizing qa. prefetch: K
-// steps of each weight row bulk-prefetched into L2 at the start (-1: the launcher's rule).
+// launch (W4A8Problem::pdl), for a call that directly follows the kernel quantizing qa.
 torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const torch::Tensor& packed,
                        const torch::Tensor& sw, const c10::optional<torch::Tensor>& bias, at::ScalarType out_dtype,
-                       int64_t group_size, int64_t warps_n, int64_t split, int64_t depth, bool pdl,
-                       int64_t prefetch) {
+                       int64_t group_size, int64_t warps_n, int64_t split, int64_t depth, bool pdl) {
   check_operands(qa, sa, packed, sw, out_dtype, /*half_scales=*/true);
   const int64_t m = qa.size(0), k = qa.size(1), n = packed.size(0);
   const bool per_row = group_size == 0 || group_size == k;
@@ -105,7 +101,6 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
                 static_cast<int>(n), static_cast<int>(k),
                 out_dtype == at::kHalf ? W4A8_OUT_FP16 : W4A8_OUT_BF16};
   p.pdl = pdl;
-  check(prefetch >= -1, "prefetch must be >= 0 K steps (-1: default)");
   p.w_scale_dtype = sw.scalar_type() == at::kBFloat16 ? W4A8_SCALE_BF16
                     : sw.scalar_type() == at::kHalf   ? W4A8_SCALE_FP16
                                                       : W4A8_SCALE_F32;
@@ -121,8 +116,6 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
     sp = lowbit_w4a8_mma_default_split(p, wn, sms);
   }
   const int dp = depth ? static_cast<int>(depth) : lowbit_w4a8_mma_default_depth(p, group);
-  p.prefetch_steps = prefetch >= 0 ? static_cast<int>(std::min<int64_t>(prefetch, 1 << 20))
-                                   : lowbit_w4a8_mma_default_prefetch(p, group);
   char err[512] = {0};
   const int rc = lowbit_w4a8_mma(p, group, wn, sp, dp, c10::cuda::getCurrentCUDAStream().stream(), err,
                                  sizeof(err));
@@ -137,6 +130,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
   m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..32 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"),
-        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0, py::arg("depth") = 0, py::arg("pdl") = false,
-        py::arg("prefetch") = -1);
+        py::arg("group_size") = 0, py::arg("warps_n") = 0, py::arg("split") = 0, py::arg("depth") = 0, py::arg("pdl") = false);
 }

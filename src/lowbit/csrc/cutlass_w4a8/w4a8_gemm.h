@@ -23,9 +23,6 @@ struct W4A8Problem {
   // before it on the stream (the activation quantization) still runs. It issues its first weight
   // loads, then waits (griddepcontrol.wait) before it reads x or a_scale.
   bool pdl = false;
-  // The mma kernel only: K steps (128 k each) of every weight row the kernel prefetches into L2 at
-  // its start, past the rounds it loads into registers (0: none).
-  int prefetch_steps = 0;
 };
 
 // Bytes of device workspace lowbit_w4a8_gemm needs for this problem.
@@ -43,6 +40,5 @@ constexpr int W4A8_MMA_MAX_TOKENS = 32;
 int lowbit_w4a8_mma_default_warps(const W4A8Problem& p, int group);
 int lowbit_w4a8_mma_default_split(const W4A8Problem& p, int warps_n, int num_sms);
 int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group);
-int lowbit_w4a8_mma_default_prefetch(const W4A8Problem& p, int group);
 int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,
                     char* err, int err_len);

@@ -127,7 +127,7 @@ template <int MT, int WARPS_N, bool GROUPED, int DEPTH, typename OutT>
 __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? (DEPTH == 1 ? 1024 : 512) / (WARPS_N * 32) : 1)
     w4a8_mma_kernel(const uint8_t* __restrict__ w, const int8_t* __restrict__ x, const Scales sw,
                     const float* __restrict__ sa, const OutT* __restrict__ bias, OutT* __restrict__ out, int M,
-                    int N, int K, int steps_per_split, int group_steps, int prefetch_steps) {
+                    int N, int K, int steps_per_split, int group_steps) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -156,18 +156,6 @@ __global__ void __launch_bounds__(WARPS_N * 32, MT == 1 && !GROUPED ? (DEPTH == 
   uint4 buf[kRing][kRound];
 #pragma unroll
   for (int r = 0; r < DEPTH; ++r) load_round(buf[r], s_begin + r * kRound);
-  // The next prefetch_steps K steps of the CTA's weight rows go to L2 by bulk prefetch (one
-  // instruction per row, no registers held), so the HBM reads run ahead of the register ring.
-  if (prefetch_steps > 0 && threadIdx.x < WARPS_N * 8) {
-    const int n = blockIdx.x * WARPS_N * 8 + threadIdx.x;
-    const int b0 = min((s_begin + DEPTH * kRound) * 64, kh);
-    const int b1 = min(min(s_begin + DEPTH * kRound + prefetch_steps, s_end) * 64, kh);
-    if (n < N && b1 > b0) {  // 16-byte aligned and a multiple of 16 bytes: K % 32 == 0
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(w + static_cast<size_t>(n) * kh + b0),
-                   "r"(b1 - b0)
-                   : "memory");
-    }
-  }
   // Launched with programmatic dependent launch (W4A8Problem::pdl), the kernel before this one may
   // still be writing x and sa: wait for it (and its writes) here, after the weight loads that need
   // nothing from it. Without that launch attribute the wait returns at once.
@@ -381,7 +369,7 @@ cudaError_t launch(const W4A8Problem& p, int group_steps, int split, int steps_p
   cfg.numAttrs = n_attr;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.w), static_cast<const int8_t*>(p.x),
                             Scales{p.w_scale, p.w_scale_dtype}, p.a_scale, static_cast<const OutT*>(p.bias), static_cast<OutT*>(p.out),
-                            p.tokens, p.n_out, p.k, steps_per_split, group_steps, p.prefetch_steps);
+                            p.tokens, p.n_out, p.k, steps_per_split, group_steps);
 }
 
 template <int MT, bool GROUPED, int DEPTH, typename OutT>
@@ -472,12 +460,6 @@ int lowbit_w4a8_mma_default_depth(const W4A8Problem& p, int group) {
   // sweep; group-wise past 16 tokens (two m tiles and the float group sums: the most registers)
   // depth 1 was the best on 10 of 10 (e.g. 22016x4096 M = 32: 56.8 vs 61.6 us).
   return (group != 0 && p.tokens > 16) ? 1 : 2;
-}
-
-int lowbit_w4a8_mma_default_prefetch(const W4A8Problem& p, int group) {
-  (void)p;
-  (void)group;
-  return 0;
 }
 
 int lowbit_w4a8_mma(const W4A8Problem& p, int group, int warps_n, int split, int depth, cudaStream_t stream,

@@ -222,7 +222,6 @@ def mma_gemm(
     split: int = 0,
     depth: int = 0,
     pdl: bool = False,
-    prefetch: int = -1,
 ) -> torch.Tensor:
     """Decode batches (1..32 tokens) on the mma.sync kernel (csrc/cutlass_w4a8/w4a8_mma.cu); same
     arguments as gemm, plus group_size: 0 or K = per-row scale (N, 1) (same numerics as gemm), else
@@ -230,16 +229,14 @@ def mma_gemm(
     depth (1..3 rounds of weight loads in flight): 0 = the launcher's rule. pdl=True launches with
     programmatic dependent launch: the kernel may start while the previous kernel on the stream
     (act_quant(trigger_dependents=True), which produced qa and sa) still runs, and waits for it
-    before reading them. Always correct; it only overlaps when that kernel triggers. prefetch: K
-    steps (128 k) of each weight row bulk-prefetched into L2 at the kernel's start, beyond the
-    register ring (-1: the launcher's rule)."""
+    before reading them. Always correct; it only overlaps when that kernel triggers."""
     from lowbit.kernels.cutlass.build import load
 
     # The kernel reads bf16 / fp16 / fp32 weight scales as stored (widening is exact): no converted
     # copy to cache, which in a CUDA graph's memory pool would outlive the graph's outputs.
     sw = scale if scale.dtype in _MMA_SCALE_DTYPES else scale.to(torch.float32)
     args = _native_args(qa, sa, packed, sw, bias, out_dtype)
-    return load().w4a8_mma(*args, group_size, warps_n, split, depth, pdl, prefetch)
+    return load().w4a8_mma(*args, group_size, warps_n, split, depth, pdl)
 
 
 def _linear_impl(
