@@ -167,7 +167,8 @@ def depth_sweep(group: int | None, ms: tuple[int, ...], warps: tuple[int, ...] =
             best = min(cfgs, key=cfgs.get)
             rows.append({"shape": label, "N": n, "K": k, "M": m, "us": t, "sweep": cfgs, "best": best})
             by_depth = {d: min(v for c, v in cfgs.items() if c.endswith(f"d{d}")) for d in depths}
-            print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} pdl={t['default_pdl']:5.1f} auto={t['auto']:5.1f} "
+            print(f"{label:26s} M={m:2d} bf16={t['bf16']:5.1f} default={t['default']:5.1f} "
+                  f"pdl={t['default_pdl']:5.1f} auto={t['auto']:5.1f} "
                   f"best={best}:{cfgs[best]:5.1f} by depth " +
                   " ".join(f"d{d}={v:5.1f}" for d, v in by_depth.items()), flush=True)
     return rows
