@@ -8,6 +8,7 @@ count, CUDA-graph replays with L2 flushed (bench_linear's timing):
   mma_pdl    the same with programmatic dependent launch (act_quant triggers; the kernel streams
              its first weights before waiting for the activations): what an eager AUTO call runs
   auto       F.linear on today's W4A8 per-row weight (KernelChoice.AUTO)
+  triton_auto  the same with kernel=TRITON (what AUTO runs without the native extension)
   cutlass_q  the CUTLASS kernel from int8 activations
   triton_q   the Triton int8 decode kernel from int8 activations (M >= 2)
   bf16, tinygemm_g128
@@ -38,6 +39,7 @@ from bench_linear import bench_shapes, timeit_graphed, tinygemm_weight
 
 import lowbit
 from lowbit.bench import git_sha
+from lowbit.core.kernel_choice import KernelChoice
 from lowbit.kernels.cutlass import build
 from lowbit.kernels.cutlass.w4a8 import gemm as cutlass_gemm
 from lowbit.kernels.cutlass.w4a8 import mma_gemm
@@ -90,6 +92,7 @@ def timings(sweep: bool, group: int | None = None, ms: tuple[int, ...] = MS) -> 
     for label, n, k in bench_shapes(False):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         qw = lowbit.W4A8Config(group_size=group).quantize_weight(w)
+        qw_triton = lowbit.W4A8Config(group_size=group, kernel=KernelChoice.TRITON).quantize_weight(w)
         packed, scale = qw.qdata, qw.scale
         g = qw.group_size
         wp, sz, _ = tinygemm_weight(w)
@@ -102,6 +105,7 @@ def timings(sweep: bool, group: int | None = None, ms: tuple[int, ...] = MS) -> 
                 "mma_pdl": timeit_graphed(lambda: mma_gemm(*act_quant(x, trigger_dependents=True), packed, scale,
                                                            None, torch.bfloat16, g, pdl=True)),
                 "auto": timeit_graphed(lambda: F.linear(x, qw)),
+                "triton_auto": timeit_graphed(lambda: F.linear(x, qw_triton)),
                 "bf16": timeit_graphed(lambda: F.linear(x, w)),
                 "tinygemm_g128": timeit_graphed(lambda: torch.ops.aten._weight_int4pack_mm(x, wp, 128, sz)),
             }

@@ -113,3 +113,39 @@ def test_compiled_w4a8_two_to_four_tokens_keep_the_fused_gemv():
     eager, got, ops = _eager_and_compiled(model, torch.randn(3, 256, device=DEV, dtype=dtype))
     assert "lowbit.int4_linear.default" in ops and "lowbit.w4a8_linear_q.default" not in ops
     assert torch.equal(got, eager)
+
+
+def test_two_to_four_tokens_with_rows_too_long_to_stream_take_gemv_q(monkeypatch):
+    """M = 2..4 with K too long for the streaming GEMV's registers: eager AUTO quantizes once and runs
+    the pre-quantized gemv_q (the blocked dp4a kernel re-read the weight per token), and a compiled
+    graph quantizes in the graph for the same kernel. Outputs equal the reference path's within
+    rounding and eager equals compiled."""
+    import lowbit.kernels.w4a8.gemv_q as gemv_q_mod
+    from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
+    from lowbit.kernels.w4a8.op import _dp4a_takes, quantizes_in_graph
+
+    k = 8224  # next_pow2 = 16384: two rows exceed the streamer's 16384 register elements
+    assert not stream_supported(2, k, 0) and stream_supported(1, k, 0) and stream_supported(3, 4096, 0)
+    assert not _dp4a_takes(2, k, k, "auto") and _dp4a_takes(1, k, k, "auto") and _dp4a_takes(2, k, k, "gemv")
+    assert _dp4a_takes(3, 4096, 4096, "auto")
+    assert quantizes_in_graph(2, k, k, True, "auto") and not quantizes_in_graph(3, 4096, 4096, True, "auto")
+    calls = []
+    real = gemv_q_mod.w4a8_gemv_q
+    monkeypatch.setattr(gemv_q_mod, "w4a8_gemv_q",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    model = torch.nn.Linear(k, 8).to(DEV, dtype)
+    lowbit.quantize_(model, lowbit.W4A8Config(group_size=None, kernel=KernelChoice.TRITON))
+    x = torch.randn(2, k, device=DEV, dtype=dtype)
+    with torch.no_grad():
+        model(x)
+    assert calls == [2]  # eager
+    eager, got, ops = _eager_and_compiled(model, x)
+    assert "lowbit.w4a8_linear_q.default" in ops and "lowbit.int4_linear.default" not in ops
+    assert torch.equal(got, eager)
+    from lowbit.formats.int4 import w4a8_linear_reference
+
+    with torch.no_grad():
+        want = w4a8_linear_reference(x, model.weight, model.bias)
+    torch.testing.assert_close(eager.float(), want.float(), rtol=2**-7,
+                               atol=want.float().abs().max().item() * 1e-3)

@@ -63,7 +63,7 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported, w4a8_gemv_dp4a
 
     if quantize_activations and zf is None and m <= DP4A_MAX_M and path in ("auto", "gemv"):
-        if dp4a_unsupported(x.shape[1], group_size) is None:
+        if dp4a_unsupported(x.shape[1], group_size) is None and _dp4a_takes(m, x.shape[1], group_size, path):
             return w4a8_gemv_dp4a(x, packed, scale, bias, group_size)
     gemv_ok = x.shape[1] % 32 == 0 and (group_size >= x.shape[1] or 2048 % group_size == 0)
     if path == "auto" and m <= GEMV_MAX_M and n <= GEMV_MAX_N and gemv_ok and not quantize_activations:
@@ -87,6 +87,21 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
         w = dequant_int4_triton(packed, scale, zf, group_size, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
     return w4_decode(x, None, packed, scale, zf, bias, group_size, x.dtype)
+
+
+# NOTE: H100, L2 flushed, CUDA-graph replays (results/probe_gemv_stream_m3_h100.json): at 2-4 tokens
+# rows too long for the streaming GEMV's registers (K > 8192) ran the blocked dp4a kernel, which
+# reads the weight once per token: 4096x11008 73.6 / 112.2 / 128.7 us at M = 2 / 3 / 4 (bf16 47.5),
+# against 25.8 / 32.1 / 32.4 for act_quant + the pre-quantized gemv_q; 4096x14336 41.2 / 48.7 / 71.2
+# vs 29.5 / 30.3 / 30.4. So from 2 tokens AUTO takes the dp4a GEMV only where it streams.
+def _dp4a_takes(m: int, k: int, group_size: int, path: str) -> bool:
+    """Whether AUTO (path "auto") runs M tokens on the dp4a GEMV (else act_quant + _w4a8_route)."""
+    from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
+    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
+
+    if path != "auto" or m == 1 or stream_supported(m, k, 0 if group_size >= k else group_size):
+        return True
+    return gemv_q_unsupported(m, k, group_size) is not None
 
 
 def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -152,7 +167,8 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     long_row = m == 1 and group_size >= k and k > GRAPH_QUANT_MIN_K  # per-row weights only
     if long_row and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
         return True
-    return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None)
+    return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None
+                and _dp4a_takes(m, k, group_size, path))
 
 
 # NOTE: one token, compiled decode step (Llama-2-7B, H100, per row). The stream GEMV quantizes in
