@@ -166,7 +166,8 @@ def test_mma_table_routes_auto_only(monkeypatch):
     assert w4a8.auto_prefers_mma(4096, 11008, 2) and w4a8.auto_prefers_mma(4096, 11008, 16)
     assert not w4a8.auto_prefers_mma(4096, 11008, 1)  # the dp4a GEMV wins at one token
     assert not w4a8.auto_prefers_mma(4096, 11008, 17) and not w4a8.auto_prefers_mma(11008, 4096, 2)
-    assert w4a8.auto_prefers_mma(4096, 4096, 32) and not w4a8.auto_prefers_mma(4096, 4096, 4)
+    assert w4a8.auto_prefers_mma(4096, 4096, 32) and w4a8.auto_prefers_mma(4096, 4096, 3)
+    assert not w4a8.auto_prefers_mma(4096, 4096, 2)  # the dp4a GEMV wins at two tokens
     assert w4a8.auto_prefers_cutlass(4096, 11008, 2)  # the extension is taken for it
     auto = _w4a8_weight(64, 128, kernel=KernelChoice.AUTO)
     explicit = _w4a8_weight(64, 128)
