@@ -42,6 +42,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 # act_quant that triggers it (mma_gemm's pdl): the first weight rounds stream in while the
 # activations are quantized. Compiled graphs quantize inside Inductor's kernels, which do not
 # trigger, and keep plain launches.
+# NOTE: H100, M=16, act_quant + kernel, CUDA-graph replays, L2 flushed, one run (results/
+# probe_mma_decode_pdl_h100.json, sha ed480a7): with PDL 25.0 vs 28.4 us (4096x11008), 27.8 vs 31.2
+# (4096x14336), 16.1 vs 17.5 (4096x4096), 22.9 vs 23.9 (12288x4096); 0.3-3.6 us saved on all ten
+# Llama shapes at M=8 and 16.
 PDL_EAGER = True
 
 CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
@@ -66,6 +70,13 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
 # It is slower at M=1 everywhere and at M=2 on the other K=4096 layers (the dp4a GEMV), at M=4 on
 # 4096x4096, 1024x4096 and 6144x4096, and at M=32 elsewhere (the CUTLASS GEMM), so AUTO takes it only
 # on these (N, K, first, end) entries, first <= M < end. M=5..7 run the same kernels as M=8.
+# With PDL_EAGER and the dp4a GEMV's M=3 fix (results/probe_mma_decode_pdl_final_h100.json, sha
+# 3622cd2, one run; AUTO vs the Triton path AUTO takes without the extension): M=3 / 4 on
+# 12288x4096 21.3 / 21.5 vs 26.1 / 26.4, 22016x4096 35.0 / 35.0 vs 37.4 / 37.8, 11008x4096 20.6 /
+# 20.8 vs 24.4 / 25.1, 14336x4096 22.7 / 23.0 vs 28.4 / 29.1, 6144x4096 18.6 / 18.7 vs 18.6 / 19.0,
+# 4096x4096 15.6 / 15.9 vs 15.8 / 16.4; so the K=4096 layers start at M=3 (1024x4096 stays at 5:
+# 11.2 / 11.6 vs 10.9 / 11.2). M=2 stays on the GEMV there (12288x4096: kernel 21.4 vs GEMV 21.1;
+# 4096x4096: 15.6 vs 12.1).
 MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 17),
     (4096, 14336, 2, 17),
