@@ -23,8 +23,6 @@ kernel=CUTLASS always runs the CUTLASS GEMM.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -49,9 +47,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 # (4096x14336), 16.1 vs 17.5 (4096x4096), 22.9 vs 23.9 (12288x4096); 0.3-3.6 us saved on all ten
 # Llama shapes at M=8 and 16.
 PDL_EAGER = True
-# Compiled graphs: the kernel before the mma op is Inductor's (no early trigger), so PDL can only
-# hide the launch; off unless LOWBIT_MMA_PDL_COMPILED=1 (a measurement switch).
-PDL_COMPILED = os.environ.get("LOWBIT_MMA_PDL_COMPILED") == "1"
 
 CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
     (n, k, 5, 2048)
@@ -271,7 +266,7 @@ def _mma_default(
     out_dtype: torch.dtype,
     group_size: int,
 ) -> torch.Tensor:
-    return mma_gemm(qa, sa, packed, scale, bias, out_dtype, group_size, pdl=PDL_COMPILED)
+    return mma_gemm(qa, sa, packed, scale, bias, out_dtype, group_size)
 
 
 def _gemm_in_graph(
