@@ -3,7 +3,8 @@
 Times, per shape, CUDA-graph replays with L2 flushed (bench_linear's timing):
   part "stream": the streaming GEMV launched directly at M = 3 on 3 rows, at M = 2 / 3 / 4 on a
   4-row tensor (same 4-row block: BLOCK_M = 4), and on all-ones rows;
-  part "long_k": at M = 2 / 3 / 4, F.linear on an AUTO weight (`auto`), the blocked dp4a kernel
+  part "long_k": at M = 2 / 3 / 4, F.linear on a kernel=TRITON weight (`auto`: AUTO's route
+  without the native extension), the blocked dp4a kernel
   (`blocked`), act_quant alone (`aq`), gemv_q from int8 rows (`gemv_q`), act_quant + gemv_q and
   act_quant + the Triton decode kernel, and bf16.
 

@@ -149,3 +149,24 @@ def test_two_to_four_tokens_with_rows_too_long_to_stream_take_gemv_q(monkeypatch
         want = w4a8_linear_reference(x, model.weight, model.bias)
     torch.testing.assert_close(eager.float(), want.float(), rtol=2**-7,
                                atol=want.float().abs().max().item() * 1e-3)
+
+
+def test_dp4a_route_by_row_length_and_group():
+    """The dp4a GEMV keeps 2-4 tokens only where its streamer holds the rows (M x next_pow2(K) <=
+    16384 words), per row and group-wise; explicit path "gemv" always keeps it."""
+    from lowbit.kernels.w4a8.op import _dp4a_takes
+
+    assert _dp4a_takes(2, 8192, 8192, "auto") and not _dp4a_takes(2, 8224, 8224, "auto")
+    assert _dp4a_takes(3, 4096, 4096, "auto") and not _dp4a_takes(3, 5120, 5120, "auto")
+    assert not _dp4a_takes(4, 8192, 128, "auto") and _dp4a_takes(4, 4096, 128, "auto")
+    assert _dp4a_takes(1, 16384, 16384, "auto") and _dp4a_takes(4, 8192, 8192, "gemv")
+
+
+def test_w4a8_triton_zero_tokens():
+    """No tokens: an empty (0, N) output from the Triton route, not a kernel launch error."""
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    model = torch.nn.Linear(256, 64).to(DEV, dtype)
+    lowbit.quantize_(model, lowbit.W4A8Config(kernel=KernelChoice.TRITON))
+    with torch.no_grad():
+        y = model(torch.randn(0, 256, device=DEV, dtype=dtype))
+    assert y.shape == (0, 64) and y.dtype == dtype

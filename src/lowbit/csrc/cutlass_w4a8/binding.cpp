@@ -126,6 +126,9 @@ torch::Tensor w4a8_mma(const torch::Tensor& qa, const torch::Tensor& sa, const t
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Python checks it when it imports a library built ahead of time (LOWBIT_CUTLASS_LIB): bump it
+  // whenever an entry point's arguments change (2: w4a8_mma's pdl).
+  m.attr("api_version") = 2;
   m.def("w4a8_gemm", &w4a8_gemm, "CUTLASS sm90 W4A8 GEMM: int8 (M,K) x packed int4 (N,K) -> (M,N)",
         py::arg("qa"), py::arg("sa"), py::arg("packed"), py::arg("sw"), py::arg("bias"), py::arg("out_dtype"));
   m.def("w4a8_mma", &w4a8_mma, "mma.sync W4A8 for 1..32 tokens: int8 (M,K) x packed int4 (N,K) -> (M,N)",

@@ -32,6 +32,7 @@ import torch
 FIX = "pip install 'lowbit[cutlass]'"
 ARCH = "sm_90a"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cutlass_w4a8"
+API_VERSION = 2  # binding.cpp's api_version: the entry points' arguments this Python code passes
 SOURCES = ("w4a8_gemm.cu", "w4a8_mma.cu", "w4a8_gemm.h", "binding.cpp")
 # Headers the kernel includes directly or relies on; checked before any compiler runs, so an
 # incomplete install is reported as such instead of as a page of nvcc errors.
@@ -246,7 +247,13 @@ def load(verbose: bool = False) -> ModuleType:
         raise BuildError(blocker)
     prebuilt = prebuilt_library()
     if prebuilt is not None:  # ahead-of-time build: the module name is the file's stem
-        return _import_library(prebuilt, prebuilt.name.split(".")[0])
+        mod = _import_library(prebuilt, prebuilt.name.split(".")[0])
+        api = getattr(mod, "api_version", 1)
+        if api != API_VERSION:
+            raise BuildError(f"LOWBIT_CUTLASS_LIB={prebuilt} was built from other lowbit sources (API "
+                             f"version {api}, this lowbit needs {API_VERSION}): rebuild it from "
+                             "csrc/cutlass_w4a8 or unset it")
+        return mod
     lib = built_library(key)
     if lib is not None:
         try:

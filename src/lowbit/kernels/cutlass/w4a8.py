@@ -71,12 +71,13 @@ CUTLASS_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
 # 4096x4096, 1024x4096 and 6144x4096, and at M=32 elsewhere (the CUTLASS GEMM), so AUTO takes it only
 # on these (N, K, first, end) entries, first <= M < end. M=5..7 run the same kernels as M=8.
 # With PDL_EAGER and the dp4a GEMV's M=3 fix (results/probe_mma_decode_pdl_final_h100.json, sha
-# 3622cd2, one run; AUTO vs the Triton path AUTO takes without the extension): M=3 / 4 on
-# 12288x4096 21.3 / 21.5 vs 26.1 / 26.4, 22016x4096 35.0 / 35.0 vs 37.4 / 37.8, 11008x4096 20.6 /
-# 20.8 vs 24.4 / 25.1, 14336x4096 22.7 / 23.0 vs 28.4 / 29.1, 6144x4096 18.6 / 18.7 vs 18.6 / 19.0,
-# 4096x4096 15.6 / 15.9 vs 15.8 / 16.4; so the K=4096 layers start at M=3 (1024x4096 stays at 5:
-# 11.2 / 11.6 vs 10.9 / 11.2). M=2 stays on the GEMV there (12288x4096: kernel 21.4 vs GEMV 21.1;
-# 4096x4096: 15.6 vs 12.1).
+# 3622cd2, one run), M=3 / 4, us: the kernel after act_quant with PDL (eager) / from int8 inputs (a
+# compiled graph, which quantizes in the producer) vs the Triton path AUTO takes without the
+# extension: 12288x4096 21.3 / 21.4 and 20.3 / 20.0 vs 26.1 / 26.4; 22016x4096 34.9 / 35.0 and
+# 33.0 / 33.2 vs 37.4 / 37.8; 11008x4096 20.5 / 20.8 and 19.3 / 19.5 vs 24.4 / 25.1; 14336x4096
+# 22.7 / 23.1 and 21.4 / 21.6 vs 28.4 / 29.1: those start at M=3. Not the smaller ones, even or
+# behind with PDL: 6144x4096 18.7 / 18.8 vs 18.6 / 19.0, 4096x4096 15.6 / 15.8 vs 15.8 / 16.4,
+# 1024x4096 11.7 / 11.6 vs 10.9 / 11.2. M=2 stays on the GEMV (12288x4096: 21.4 vs 21.1).
 MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4096, 11008, 2, 17),
     (4096, 14336, 2, 17),
@@ -85,8 +86,8 @@ MMA_AUTO_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (12288, 4096, 3, 17),
     (11008, 4096, 3, 17),
     (14336, 4096, 3, 17),
-    (6144, 4096, 3, 17),
-    (4096, 4096, 3, 33),
+    (6144, 4096, 5, 17),
+    (4096, 4096, 5, 33),
     (1024, 4096, 5, 33),
 )
 # Group-wise weights (group a multiple of 128 dividing K): the mma kernel scales each group's int32

@@ -15,11 +15,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-try:  # Triton >= 3.3
-    from triton.language.extra.cuda import gdc_launch_dependents
-except ImportError:  # pragma: no cover - older Triton: no programmatic dependent launch
-    gdc_launch_dependents = None
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from lowbit.kernels import interpreter_enabled
 
@@ -111,7 +107,7 @@ def _sm90(index: int) -> bool:
 
 def pdl_trigger_ok(x: torch.Tensor) -> bool:
     """True when act_quant(x, trigger_dependents=True) really triggers (CUDA, sm_90+, compiled Triton)."""
-    if not x.is_cuda or gdc_launch_dependents is None or interpreter_enabled():
+    if not x.is_cuda or interpreter_enabled():
         return False
     return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
 

@@ -184,8 +184,10 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
         raise ValueError(f"dp4a GEMV: {reason}")
     group = 0 if group_size >= k else group_size
     x = x if x.stride(-1) == 1 else x.contiguous()
-    words = packed.contiguous().view(torch.int32)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    words = packed.contiguous().view(torch.int32)
     if kernel == "stream" or (kernel == "auto" and stream_supported(m, k, group)):
         if not stream_supported(m, k, group):
             raise ValueError(f"the streaming dp4a GEMV does not take M={m}, K={k}, group={group_size}")

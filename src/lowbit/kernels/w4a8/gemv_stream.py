@@ -57,9 +57,10 @@ def _w4a8_stream_kernel(
     # -- token rows -> packed int8 words (even k, odd k) in the weight tile's layout ------
     # Rows past M (M=3 in a 4-row block) repeat row M - 1 instead of masking: with a row mask the
     # kernel ran about 2x slower (M=3: 35.8 us vs 26.5 at M=4 on 12288x4096, the same block;
-    # results/probe_gemv_stream_m3_h100.json). Their outputs are not stored.
+    # results/probe_gemv_stream_m3_3db3150_h100.txt; 26.4 us at M=3 since, probe_gemv_stream_m3_
+    # h100.json). Their outputs are not stored.
     offs_m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None]
-    x_ok = t_ok & (offs_m >= 0)
+    x_ok = t_ok
     xp = x_ptr + offs_m * stride_xm + offs_t * 8
     v0 = tl.load(xp + 0, mask=x_ok, other=0.0).to(tl.float32)
     v1 = tl.load(xp + 1, mask=x_ok, other=0.0).to(tl.float32)

@@ -6,7 +6,9 @@ token count M (product of the activation's leading dims):
   W4A8 (quantize_activations=True)
     M <= 4                    dp4a GEMV (integer dot instructions), activation quantization fused
                               (compiled graphs at M = 1 and K > 8192: quantization fused into
-                              the producer of x, then the pre-quantized dp4a GEMV, gemv_q.py)
+                              the producer of x, then the pre-quantized dp4a GEMV, gemv_q.py;
+                              M = 2-4 with rows too long for the streaming GEMV: act_quant +
+                              gemv_q, see _dp4a_takes)
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
     M >= W4A8_PREFILL_MIN_M   act_quant and the int4 -> int8 workspace expansion in one launch,
                               then the int8 GEMM (TMA operand loads on Hopper, per-row weights)
@@ -89,19 +91,21 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     return w4_decode(x, None, packed, scale, zf, bias, group_size, x.dtype)
 
 
-# NOTE: H100, L2 flushed, CUDA-graph replays (results/probe_gemv_stream_m3_h100.json): at 2-4 tokens
-# rows too long for the streaming GEMV's registers (K > 8192) ran the blocked dp4a kernel, which
-# reads the weight once per token: 4096x11008 73.6 / 112.2 / 128.7 us at M = 2 / 3 / 4 (bf16 47.5),
-# against 25.8 / 32.1 / 32.4 for act_quant + the pre-quantized gemv_q; 4096x14336 41.2 / 48.7 / 71.2
-# vs 29.5 / 30.3 / 30.4. So from 2 tokens AUTO takes the dp4a GEMV only where it streams.
+# NOTE: H100, L2 flushed, CUDA-graph replays (results/probe_gemv_stream_m3_3db3150_h100.txt, before;
+# results/probe_gemv_stream_m3_h100.json, after): at 2-4 tokens, rows too long for the streaming
+# GEMV's registers (2 x next_pow2(K) > 16384 at M=2, i.e. K > 8192; 4 x next_pow2(K) at M=3-4,
+# i.e. K > 4096) ran the blocked dp4a kernel, which reads the weight once per token: 4096x11008
+# 73.6 / 112.2 / 128.7 us at M = 2 / 3 / 4 (bf16 47.5), against 25.8 / 32.1 / 32.4 for act_quant +
+# the pre-quantized gemv_q; 4096x14336 41.2 / 48.7 / 71.2 vs 29.5 / 30.3 / 30.4. The blocked kernel
+# lost at K=4096 too (4096x4096 M=3 / 4: 18.7 / 24.4 vs 14.0 / 14.2; 12288x4096: 42.2 / 48.0 vs
+# 26.2 / 26.5); 4096 < K <= 8192 (e.g. 5120) was not measured. So from 2 tokens AUTO takes the
+# dp4a GEMV only where it streams.
 def _dp4a_takes(m: int, k: int, group_size: int, path: str) -> bool:
-    """Whether AUTO (path "auto") runs M tokens on the dp4a GEMV (else act_quant + _w4a8_route)."""
+    """Whether path "auto" runs M tokens on the dp4a GEMV (else act_quant + _w4a8_route, which
+    takes gemv_q: it accepts every group size the dp4a GEMV does). Other paths keep the GEMV."""
     from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
-    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
 
-    if path != "auto" or m == 1 or stream_supported(m, k, 0 if group_size >= k else group_size):
-        return True
-    return gemv_q_unsupported(m, k, group_size) is not None
+    return path != "auto" or m == 1 or stream_supported(m, k, 0 if group_size >= k else group_size)
 
 
 def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -168,7 +172,7 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     if long_row and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
         return True
     return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None
-                and _dp4a_takes(m, k, group_size, path))
+                and _dp4a_takes(m, k, group_size, "auto"))
 
 
 # NOTE: one token, compiled decode step (Llama-2-7B, H100, per row). The stream GEMV quantizes in
