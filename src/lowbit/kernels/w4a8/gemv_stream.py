@@ -60,16 +60,15 @@ def _w4a8_stream_kernel(
     # results/probe_gemv_stream_m3_3db3150_h100.txt; 26.4 us at M=3 since, probe_gemv_stream_m3_
     # h100.json). Their outputs are not stored.
     offs_m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None]
-    x_ok = t_ok
     xp = x_ptr + offs_m * stride_xm + offs_t * 8
-    v0 = tl.load(xp + 0, mask=x_ok, other=0.0).to(tl.float32)
-    v1 = tl.load(xp + 1, mask=x_ok, other=0.0).to(tl.float32)
-    v2 = tl.load(xp + 2, mask=x_ok, other=0.0).to(tl.float32)
-    v3 = tl.load(xp + 3, mask=x_ok, other=0.0).to(tl.float32)
-    v4 = tl.load(xp + 4, mask=x_ok, other=0.0).to(tl.float32)
-    v5 = tl.load(xp + 5, mask=x_ok, other=0.0).to(tl.float32)
-    v6 = tl.load(xp + 6, mask=x_ok, other=0.0).to(tl.float32)
-    v7 = tl.load(xp + 7, mask=x_ok, other=0.0).to(tl.float32)
+    v0 = tl.load(xp + 0, mask=t_ok, other=0.0).to(tl.float32)
+    v1 = tl.load(xp + 1, mask=t_ok, other=0.0).to(tl.float32)
+    v2 = tl.load(xp + 2, mask=t_ok, other=0.0).to(tl.float32)
+    v3 = tl.load(xp + 3, mask=t_ok, other=0.0).to(tl.float32)
+    v4 = tl.load(xp + 4, mask=t_ok, other=0.0).to(tl.float32)
+    v5 = tl.load(xp + 5, mask=t_ok, other=0.0).to(tl.float32)
+    v6 = tl.load(xp + 6, mask=t_ok, other=0.0).to(tl.float32)
+    v7 = tl.load(xp + 7, mask=t_ok, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
                       tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
     sa = _int8_scale(tl.max(amax, axis=2, keep_dims=True))  # (BLOCK_M, 1, 1)

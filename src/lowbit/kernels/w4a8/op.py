@@ -62,11 +62,10 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 
     m, n = x.shape[0], packed.shape[0]
     zf = _zero_as_float(zero, scale, int_zero)
-    from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported, w4a8_gemv_dp4a
+    from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
 
-    if quantize_activations and zf is None and m <= DP4A_MAX_M and path in ("auto", "gemv"):
-        if dp4a_unsupported(x.shape[1], group_size) is None and _dp4a_takes(m, x.shape[1], group_size, path):
-            return w4a8_gemv_dp4a(x, packed, scale, bias, group_size)
+    if quantize_activations and zf is None and _dp4a_takes(m, x.shape[1], group_size, path):
+        return w4a8_gemv_dp4a(x, packed, scale, bias, group_size)
     gemv_ok = x.shape[1] % 32 == 0 and (group_size >= x.shape[1] or 2048 % group_size == 0)
     if path == "auto" and m <= GEMV_MAX_M and n <= GEMV_MAX_N and gemv_ok and not quantize_activations:
         return w4_gemv(x, packed, scale, zf, bias, group_size, quantize_activations)
@@ -101,11 +100,15 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 # 26.2 / 26.5); 4096 < K <= 8192 (e.g. 5120) was not measured. So from 2 tokens AUTO takes the
 # dp4a GEMV only where it streams.
 def _dp4a_takes(m: int, k: int, group_size: int, path: str) -> bool:
-    """Whether path "auto" runs M tokens on the dp4a GEMV (else act_quant + _w4a8_route, which
-    takes gemv_q: it accepts every group size the dp4a GEMV does). Other paths keep the GEMV."""
-    from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
+    """Whether M tokens of W4A8 run the dp4a GEMV, which quantizes in its prologue: paths "auto" and
+    "gemv", up to DP4A_MAX_M tokens and the groups it takes; from 2 tokens "auto" only where the
+    streamer holds the rows (else act_quant + _w4a8_route, which takes gemv_q: it accepts every
+    group size the dp4a GEMV does). Eager calls and compiled graphs (quantizes_in_graph) both ask."""
+    from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported, stream_supported
 
-    return path != "auto" or m == 1 or stream_supported(m, k, 0 if group_size >= k else group_size)
+    if m > DP4A_MAX_M or path not in ("auto", "gemv") or dp4a_unsupported(k, group_size) is not None:
+        return False
+    return path == "gemv" or m == 1 or stream_supported(m, k, 0 if group_size >= k else group_size)
 
 
 def w4a8_prefill_quantized(qa: torch.Tensor, sa: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -163,7 +166,6 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     (RMSNorm, SwiGLU), and calls w4a8_linear_q. That is every M that would run act_quant and then
     an int8 kernel, and M = 1 with K > GRAPH_QUANT_MIN_K for per-row weights. Never for symbolic
     token counts (the route depends on M)."""
-    from lowbit.kernels.w4a8.gemv_dp4a import DP4A_MAX_M, dp4a_unsupported
     from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
 
     if not symmetric or not isinstance(m, int) or path == "gemv":
@@ -171,8 +173,7 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     long_row = m == 1 and group_size >= k and k > GRAPH_QUANT_MIN_K  # per-row weights only
     if long_row and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
         return True
-    return not (m <= DP4A_MAX_M and path == "auto" and dp4a_unsupported(k, group_size) is None
-                and _dp4a_takes(m, k, group_size, "auto"))
+    return not _dp4a_takes(m, k, group_size, path)
 
 
 # NOTE: one token, compiled decode step (Llama-2-7B, H100, per row). The stream GEMV quantizes in
