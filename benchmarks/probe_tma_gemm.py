@@ -9,7 +9,6 @@ TMA configs and the prefill pipeline's pieces (act_quant, unpack, quant_and_unpa
 result (results/probe_tma_variants_h100.json, sha c44b194) also swept two kernel options removed
 since: an unflattened tile loop (2-8% slower) and a TMA-store epilogue (out of shared memory at 4
 stages). `--part qu` sweeps quant_and_unpack's expansion block and warps (alone and with the GEMM).
-`--part pdl` times the eager AUTO prefill with and without programmatic dependent launch.
 
     python benchmarks/probe_tma_gemm.py --out probe_tma_gemm.json
 """
@@ -177,57 +176,15 @@ def qu_launch(res: dict, shapes, ms) -> None:
                   + f" | best {best['ublock']}/{best['warps']} {row['bf16'] / best['w4a8_us']:.3f}x", flush=True)
 
 
-def pdl_prefill(res: dict, shapes, ms) -> None:
-    """Fourth part: the eager W4A8 prefill (AUTO, per row) with and without programmatic dependent
-    launch between quant_and_unpack and the TMA GEMM (op.PREFILL_PDL), interleaved twice; plus a
-    race check: two inputs alternated eagerly, every output compared with the plain launch's."""
-    import lowbit
-    from lowbit.kernels.w4a8 import op
-
-    dev = "cuda"
-    cfg = lowbit.W4A8Config(group_size=None)
-    for n, k in shapes:
-        w_bf = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        w = cfg.quantize_weight(w_bf)
-        for m in ms:
-            xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(2)]
-            x = xs[0]
-            op.PREFILL_PDL = False
-            refs = [F.linear(v, w) for v in xs]
-            op.PREFILL_PDL = True
-            exact = True
-            for i in range(20):
-                exact &= bool(torch.equal(F.linear(xs[i % 2], w), refs[i % 2]))
-            row: dict = {"N": n, "K": k, "M": m, "exact_pdl": exact, "bf16": t_us(lambda: F.linear(x, w_bf)),
-                         "plain": [], "pdl": []}
-            for _ in range(2):
-                for flag, key in ((False, "plain"), (True, "pdl")):
-                    op.PREFILL_PDL = flag
-                    row[key].append(t_us(lambda: F.linear(x, w)))
-            op.PREFILL_PDL = True
-            res["pdl"].append(row)
-            bf = row["bf16"]
-            pl, pd = min(row["plain"]), min(row["pdl"])
-            print(f"{n}x{k} M={m}: bf16 {bf:.1f} | plain {'/'.join(f'{v:.1f}' for v in row['plain'])} "
-                  f"({bf / pl:.3f}x) | pdl {'/'.join(f'{v:.1f}' for v in row['pdl'])} ({bf / pd:.3f}x) "
-                  f"| exact {exact}", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_tma_gemm.json")
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--ms", default=None)
-    ap.add_argument("--part", default="sweep", choices=["sweep", "variants", "qu", "pdl"])
+    ap.add_argument("--part", default="sweep", choices=["sweep", "variants", "qu"])
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
-    if args.part == "pdl":
-        res4: dict = {"meta": _meta(), "pdl": []}
-        pdl_prefill(res4, shapes, ms)
-        with open(args.out, "w") as f:
-            json.dump(res4, f, indent=1)
-        return
     if args.part == "qu":
         res3: dict = {"meta": _meta(), "qu": []}
         qu_launch(res3, shapes, ms)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
-from lowbit.kernels.w4a8.act_quant import act_quant_launch, act_quant_row, pdl_trigger_ok
+from lowbit.kernels.w4a8.act_quant import act_quant_launch, act_quant_row
 
 
 # -- int4 -> int8 expansion (W4A8) ------------------------------------------------------
@@ -40,12 +39,9 @@ def _unpack_int4_kernel(p_ptr, out_ptr, total_bytes, BLOCK: tl.constexpr):
 
 @triton.jit
 def _quant_unpack_kernel(x_ptr, q_ptr, s_ptr, p_ptr, w_ptr, M, K, stride_xm, total_bytes,
-                         BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr,
-                         TRIGGER: tl.constexpr):
+                         BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
     # Programs 0..M-1 quantize activation rows, the rest expand the weight: one launch, two
     # independent memory-bound jobs, no tail between them.
-    if TRIGGER:  # the next kernel (the TMA GEMM launched with PDL) may start; it waits for us
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid < M:
         act_quant_row(pid, x_ptr, q_ptr, s_ptr, K, stride_xm, K, BLOCK_K, ONE_PASS, False)
@@ -53,13 +49,11 @@ def _quant_unpack_kernel(x_ptr, q_ptr, s_ptr, p_ptr, w_ptr, M, K, stride_xm, tot
         _unpack_block(pid - M, p_ptr, w_ptr, total_bytes, BLOCK)
 
 
-def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor, ublock: int = 4096, num_warps: int = 8,
-                     trigger_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor, ublock: int = 4096,
+                     num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """act_quant(x) and unpack_int4_triton(packed) in one launch: (q (M, K), s (M, 1), w8 (N, K)).
 
-    ublock: packed bytes per expanding program (a power of two); num_warps: per program.
-    trigger_dependents: as in act_quant (lets a GEMM launched with programmatic dependent launch,
-    `int8_gemm(pdl=True)`, start early; it waits for q, s and w8 before reading them)."""
+    ublock: packed bytes per expanding program (a power of two); num_warps: per program."""
     if x.dim() != 2 or packed.dim() != 2 or packed.shape[1] * 2 != x.shape[1]:
         raise ValueError(f"quant_and_unpack: x (M, K) and packed (N, K/2), got {tuple(x.shape)} and "
                          f"{tuple(packed.shape)}")
@@ -76,8 +70,7 @@ def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor, ublock: int = 4096, 
     grid = (m + triton.cdiv(total, ublock),)
     if grid[0]:
         _quant_unpack_kernel[grid](x, q, s, packed.view(torch.int8), w8, m, k, x.stride(0), total,
-                                   BLOCK_K=block_k, ONE_PASS=one_pass, BLOCK=ublock,
-                                   TRIGGER=trigger_dependents and pdl_trigger_ok(x), num_warps=num_warps)
+                                   BLOCK_K=block_k, ONE_PASS=one_pass, BLOCK=ublock, num_warps=num_warps)
     return q, s, w8
 
 

@@ -41,9 +41,6 @@ GEMV_MAX_M = 2
 GEMV_MAX_N = 12288
 
 PATHS = ("auto", "gemv", "decode", "prefill")
-# Eager W4A8 prefill: quant_and_unpack triggers its dependents and the TMA GEMM is launched with
-# programmatic dependent launch (it waits for the workspace before its first load).
-PREFILL_PDL = True
 
 
 def _zero_as_float(zero: Optional[torch.Tensor], scale: torch.Tensor, int_zero: bool
@@ -82,9 +79,8 @@ def _int4_linear_impl(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
             from lowbit.kernels.w4a8.prefill import int8_gemm
 
             # activation quantization and the weight expansion in one launch
-            # w8: one-layer workspace, freed on return
-            qa, sa, w8 = quant_and_unpack(x, packed, trigger_dependents=PREFILL_PDL)
-            return int8_gemm(qa, sa, w8, scale, bias, group_size, x.dtype, pdl=PREFILL_PDL)
+            qa, sa, w8 = quant_and_unpack(x, packed)  # w8: one-layer workspace, freed on return
+            return int8_gemm(qa, sa, w8, scale, bias, group_size, x.dtype)
         qa, sa = act_quant(x)
         return _w4a8_linear_q_impl(qa, sa, packed, scale, bias, group_size, x.dtype, path)
     use_prefill = path == "prefill" or (path == "auto" and m >= WO_PREFILL_MIN_M)

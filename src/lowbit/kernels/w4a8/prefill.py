@@ -19,10 +19,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from lowbit.kernels import interpreter_enabled
-from lowbit.kernels.w4a8.act_quant import pdl_trigger_ok
 from lowbit.kernels.w4a8.gemv_dp4a import num_sms
 
 # -- pointer-based int8 GEMM -------------------------------------------------------------
@@ -135,12 +133,11 @@ def _int8_gemm_kernel_bucketed(
 
 def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
               bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-              config: dict | None = None, tma: bool = True, pdl: bool = False) -> torch.Tensor:
+              config: dict | None = None, tma: bool = True) -> torch.Tensor:
     """qa (M, K) int8, sa (M, 1) fp32, qw (N, K) int8, sw (N, G); group_size == K: per row.
 
     tma=True lets takes_tma() choose the TMA kernel where it applies (never with `config` or under
-    the interpreter); tma=False keeps the pointer kernel (autotuned, or `config`). pdl: as in
-    int8_gemm_tma (only the TMA kernel takes it)."""
+    the interpreter); tma=False keeps the pointer kernel (autotuned, or `config`)."""
     m, k = qa.shape
     n = qw.shape[0]
     if qw.shape[1] != k:
@@ -149,7 +146,7 @@ def int8_gemm(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Te
         raise ValueError("int8 GEMM operands need a unit last stride")
     group = 0 if group_size >= k else group_size
     if tma and config is None and takes_tma(qa, qw, group, out_dtype):
-        return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG, pdl=pdl)
+        return int8_gemm_tma(qa, sa, qw, sw, bias, group_size, out_dtype, TMA_CONFIG)
     # the pointer kernel's operand offsets are int32 element counts
     if n * max(k, qw.stride(0)) >= OFFSET_LIMIT:
         raise ValueError(f"int8 GEMM offsets are int32: N*K must be < 2**31 (N={n}, K={k})")
@@ -192,10 +189,8 @@ def _int8_gemm_tma_kernel(
     M, N, K, stride_sbn, stride_cm,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
 ):
-    if PDL:  # launched with programmatic dependent launch: wait until the producer's writes land
-        gdc_wait()
     # Same arithmetic as _int8_gemm_kernel; A (M, K) and B (N, K) tiles arrive through TMA
     # descriptors (out-of-bounds rows and K columns read as zero, so no masks and no wrap-around),
     # and each program walks output tiles NUM_PROGRAMS apart in grouped order.
@@ -269,14 +264,11 @@ def takes_tma(qa: torch.Tensor, qw: torch.Tensor, group: int, out_dtype: torch.d
 
 def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                   bias: torch.Tensor | None, group_size: int, out_dtype: torch.dtype,
-                  config: dict, num_programs: int | None = None, pdl: bool = False) -> torch.Tensor:
+                  config: dict, num_programs: int | None = None) -> torch.Tensor:
     """int8_gemm with TMA operand loads and a persistent grid (Hopper); same inputs and result.
 
     config: BLOCK_M, BLOCK_N, BLOCK_K (== group_size for group-wise weights), GROUP_M, num_warps,
     num_stages. num_programs defaults to the GPU's multiprocessor count (4 under the interpreter).
-    pdl=True (on an sm_90+ GPU, compiled Triton): launch with programmatic dependent launch, so the
-    grid can start while the kernel before it on the stream finishes (quant_and_unpack with
-    trigger_dependents=True); it waits for that kernel's writes before its first load.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -301,13 +293,11 @@ def int8_gemm_tma(qa: torch.Tensor, sa: torch.Tensor, qw: torch.Tensor, sw: torc
     if num_programs is None:
         num_programs = 4 if interpreter_enabled() else num_sms(qa.device.index)
     programs = max(1, min(num_programs, tiles))
-    pdl = pdl and pdl_trigger_ok(qa)
-    pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     a_desc = TensorDescriptor(qa, [m, k], [qa.stride(0), 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     b_desc = TensorDescriptor(qw, [n, k], [qw.stride(0), 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     _int8_gemm_tma_kernel[(programs,)](
         a_desc, sa, b_desc, sw, bias if bias is not None else sw, c, m, n, k, sw.stride(0), c.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, num_warps=warps,
-        num_stages=stages, **cfg, **pdl_launch,
+        num_stages=stages, **cfg,
     )
     return c
