@@ -5,6 +5,8 @@ Timing: triton.testing.do_bench, median, L2 flushed between calls. Shapes from
 lowbit.testing.shapes (Llama-2-7B + Llama-3-8B linears, distinct), M in BENCH_M.
 Every column includes its own activation quantization where it has one
 ("alone" columns are the bare GEMM). Rows go to JSON with device, versions, git sha.
+Peers when importable (PYTHONPATH from ../shared/tools/fetch-peers.sh): torchao int4 weight-only
+(g128, its tinygemm layout) and gemlite (W4A16 g128; W4A8 with int8 per-token activations).
 """
 
 from __future__ import annotations
@@ -151,12 +153,42 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
         try:
             lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
             lin.weight.data.copy_(w)
-            peers["torchao"].quantize_(lin, peers["torchao_int4"](group_size=128))
+            peers["torchao"].quantize_(lin, peers["torchao_int4"](group_size=128, **peers["torchao_int4_kw"]))
             impls["torchao_int4wo_g128"] = lin
             wbytes["torchao_int4wo_g128"] = n * k // 2
         except Exception as e:  # report, keep going
             print(f"torchao int4wo unavailable for {n}x{k}: {type(e).__name__}: {e}")
+    if "gemlite" in peers:
+        helper = peers["gemlite"].helper
+        # gemlite's W4A16 (bf16 x int4, g128, asymmetric) and its W4A8 (int8 per-token activations, quantized
+        # inside its forward, x int4 per row with an integer zero point of 8, i.e. symmetric)
+        for name, make, group in [
+            ("gemlite_a16w4_g128", lambda: helper.A16W4_HQQ_INT(dtype=torch.bfloat16), 128),
+            ("gemlite_a8w4_int8_row", lambda: helper.A8W4_HQQ_INT_dynamic(dtype=torch.bfloat16, fp8=torch.int8), k),
+        ]:
+            try:
+                wq, ws, wz = hqq_weight(w, group, symmetric=group == k)
+                impls[name] = make().from_weights(wq, ws, wz)
+                wbytes[name] = n * k // 2 + ws.numel() * 2 + (wz.numel() * 2 if group != k else 0)
+            except Exception as e:  # report, keep going
+                print(f"{name} unavailable for {n}x{k}: {type(e).__name__}: {e}")
     return impls, wbytes
+
+
+def hqq_weight(w: torch.Tensor, group: int, symmetric: bool):
+    """gemlite's int4 input: uint8 codes 0..15 (N, K), scale and zero (N, K/group), w = (q - zero) * scale.
+    symmetric: zero = 8 (an integer, as gemlite's int8-activation kernels require), scale = amax / 7."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    if symmetric:
+        scale = (wg.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-6)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        zero = -lo / scale
+    q = (wg / scale + zero).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return q, scale.reshape(n, -1).to(torch.bfloat16), zero.reshape(n, -1).to(torch.bfloat16)
 
 
 @functools.cache
@@ -197,8 +229,17 @@ def load_peers() -> dict:
         peers.update(torchao=sys.modules["torchao.quantization"], torchao_int4=Int4WeightOnlyConfig,
                      torchao_version=torchao.__version__)
         peers["torchao"].quantize_ = quantize_
+        # torchao >= 0.14's default int4 packing ("plain") needs the mslk package; its tinygemm layout does not
+        fields = getattr(Int4WeightOnlyConfig, "__dataclass_fields__", {})
+        peers["torchao_int4_kw"] = {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in fields else {}
     except Exception as e:
         print(f"torchao not importable: {type(e).__name__}: {e}")
+    try:
+        import gemlite
+
+        peers.update(gemlite=gemlite, gemlite_version=gemlite.__version__)
+    except Exception as e:
+        print(f"gemlite not importable: {type(e).__name__}: {e}")
     return peers
 
 
@@ -214,7 +255,8 @@ def main() -> None:
     sha = git_sha()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "git_sha": sha or "unknown",
-            "torchao": peers.get("torchao_version"), "ceilings": ceilings()}
+            "torchao": peers.get("torchao_version"), "gemlite": peers.get("gemlite_version"),
+            "torchao_int4_kw": peers.get("torchao_int4_kw"), "ceilings": ceilings()}
     print(json.dumps(meta))
     rows, checks = [], {}
     for label, n, k in bench_shapes(args.quick):
@@ -255,6 +297,8 @@ def print_table(rows: list[dict]) -> None:
     if any(r["impl"] == "lowbit_w4a8_row_cutlass" for r in rows):
         cols, short = cols + ["lowbit_w4a8_row_cutlass"], short + ["w4a8rC"]
     cols, short = cols + ["lowbit_w8a8_row", "lowbit_w8a8_row_triton"], short + ["w8a8", "w8a8T"]
+    if any(r["impl"].startswith("gemlite") for r in rows):
+        cols, short = cols + ["gemlite_a16w4_g128", "gemlite_a8w4_int8_row"], short + ["gl_a16", "gl_a8w4"]
     by = {(r["N"], r["K"], r["M"], r["impl"]): r["us"] for r in rows}
     print("NxK M | " + " ".join(f"{s:>7}" for s in short) + " | g128 vs bf16, vs tiny; row vs bf16")
     for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in rows}):
