@@ -6,7 +6,7 @@ lowbit.testing.shapes (Llama-2-7B + Llama-3-8B linears, distinct), M in BENCH_M.
 Every column includes its own activation quantization where it has one
 ("alone" columns are the bare GEMM). Rows go to JSON with device, versions, git sha.
 Peers when importable (PYTHONPATH from ../shared/tools/fetch-peers.sh): torchao int4 weight-only
-(g128, its tinygemm layout) and gemlite (W4A16 g128; W4A8 with int8 per-token activations).
+(g128, its tinygemm layout) and, with --gemlite, gemlite's W4A16 g128.
 """
 
 from __future__ import annotations
@@ -159,34 +159,24 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
         except Exception as e:  # report, keep going
             print(f"torchao int4wo unavailable for {n}x{k}: {type(e).__name__}: {e}")
     if "gemlite" in peers:
-        helper = peers["gemlite"].helper
-        # gemlite's W4A16 (bf16 x int4, g128, asymmetric) and its W4A8 (int8 per-token activations, quantized
-        # inside its forward, x int4 per row with an integer zero point of 8, i.e. symmetric)
-        for name, make, group in [
-            ("gemlite_a16w4_g128", lambda: helper.A16W4_HQQ_INT(dtype=torch.bfloat16), 128),
-            ("gemlite_a8w4_int8_row", lambda: helper.A8W4_HQQ_INT_dynamic(dtype=torch.bfloat16, fp8=torch.int8), k),
-        ]:
-            try:
-                wq, ws, wz = hqq_weight(w, group, symmetric=group == k)
-                impls[name] = make().from_weights(wq, ws, wz)
-                wbytes[name] = n * k // 2 + ws.numel() * 2 + (wz.numel() * 2 if group != k else 0)
-            except Exception as e:  # report, keep going
-                print(f"{name} unavailable for {n}x{k}: {type(e).__name__}: {e}")
+        # gemlite's W4A16 (bf16 x int4, g128, asymmetric: w = (q - zero) * scale)
+        try:
+            wq, ws, wz = hqq_weight(w, 128)
+            impls["gemlite_a16w4_g128"] = peers["gemlite"].helper.A16W4_HQQ_INT(dtype=torch.bfloat16).from_weights(
+                wq, ws, wz)
+            wbytes["gemlite_a16w4_g128"] = n * k // 2 + ws.numel() * 2 + wz.numel() * 2
+        except Exception as e:  # report, keep going
+            print(f"gemlite_a16w4_g128 unavailable for {n}x{k}: {type(e).__name__}: {e}")
     return impls, wbytes
 
 
-def hqq_weight(w: torch.Tensor, group: int, symmetric: bool):
-    """gemlite's int4 input: uint8 codes 0..15 (N, K), scale and zero (N, K/group), w = (q - zero) * scale.
-    symmetric: zero = 8 (an integer, as gemlite's int8-activation kernels require), scale = amax / 7."""
+def hqq_weight(w: torch.Tensor, group: int):
+    """gemlite's int4 input: uint8 codes 0..15 (N, K), scale and zero (N, K/group), w = (q - zero) * scale."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group, group)
-    if symmetric:
-        scale = (wg.abs().amax(-1, keepdim=True) / 7).clamp(min=1e-6)
-        zero = torch.full_like(scale, 8.0)
-    else:
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-6)
-        zero = -lo / scale
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    zero = -lo / scale
     q = (wg / scale + zero).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
     return q, scale.reshape(n, -1).to(torch.bfloat16), zero.reshape(n, -1).to(torch.bfloat16)
 
@@ -220,7 +210,7 @@ def check_correctness(impls: dict, n: int, k: int) -> dict:
     return out
 
 
-def load_peers() -> dict:
+def load_peers(with_gemlite: bool) -> dict:
     peers: dict = {}
     try:
         import torchao
@@ -235,6 +225,8 @@ def load_peers() -> dict:
     except Exception as e:
         print(f"torchao not importable: {type(e).__name__}: {e}")
     try:
+        if not with_gemlite:
+            return peers
         import gemlite
 
         peers.update(gemlite=gemlite, gemlite_version=gemlite.__version__)
@@ -248,10 +240,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/linear_h100.json")
     ap.add_argument("--m", type=int, nargs="*", default=list(BENCH_M))
+    ap.add_argument("--gemlite", action="store_true",
+                    help="add gemlite's W4A16 g128 column (autotunes on first use of each shape and M: minutes)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    peers = load_peers()
+    peers = load_peers(args.gemlite)
     sha = git_sha()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "git_sha": sha or "unknown",
@@ -298,7 +292,7 @@ def print_table(rows: list[dict]) -> None:
         cols, short = cols + ["lowbit_w4a8_row_cutlass"], short + ["w4a8rC"]
     cols, short = cols + ["lowbit_w8a8_row", "lowbit_w8a8_row_triton"], short + ["w8a8", "w8a8T"]
     if any(r["impl"].startswith("gemlite") for r in rows):
-        cols, short = cols + ["gemlite_a16w4_g128", "gemlite_a8w4_int8_row"], short + ["gl_a16", "gl_a8w4"]
+        cols, short = cols + ["gemlite_a16w4_g128"], short + ["gl_a16"]
     by = {(r["N"], r["K"], r["M"], r["impl"]): r["us"] for r in rows}
     print("NxK M | " + " ".join(f"{s:>7}" for s in short) + " | g128 vs bf16, vs tiny; row vs bf16")
     for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in rows}):
