@@ -242,7 +242,12 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=list(BENCH_M))
     ap.add_argument("--gemlite", action="store_true",
                     help="add gemlite's W4A16 g128 column (autotunes on first use of each shape and M: minutes)")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON",
+                    help="no GPU: print the issue's acceptance ratios from result files of this script")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     peers = load_peers(args.gemlite)
@@ -281,6 +286,24 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "sqnr_vs_bf16": checks, "rows": rows}, indent=1))
     print_table(rows)
+
+
+def summarize(paths: list[str]) -> None:
+    """Acceptance ratios, each from the one run (file) that holds both of its times: AUTO W4A8 per row
+    (and g128) vs bf16 and tinygemm at M=1 (with the weight read as % of the copy ceiling), vs bf16 at
+    M=16, and vs bf16 and the bare `_int_mm` at M=2048/8192."""
+    print("file | NxK | M | w4a8 row us | vs bf16 | vs tiny | % copy | g128 vs bf16 | g128 vs tiny | row vs _int_mm")
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        by = {(r["N"], r["K"], r["M"], r["impl"]): r for r in data["rows"]}
+        for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in data["rows"]}, key=lambda t: (t[2], t[0], t[1])):
+            got = {i: by.get((n, k, m, i)) for i in ("bf16", "torch_int4_tinygemm_g128", "int_mm_alone",
+                                                    "lowbit_w4a8_row", "lowbit_w4a8_g128")}
+            if any(v is None for v in got.values()):
+                continue
+            bf, tiny, imm, row, g = (got[i]["us"] for i in got)
+            print(f"{Path(path).name} | {n}x{k} | {m} | {row:.1f} | {bf / row:.2f}x | {tiny / row:.2f}x | "
+                  f"{got['lowbit_w4a8_row']['pct_copy_ceiling']:.0f}% | {bf / g:.2f}x | {tiny / g:.2f}x | {imm / row:.2f}x")
 
 
 def print_table(rows: list[dict]) -> None:
