@@ -66,6 +66,38 @@ def test_cli_records_cuda_graph(tmp_path, capsys):
     assert rc == 1 and "choose one" in capsys.readouterr().err
 
 
+def test_cli_default_cuda_graph_only_for_one_uncompiled_gpu(tmp_path):
+    from lowbit.cli import main
+    from lowbit.commands.generate import default_cuda_graph
+
+    assert default_cuda_graph(None, "cuda", False, 1) is True
+    assert default_cuda_graph(None, torch.device("cuda", 1), False, 1) is True
+    assert default_cuda_graph(None, "cpu", False, 1) is False
+    assert default_cuda_graph(None, "cuda", True, 1) is False  # --compile replays its own graphs
+    assert default_cuda_graph(None, "cuda", False, 2) is False  # --tp: not measured inside graphs
+    assert default_cuda_graph(False, "cuda", False, 1) is False  # --no-cuda-graph
+    assert default_cuda_graph(True, "cuda", False, 2) is True
+    out = tmp_path / "r.json"
+    assert main(["generate", "--model", "tiny", "--random-weights", "--device", "cpu", "--prompt-len", "5",
+                 "--max-new-tokens", "2", "--json-out", str(out)]) == 0
+    assert json.loads(out.read_text())["cuda_graph"] is False  # CPU default: eager
+
+
+@gpu
+def test_cli_default_replays_the_decode_graph_on_gpu(tmp_path):
+    from lowbit.cli import main
+
+    runs = {}
+    for flag in ([], ["--no-cuda-graph"]):
+        out = tmp_path / f"r{len(runs)}.json"
+        assert main(["generate", "--model", "tiny", "--random-weights", "--device", "cuda", "--quant", "w4a8",
+                     "--prompt-len", "5", "--max-new-tokens", "4", "--json-out", str(out), *flag]) == 0
+        runs[tuple(flag)] = json.loads(out.read_text())
+    assert runs[()]["cuda_graph"] is True and runs[()]["cuda_graph_replayed"] is True
+    assert runs[("--no-cuda-graph",)]["cuda_graph"] is False
+    assert runs[("--no-cuda-graph",)]["cuda_graph_replayed"] is False
+
+
 @gpu
 @pytest.mark.parametrize("fmt", ["bf16", "w4a8"])
 def test_graphed_decode_gives_the_eager_tokens(fmt):
