@@ -216,12 +216,12 @@ def load_peers(with_gemlite: bool) -> dict:
         import torchao
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-        peers.update(torchao=sys.modules["torchao.quantization"], torchao_int4=Int4WeightOnlyConfig,
-                     torchao_version=torchao.__version__)
-        peers["torchao"].quantize_ = quantize_
         # torchao >= 0.14's default int4 packing ("plain") needs the mslk package; its tinygemm layout does not
         fields = getattr(Int4WeightOnlyConfig, "__dataclass_fields__", {})
-        peers["torchao_int4_kw"] = {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in fields else {}
+        kw = {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in fields else {}
+        sys.modules["torchao.quantization"].quantize_ = quantize_
+        peers.update(torchao=sys.modules["torchao.quantization"], torchao_int4=Int4WeightOnlyConfig,
+                     torchao_version=torchao.__version__, torchao_int4_kw=kw)
     except Exception as e:
         print(f"torchao not importable: {type(e).__name__}: {e}")
     try:

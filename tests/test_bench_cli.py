@@ -24,12 +24,14 @@ def test_bench_bad_input(argv, capsys):
     assert len(err) == 1 and "error" in err[0]
 
 
-def test_bench_linear_summarize_reads_committed_results(tmp_path, capsys, monkeypatch):
-    """`bench_linear.py --summarize` (no GPU) prints each shape's ratios from the one file that holds them."""
+def test_bench_linear_summarize(tmp_path, capsys, monkeypatch):
+    """`bench_linear.py --summarize` (no GPU) prints each shape's ratios from the one file that holds them:
+    a synthetic file, then the committed M=1/16 run."""
     import importlib.util
     import sys
     from pathlib import Path
 
+    pytest.importorskip("triton")  # bench_linear imports it at the top
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("bench_linear", root / "benchmarks" / "bench_linear.py")
     mod = importlib.util.module_from_spec(spec)
@@ -46,3 +48,10 @@ def test_bench_linear_summarize_reads_committed_results(tmp_path, capsys, monkey
     assert len(lines) == 2  # header + the one complete (shape, M)
     cells = [c.strip() for c in lines[1].split("|")]
     assert cells[1:] == ["64x128", "1", "10.0", "3.00x", "1.50x", "12%", "2.50x", "1.25x", "2.00x"]
+    committed = root / "benchmarks" / "results" / "linear_small_m_77e74a7_h100.json"
+    monkeypatch.setattr(sys, "argv", ["bench_linear.py", "--summarize", str(committed)])
+    mod.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 20  # ten shapes x M in {1, 16}
+    row = [c.strip() for c in next(ln for ln in lines if "| 22016x4096 | 1 |" in ln).split("|")]
+    assert row[3:6] == ["27.2", "2.98x", "1.32x"]

@@ -2,7 +2,8 @@
 
 Shared by `lowbit generate`, `lowbit eval` and benchmarks/bench_llm.py, so every number
 is measured the same way:
-  ttft_s              prompt on device -> first new token on device (one eager prefill + sample)
+  ttft_s              prompt on device -> first new token on device (one prefill + sample; a
+                      CUDA-graph replay for short prompts with compile / cuda_graph)
   prefill_tokens_per_s  batch * prompt_len / ttft_s
   decode_tokens_per_s   batch * (max_new_tokens - 1) / decode time (all sequences together)
   decode_steps_per_s    (max_new_tokens - 1) / decode time (one step = one token per sequence)
