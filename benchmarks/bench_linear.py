@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -66,14 +65,21 @@ def ceilings() -> dict:
             "bf16_tflops": 2 * 8192**3 / tb / 1e6}
 
 
-def tinygemm_weight(w: torch.Tensor, group: int = 128):
-    """torch's own int4 (tinygemm) layout: unsigned nibbles, [scale, zero] per group."""
+def minmax_int4(w: torch.Tensor, group: int):
+    """Asymmetric int4 per group of K: codes u in 0..15 (N, K) int32, w ~ u * scale + lo, scale and lo
+    (N, K/group, 1) float32 (the peers' weight-only layouts are built from these)."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group, group)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp(min=1e-6)
+    return ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k), scale, lo
+
+
+def tinygemm_weight(w: torch.Tensor, group: int = 128):
+    """torch's own int4 (tinygemm) layout: unsigned nibbles, [scale, zero] per group."""
+    n, k = w.shape
+    u, scale, lo = minmax_int4(w, group)
     zero = lo + 8 * scale  # w = (u - 8) * scale + zero
-    u = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
     packed_u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)
     wp = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
     sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous()
@@ -149,11 +155,11 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
         qw = lowbit.W4A8Config(group_size=None, kernel=lowbit.KernelChoice.CUTLASS).quantize_weight(w)
         impls["lowbit_w4a8_row_cutlass"] = lambda x: F.linear(x, qw)
         wbytes["lowbit_w4a8_row_cutlass"] = qw.nbytes_stored()
-    if "torchao" in peers:
+    if "torchao_quantize" in peers:
         try:
             lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
             lin.weight.data.copy_(w)
-            peers["torchao"].quantize_(lin, peers["torchao_int4"](group_size=128, **peers["torchao_int4_kw"]))
+            peers["torchao_quantize"](lin, peers["torchao_int4"](group_size=128, **peers["torchao_int4_kw"]))
             impls["torchao_int4wo_g128"] = lin
             wbytes["torchao_int4wo_g128"] = n * k // 2
         except Exception as e:  # report, keep going
@@ -172,13 +178,9 @@ def build_impls(n: int, k: int, peers: dict) -> tuple[dict, dict]:
 
 def hqq_weight(w: torch.Tensor, group: int):
     """gemlite's int4 input: uint8 codes 0..15 (N, K), scale and zero (N, K/group), w = (q - zero) * scale."""
-    n, k = w.shape
-    wg = w.float().reshape(n, k // group, group)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-6)
-    zero = -lo / scale
-    q = (wg / scale + zero).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
-    return q, scale.reshape(n, -1).to(torch.bfloat16), zero.reshape(n, -1).to(torch.bfloat16)
+    n = w.shape[0]
+    u, scale, lo = minmax_int4(w, group)
+    return u.to(torch.uint8), scale.reshape(n, -1).to(torch.bfloat16), (-lo / scale).reshape(n, -1).to(torch.bfloat16)
 
 
 @functools.cache
@@ -219,19 +221,17 @@ def load_peers(with_gemlite: bool) -> dict:
         # torchao >= 0.14's default int4 packing ("plain") needs the mslk package; its tinygemm layout does not
         fields = getattr(Int4WeightOnlyConfig, "__dataclass_fields__", {})
         kw = {"int4_packing_format": "tile_packed_to_4d"} if "int4_packing_format" in fields else {}
-        sys.modules["torchao.quantization"].quantize_ = quantize_
-        peers.update(torchao=sys.modules["torchao.quantization"], torchao_int4=Int4WeightOnlyConfig,
-                     torchao_version=torchao.__version__, torchao_int4_kw=kw)
+        peers.update(torchao_quantize=quantize_, torchao_int4=Int4WeightOnlyConfig, torchao_version=torchao.__version__,
+                     torchao_int4_kw=kw)
     except Exception as e:
         print(f"torchao not importable: {type(e).__name__}: {e}")
-    try:
-        if not with_gemlite:
-            return peers
-        import gemlite
+    if with_gemlite:
+        try:
+            import gemlite
 
-        peers.update(gemlite=gemlite, gemlite_version=gemlite.__version__)
-    except Exception as e:
-        print(f"gemlite not importable: {type(e).__name__}: {e}")
+            peers.update(gemlite=gemlite, gemlite_version=gemlite.__version__)
+        except Exception as e:
+            print(f"gemlite not importable: {type(e).__name__}: {e}")
     return peers
 
 
