@@ -1,7 +1,9 @@
-"""Profile compiled decode steps of a random-weight Llama: GPU kernel time per step vs wall time.
+"""Profile decode steps of a random-weight Llama: GPU kernel time per step vs wall time.
 
-Usage: python benchmarks/profile_decode.py [--model llama-2-7b] [--quant w4a8] [--group-size 0]
-Prints the top CUDA kernels of 8 decode steps and whether the step ran as one CUDA graph.
+Usage: python benchmarks/profile_decode.py [--model llama-2-7b] [--quant w4a8] [--group-size 0] [--cuda-graph]
+Prints the top CUDA kernels of 8 decode steps and whether the step ran as one CUDA graph. The step is
+compiled (mode="reduce-overhead"), or with --cuda-graph the eager step captured as a CUDA graph
+(what `lowbit generate` runs by default).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=None,
                     help="KV cache length (default: just enough; bench_llm uses prompt + new tokens = 160)")
     ap.add_argument("--rows", type=int, default=18, help="kernels listed")
+    ap.add_argument("--cuda-graph", action="store_true", help="the eager step as a CUDA graph, not compiled")
     args = ap.parse_args()
     quantizer = make_quantizer(args.quant, group_size=args.group_size)
     loaded = load(LoadOptions(model=args.model, random_weights=True, quant=args.quant, device="cuda",
@@ -33,7 +36,10 @@ def main() -> None:
     model = loaded.model
     prompt = torch.randint(0, model.args.vocab_size, (args.batch, 32), device="cuda")
     model.setup_caches(args.batch, args.max_seq_len or 32 + 3 + 2 * args.steps + 8)
-    gen = Generator(model, Sampling(), compile=True, compile_mode="reduce-overhead")
+    if args.cuda_graph:
+        gen = Generator(model, Sampling(), cuda_graph=True)
+    else:
+        gen = Generator(model, Sampling(), compile=True, compile_mode="reduce-overhead")
     gen.warmup(prompt)
     gen.generate(prompt, args.steps)
     torch.cuda.synchronize()

@@ -87,14 +87,14 @@ def test_compiled_w4a8_quantizes_in_graph(m, group_size):
 
 
 def test_compiled_w4a8_one_token_long_k_quantizes_in_graph():
-    """M = 1, per-row weight, K > GRAPH_QUANT_MIN_K: the graph quantizes (for Inductor to fuse into
-    the producer) and runs the pre-quantized dp4a GEMV; eager runs the GEMV that quantizes in its
-    prologue. Same integers, same epilogue order: equal outputs. Group-wise weights and
-    K <= GRAPH_QUANT_MIN_K keep the single op."""
-    from lowbit.kernels.w4a8.op import GRAPH_QUANT_MIN_K
+    """M = 1, per-row weight, K > LONG_ROW_MIN_K: the graph quantizes (for Inductor to fuse into
+    the producer) and runs the pre-quantized dp4a GEMV, as eager does after act_quant. Same
+    integers, same epilogue order: equal outputs. Group-wise weights and K <= LONG_ROW_MIN_K keep
+    the single op (the GEMV that quantizes in its prologue)."""
+    from lowbit.kernels.w4a8.op import LONG_ROW_MIN_K
 
     dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
-    k = GRAPH_QUANT_MIN_K + 256
+    k = LONG_ROW_MIN_K + 256
     for group_size, in_k, in_graph in ((None, k, True), (64, k, False), (None, 256, False)):
         model = torch.nn.Linear(in_k, 16).to(DEV, dtype)
         lowbit.quantize_(model, lowbit.W4A8Config(group_size=group_size, kernel=KernelChoice.TRITON))
@@ -126,7 +126,8 @@ def test_two_to_four_tokens_with_rows_too_long_to_stream_take_gemv_q(monkeypatch
 
     k = 8224  # next_pow2 = 16384: two rows exceed the streamer's 16384 register elements
     assert not stream_supported(2, k, 0) and stream_supported(1, k, 0) and stream_supported(3, 4096, 0)
-    assert not _dp4a_takes(2, k, k, "auto") and _dp4a_takes(1, k, k, "auto") and _dp4a_takes(2, k, k, "gemv")
+    assert not _dp4a_takes(2, k, k, "auto") and _dp4a_takes(1, k, 32, "auto") and _dp4a_takes(2, k, k, "gemv")
+    assert not _dp4a_takes(1, k, k, "auto")  # one long per-row row: act_quant + gemv_q as well
     assert _dp4a_takes(3, 4096, 4096, "auto")
     assert quantizes_in_graph(2, k, k, True, "auto") and not quantizes_in_graph(3, 4096, 4096, True, "auto")
     calls = []
@@ -153,13 +154,17 @@ def test_two_to_four_tokens_with_rows_too_long_to_stream_take_gemv_q(monkeypatch
 
 def test_dp4a_route_by_row_length_and_group():
     """The dp4a GEMV keeps 2-4 tokens only where its streamer holds the rows (M x next_pow2(K) <=
-    16384 words), per row and group-wise; explicit path "gemv" always keeps it."""
+    16384 words), per row and group-wise, and one token except a per-row row longer than
+    LONG_ROW_MIN_K; explicit path "gemv" always keeps it."""
     from lowbit.kernels.w4a8.op import _dp4a_takes
 
     assert _dp4a_takes(2, 8192, 8192, "auto") and not _dp4a_takes(2, 8224, 8224, "auto")
     assert _dp4a_takes(3, 4096, 4096, "auto") and not _dp4a_takes(3, 5120, 5120, "auto")
     assert not _dp4a_takes(4, 8192, 128, "auto") and _dp4a_takes(4, 4096, 128, "auto")
-    assert _dp4a_takes(1, 16384, 16384, "auto") and _dp4a_takes(4, 8192, 8192, "gemv")
+    assert _dp4a_takes(1, 16384, 128, "auto") and _dp4a_takes(4, 8192, 8192, "gemv")
+    # one per-row token: up to LONG_ROW_MIN_K only (longer rows: act_quant + gemv_q)
+    assert _dp4a_takes(1, 8192, 8192, "auto") and not _dp4a_takes(1, 8224, 8224, "auto")
+    assert _dp4a_takes(1, 8224, 8224, "gemv")
 
 
 def test_w4a8_triton_zero_tokens():

@@ -48,10 +48,13 @@ def test_fused_bf16_path_matches_the_eager_ops(monkeypatch):
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEV)
     want = _prefill_logits(model, ids, monkeypatch, "0")
     norms = _count_calls(monkeypatch, fused, "rms_norm")
+    add_norms = _count_calls(monkeypatch, fused, "add_rms_norm")
     ropes = _count_calls(monkeypatch, fused, "rope_qk")
     glus = _count_calls(monkeypatch, fused, "swiglu")
     got = _prefill_logits(model, ids, monkeypatch, "1")
-    assert norms[0] == 2 * ARGS.n_layers + 1 and ropes[0] == ARGS.n_layers and glus[0] == ARGS.n_layers
+    # the first norm has no pending residual; every residual add is folded into the norm after it
+    assert norms[0] == 1 and add_norms[0] == 2 * ARGS.n_layers
+    assert ropes[0] == ARGS.n_layers and glus[0] == ARGS.n_layers
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
@@ -67,9 +70,15 @@ def test_w4a8_prefill_takes_activations_quantized_by_norm_and_swiglu(monkeypatch
     assert pre[0] == 3 * ARGS.n_layers  # wqkv and w13 from the norm kernel, w2 from SwiGLU
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    # below the prefill token count the linears quantize their own input (decode kernels)
+    # 16 tokens run the int8 decode kernel, which takes the producers' int8 rows as well
     pre[0] = 0
-    _prefill_logits(model, ids[:, :8], monkeypatch, "1")
+    want16 = _prefill_logits(model, ids[:, :8], monkeypatch, "0")
+    got16 = _prefill_logits(model, ids[:, :8], monkeypatch, "1")
+    assert pre[0] == 3 * ARGS.n_layers
+    torch.testing.assert_close(got16, want16, rtol=3e-2, atol=3e-2)
+    # 2 x 2 tokens: the streaming dp4a GEMV quantizes in its own prologue (short rows)
+    pre[0] = 0
+    _prefill_logits(model, ids[:, :2], monkeypatch, "1")
     assert pre[0] == 0
     # the compiled decode loop flattens the linears: prefill keeps the fused quantization
     from lowbit.api import flatten_quantized_linears
@@ -77,6 +86,34 @@ def test_w4a8_prefill_takes_activations_quantized_by_norm_and_swiglu(monkeypatch
     assert flatten_quantized_linears(model) > 0
     torch.testing.assert_close(_prefill_logits(model, ids, monkeypatch, "1"), got, rtol=0, atol=0)
     assert pre[0] == 3 * ARGS.n_layers
+
+
+def test_one_token_long_row_takes_the_swiglu_quantization(monkeypatch):
+    """One token into a per-row W4A8 weight with K > LONG_ROW_MIN_K (a Llama down projection): the
+    SwiGLU kernel quantizes and gemv_q runs, as in the compiled step; the result equals the plain
+    linear(swiglu(gu)) exactly (same integers, same kernel after act_quant). Group-wise weights and
+    short rows keep the GEMV that quantizes in its prologue."""
+    from lowbit.kernels.w4a8.op import LONG_ROW_MIN_K
+    from lowbit.llm import fastpath
+
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    dtype = torch.float16
+    k = LONG_ROW_MIN_K + 32
+    gen = torch.Generator().manual_seed(4)
+    for group_size, in_k, takes in ((None, k, True), (128, k - 32, False), (None, 256, False)):
+        lin = torch.nn.Linear(in_k, 8, bias=False).to(DEV, dtype)
+        cfg = Int8DynamicActivationInt4WeightConfig(group_size=group_size, kernel="triton")
+        lin.weight = torch.nn.Parameter(cfg.quantize_weight(lin.weight.detach()), requires_grad=False)
+        gu = torch.randn(1, 1, 2 * in_k, generator=gen).to(DEV, dtype)
+        pre = _count_calls(monkeypatch, Int4Tensor, "linear_prequantized")
+        with torch.no_grad():
+            assert lin.weight.takes_prequantized(gu[..., :in_k]) is takes
+            got = fastpath.swiglu_linear(lin, gu)
+            want = lin(fastpath.swiglu(gu))
+        assert pre[0] == int(takes)
+        assert torch.equal(got, want)
+        monkeypatch.undo()
+        monkeypatch.setenv("LOWBIT_FUSED", "1")
 
 
 def test_fast_path_stays_off_with_autograd_and_when_disabled(monkeypatch):

@@ -128,35 +128,44 @@ class Int4Tensor(QuantizedTensor):
             y = torch.nn.functional.linear(x2, self.dequantize(x.dtype), bias)
         return y.reshape(*x.shape[:-1], self.shape[0])
 
-    # -- activations quantized by their producer (fused RMSNorm / SwiGLU at prefill) --------
+    # -- activations quantized by their producer (fused RMSNorm / SwiGLU) --------------------
     def takes_prequantized(self, x: torch.Tensor) -> bool:
-        """True when this weight, called on x, would quantize x per token to int8 and run the
-        Triton int8 GEMM: a producer may then hand over (q, scale) instead of x
-        (linear_prequantized), skipping act_quant's pass over x. Same integers either way."""
-        from lowbit.kernels.w4a8.op import W4A8_PREFILL_MIN_M
+        """True when this weight, called on x, would quantize x per token to int8 and then run a
+        Triton int8 kernel (the prefill GEMM, the decode kernel, or gemv_q for one long per-row
+        row): a producer may then hand over (q, scale) instead of x (linear_prequantized), skipping
+        act_quant's launch and pass over x. The same rule as a compiled graph's
+        (op.quantizes_in_graph)."""
+        from lowbit.kernels.w4a8.op import quantizes_in_graph
 
         act = self.act_quant
         if act is None or act.qtype != "int8_sym" or act.granularity.value != "token":
             return False
         if self.kernel not in (KernelChoice.AUTO, KernelChoice.TRITON) or x.shape[-1] != self.shape[1]:
             return False
-        if token_count(x) < max(W4A8_PREFILL_MIN_M, act.decode_threshold):
+        if not uses_act_quant(act, x):
             return False
         try:  # the path _linear would take
             path = resolve_kernel(self.kernel, x, self._available(x, dynamic=True), "w4a8")
         except RuntimeError:
             return False
-        return path is KernelChoice.TRITON
+        if path is not KernelChoice.TRITON:
+            return False
+        symmetric = self.zero_point is None
+        return quantizes_in_graph(token_count(x), self.shape[1], self.group_size, symmetric, "auto")
 
     def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:
-        """q (M, K) int8 per-token quantized activations, s (M, 1) fp32 -> (M, N) out_dtype."""
-        from lowbit.kernels.w4a8.op import w4a8_prefill_quantized
+        """q (M, K) int8 per-token quantized activations, s (M, 1) fp32 -> (M, N) out_dtype, on the
+        kernel the same call with unquantized activations would run after act_quant."""
+        from lowbit.kernels.w4a8.op import _w4a8_linear_q_impl
 
         if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != self.shape[1] or s.shape != (q.shape[0], 1):
             raise ValueError(f"linear_prequantized: q must be (M, {self.shape[1]}) int8 and s (M, 1), got "
                              f"{tuple(q.shape)} {q.dtype} and {tuple(s.shape)}")
-        return w4a8_prefill_quantized(q, s, self.qdata, self.scale, bias, self.group_size, out_dtype)
+        if self.zero_point is not None:
+            raise ValueError("linear_prequantized: the W4A8 kernels take symmetric int4 weights "
+                             "(no zero point)")
+        return _w4a8_linear_q_impl(q, s, self.qdata, self.scale, bias, self.group_size, out_dtype, "auto")
 
 
 def w4a8_linear_reference(x2: torch.Tensor, w: Int4Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ reads its input once and writes its output once, with the roundings of the eager
 agree with it to within one or two rounding steps on odd elements: reduction order, exp/rsqrt):
 
   rms_norm   y = w * bf(x * rsqrt(mean(x^2) + eps))       (fp32 statistics, as the eager module)
+  add_rms_norm  h = bf(x + r), y = rms_norm(h)            (the residual add folded into the next norm)
   swiglu     h = bf(bf(silu(g)) * u)                        (F.silu rounds, then the product)
   rope       out = bf(bf(x * cos) + bf(rot(x) * sin))       (rotate-half layout, q and k together)
 
@@ -33,13 +34,20 @@ from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 
 # -- RMSNorm (+ per-token int8 quantization) ----------------------------------------------
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, s_ptr, K, stride_x, stride_out, eps,
-                     BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
-    # out: the normalized row (x's dtype), or with QUANT its int8 quantization (+ scale in s)
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, s_ptr, r_ptr, h_ptr, K, stride_x, stride_out, stride_r, stride_h,
+                     eps, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, HAS_RES: tl.constexpr):
+    # out: the normalized row (x's dtype), or with QUANT its int8 quantization (+ scale in s).
+    # HAS_RES: the row normalized is h = x + r, rounded to x's dtype as torch's add rounds, and
+    # h is stored too (the residual stream's next value).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        res = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
+    x = x.to(tl.float32)
     r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / K + eps)
     h = (x * r).to(w_ptr.dtype.element_ty).to(tl.float32)  # the eager module rounds before the weight
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -67,12 +75,17 @@ def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
-                 s: torch.Tensor | None) -> None:
-    """out: (M, K) in x's dtype, or int8 with s (M, 1) fp32 for the quantized variant."""
+                 s: torch.Tensor | None, r2: torch.Tensor | None = None,
+                 h: torch.Tensor | None = None) -> None:
+    """out: (M, K) in x's dtype, or int8 with s (M, 1) fp32 for the quantized variant; with r2, the
+    rows normalized are h = x2 + r2 (written to h)."""
     block = max(triton.next_power_of_2(x2.shape[1]), 128)
+    res = r2 is not None and h is not None
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, weight, out, s if s is not None else weight, x2.shape[1], x2.stride(0), out.stride(0), eps,
-        BLOCK_K=block, QUANT=s is not None, num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
+        x2, weight, out, s if s is not None else weight, r2 if res else x2, h if res else x2, x2.shape[1],
+        x2.stride(0), out.stride(0), r2.stride(0) if res else 0, h.stride(0) if res else 0, eps,
+        BLOCK_K=block, QUANT=s is not None, HAS_RES=res, num_warps=4 if block <= 2048 else 8,
+        enable_fp_fusion=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,6 +109,39 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     return q, s
 
 
+def _check_res(x: torch.Tensor, r: torch.Tensor) -> None:
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: the residual must match x ({tuple(x.shape)} {x.dtype}), got "
+                         f"{tuple(r.shape)} {r.dtype}")
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h)) with h = x + r (both (..., K) in x's dtype): the residual add and the next
+    norm in one pass."""
+    _check_norm(x, weight)
+    _check_res(x, r)
+    x2, r2 = _rows(x), _rows(r)
+    h, y = torch.empty_like(x2), torch.empty_like(x2)
+    if x2.shape[0]:
+        _norm_launch(x2, weight.contiguous(), eps, y, None, r2, h)
+    return h.view(x.shape), y.view(x.shape)
+
+
+def add_rms_norm_quant(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, q, scale) with h = x + r and (q, scale) = act_quant(rms_norm(h)) (M = tokens rows)."""
+    _check_norm(x, weight)
+    _check_res(x, r)
+    x2, r2 = _rows(x), _rows(r)
+    h = torch.empty_like(x2)
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+    if x2.shape[0]:
+        _norm_launch(x2, weight.contiguous(), eps, q, s, r2, h)
+    return h.view(x.shape), q, s
+
+
 # -- SwiGLU (+ per-token int8 quantization) -----------------------------------------------
 @triton.jit
 def _silu_mul(g, u, OUT_DTYPE: tl.constexpr):
@@ -116,26 +162,36 @@ def _swiglu_kernel(gu_ptr, h_ptr, F, stride_gu, stride_h, BLOCK: tl.constexpr):
 
 @triton.jit
 def _swiglu_quant_kernel(gu_ptr, q_ptr, s_ptr, F, stride_gu, stride_q, OUT_DTYPE: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    # absmax pass, then quantize: the second read of the row (2 x F values) hits L2
+                         BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    # ONE_PASS (BLOCK >= F): the row stays in registers; else an absmax pass, then quantize (the
+    # second read of the row, 2 x F values, hits L2)
     row = tl.program_id(0).to(tl.int64)
     base = gu_ptr + row * stride_gu
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for f0 in range(0, F, BLOCK):
-        offs = f0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK)
         mask = offs < F
         h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
-                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
-        amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
-    scale = _int8_scale(tl.max(amax, axis=0))
-    tl.store(s_ptr + row, scale)
-    for f0 in range(0, F, BLOCK):
-        offs = f0 + tl.arange(0, BLOCK)
-        mask = offs < F
-        h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
-                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
-        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h.to(tl.float32), scale).to(tl.int8),
-                 mask=mask)
+                      tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE).to(tl.float32)
+        scale = _int8_scale(tl.max(tl.abs(h), axis=0))
+        tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h, scale).to(tl.int8), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK):
+            offs = f0 + tl.arange(0, BLOCK)
+            mask = offs < F
+            h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
+                          tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
+            amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
+        scale = _int8_scale(tl.max(amax, axis=0))
+        tl.store(s_ptr + row, scale)
+        for f0 in range(0, F, BLOCK):
+            offs = f0 + tl.arange(0, BLOCK)
+            mask = offs < F
+            h = _silu_mul(tl.load(base + offs, mask=mask, other=0.0),
+                          tl.load(base + F + offs, mask=mask, other=0.0), OUT_DTYPE)
+            tl.store(q_ptr + row * stride_q + offs, _int8_round_clamp(h.to(tl.float32), scale).to(tl.int8),
+                     mask=mask)
 
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -167,11 +223,26 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((g2.shape[0], f), dtype=torch.int8, device=gu.device)
     s = torch.empty((g2.shape[0], 1), dtype=torch.float32, device=gu.device)
     if g2.shape[0]:
-        block = min(max(triton.next_power_of_2(f), 128), 4096)
+        block, one_pass, warps = swiglu_quant_launch(f, g2.shape[0])
         _swiglu_quant_kernel[(g2.shape[0],)](g2, q, s, f, g2.stride(0), q.stride(0),
-                                             OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block,
-                                             num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
+                                             OUT_DTYPE=_TL_DTYPE[gu.dtype], BLOCK=block, ONE_PASS=one_pass,
+                                             num_warps=warps, enable_fp_fusion=False)
     return q, s
+
+
+# NOTE: H100, one token of Llama-2-7B's SwiGLU (F = 11008) into the down projection's gemv_q, CUDA-graph
+# replays with L2 flushed (benchmarks/probe_long_row.py): with the row walked in three 4096-wide
+# chunks twice, SwiGLU-with-quantization + gemv_q took 28.1 us against 27.2 for the plain SwiGLU +
+# the streaming GEMV (results/probe_long_row_h100.json, "before" rows): one program per row, six
+# dependent load rounds. Few rows now hold the whole row in registers (one load round), like
+# act_quant does for long rows (act_quant_launch).
+def swiglu_quant_launch(f: int, m: int) -> tuple[int, bool, int]:
+    """(BLOCK, ONE_PASS, num_warps) for m rows of F outputs."""
+    if m < 64 and f <= 16384:
+        block = max(triton.next_power_of_2(f), 128)
+        return block, True, 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    block = min(max(triton.next_power_of_2(f), 128), 4096)
+    return block, block >= f, 8 if block >= 4096 else 4
 
 
 # -- RoPE on q and k, straight from the fused qkv projection -------------------------------

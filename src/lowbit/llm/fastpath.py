@@ -73,16 +73,57 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(norm(x)); a W4A8 linear gets the int8 activations from the norm kernel."""
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "eps", None)
-    if not isinstance(weight, torch.Tensor) or not isinstance(eps, (int, float)) or weight.dtype != x.dtype:
-        return linear(norm(x))
-    w = _prequantized_weight(linear, x) if enabled(x) else None
-    if w is None:
+    params = _norm_params(norm, x)
+    w = _prequantized_weight(linear, x) if params is not None and enabled(x) else None
+    if params is None or w is None:
         return linear(norm(x))
     from lowbit.kernels.fused import rms_norm_quant
 
-    q, s = rms_norm_quant(x, weight, float(eps))
+    q, s = rms_norm_quant(x, *params)
     return w.linear_prequantized(q, s, linear.bias, x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+def _norm_params(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "eps", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, (int, float)) or weight.dtype != x.dtype:
+        return None
+    return weight, float(eps)
+
+
+def _fusable_add(x: torch.Tensor, delta: torch.Tensor) -> bool:
+    return enabled(x) and type(delta) is torch.Tensor and delta.shape == x.shape and delta.dtype == x.dtype
+
+
+def add_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, linear(norm(h))) with h = x + delta (h = x when delta is None): the residual add folded
+    into the norm kernel (and a W4A8 linear's activations quantized there) on the fast path."""
+    if delta is None:
+        return x, norm_linear(norm, linear, x)
+    params = _norm_params(norm, x) if _fusable_add(x, delta) else None
+    if params is None:
+        h = x + delta
+        return h, linear(norm(h))
+    from lowbit.kernels import fused
+
+    w = _prequantized_weight(linear, x)
+    if w is None:
+        h, y = fused.add_rms_norm(x, delta, *params)
+        return h, linear(y)
+    h, q, s = fused.add_rms_norm_quant(x, delta, *params)
+    return h, w.linear_prequantized(q, s, linear.bias, x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """norm(x + delta) (norm(x) when delta is None), the add folded into the norm kernel."""
+    if delta is None:
+        return norm(x)
+    params = _norm_params(norm, x) if _fusable_add(x, delta) else None
+    if params is None:
+        return norm(x + delta)
+    from lowbit.kernels import fused
+
+    return fused.add_rms_norm(x, delta, *params)[1]
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:

@@ -220,12 +220,28 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None,
         prefill: bool,
     ) -> torch.Tensor:
-        # norm_linear / swiglu_linear: linear(norm(x)) and w2(swiglu(.)), with fused kernels (and
-        # W4A8 activations quantized inside the norm / SwiGLU kernel) on the eager CUDA path.
+        h, out = self.step(x, None, cos, sin, input_pos, prefill)
+        return h + out
+
+    def step(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        prefill: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream x + delta (delta: the previous block's output, not yet
+        added): returns (h, out) with this block's result h + out. Each residual add is folded into
+        the norm after it (fastpath.add_norm_linear), so on the eager CUDA path the adds cost no
+        launch; linear(norm(.)) and w2(swiglu(.)) run fused kernels there (W4A8 activations
+        quantized inside the norm / SwiGLU kernel). Compiled graphs see the plain ops."""
         att, ffn = self.attention, self.feed_forward
-        qkv = fastpath.norm_linear(self.attention_norm, att.wqkv, x)
-        h = x + att.attend(qkv, cos, sin, input_pos, prefill)
-        return h + fastpath.swiglu_linear(ffn.w2, fastpath.norm_linear(self.ffn_norm, ffn.w13, h))
+        x, qkv = fastpath.add_norm_linear(self.attention_norm, att.wqkv, x, delta)
+        a = att.attend(qkv, cos, sin, input_pos, prefill)
+        h, gu = fastpath.add_norm_linear(self.ffn_norm, ffn.w13, x, a)
+        return h, fastpath.swiglu_linear(ffn.w2, gu)
 
 
 class Transformer(nn.Module):
@@ -311,11 +327,20 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        delta: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, prefill)
-        if select is not None:
-            return self.norm(x.index_select(1, select.reshape(1)))  # the norm is per token
-        return self.norm(x[:, -1:] if last_only else x)
+            if isinstance(layer, Block):
+                x, delta = layer.step(x, delta, cos, sin, input_pos, prefill)
+            else:  # a replaced block: plain residual stream
+                x = layer(x if delta is None else x + delta, cos, sin, input_pos, prefill)
+                delta = None
+        if select is not None:  # the norm (and the pending residual add) is per token
+            sel = select.reshape(1)
+            return fastpath.add_norm(self.norm, x.index_select(1, sel),
+                                     None if delta is None else delta.index_select(1, sel))
+        if last_only:
+            return fastpath.add_norm(self.norm, x[:, -1:], None if delta is None else delta[:, -1:])
+        return fastpath.add_norm(self.norm, x, delta)
 
     def forward(
         self,

@@ -108,6 +108,8 @@ def _dp4a_takes(m: int, k: int, group_size: int, path: str) -> bool:
 
     if m > DP4A_MAX_M or path not in ("auto", "gemv") or dp4a_unsupported(k, group_size) is not None:
         return False
+    if path == "auto" and m == 1 and group_size >= k and k > LONG_ROW_MIN_K:
+        return False  # one long per-row row: act_quant + gemv_q (LONG_ROW_MIN_K)
     return path == "gemv" or m == 1 or stream_supported(m, k, 0 if group_size >= k else group_size)
 
 
@@ -164,15 +166,11 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     """True when a compiled W4A8 call with m tokens should take int8 activations: the graph then
     quantizes with act_quant_traceable, which Inductor fuses into the producer of the activations
     (RMSNorm, SwiGLU), and calls w4a8_linear_q. That is every M that would run act_quant and then
-    an int8 kernel, and M = 1 with K > GRAPH_QUANT_MIN_K for per-row weights. Never for symbolic
-    token counts (the route depends on M)."""
-    from lowbit.kernels.w4a8.gemv_q import gemv_q_unsupported
-
+    an int8 kernel (including M = 1 with K > LONG_ROW_MIN_K for per-row weights, see _dp4a_takes).
+    Never for symbolic token counts (the route depends on M). Eager producers ask the same
+    (Int4Tensor.takes_prequantized)."""
     if not symmetric or not isinstance(m, int) or path == "gemv":
         return False
-    long_row = m == 1 and group_size >= k and k > GRAPH_QUANT_MIN_K  # per-row weights only
-    if long_row and path == "auto" and gemv_q_unsupported(m, k, group_size) is None:
-        return True
     return not _dp4a_takes(m, k, group_size, path)
 
 
@@ -187,7 +185,7 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
 # at K = 4096 the stream kernel stays ahead. Per row only: with g128 scales gemv_q's best was
 # 21.9 us vs the stream kernel's 26.0 (L2 flushed, results/decode_gemv_h100.json), about even
 # once the quantization is paid; not measured back to back.
-GRAPH_QUANT_MIN_K = 8192
+LONG_ROW_MIN_K = 8192
 
 
 @int4_linear_op.register_fake
