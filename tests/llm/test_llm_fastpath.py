@@ -90,30 +90,56 @@ def test_w4a8_prefill_takes_activations_quantized_by_norm_and_swiglu(monkeypatch
 
 def test_one_token_long_row_takes_the_swiglu_quantization(monkeypatch):
     """One token into a per-row W4A8 weight with K > LONG_ROW_MIN_K (a Llama down projection): the
-    SwiGLU kernel quantizes and gemv_q runs, as in the compiled step; the result equals the plain
-    linear(swiglu(gu)) exactly (same integers, same kernel after act_quant). Group-wise weights and
-    short rows keep the GEMV that quantizes in its prologue."""
+    SwiGLU kernel quantizes and gemv_q runs, as in the compiled step; the result equals the
+    streaming GEMV's on the unquantized SwiGLU output exactly (it quantizes in its prologue to the
+    same integers, same epilogue order). Group-wise weights (K a multiple of the group) and short
+    rows keep the streaming GEMV."""
+    from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
     from lowbit.kernels.w4a8.op import LONG_ROW_MIN_K
     from lowbit.llm import fastpath
 
     monkeypatch.setenv("LOWBIT_FUSED", "1")
     dtype = torch.float16
-    k = LONG_ROW_MIN_K + 32
+    k = LONG_ROW_MIN_K + 128
     gen = torch.Generator().manual_seed(4)
-    for group_size, in_k, takes in ((None, k, True), (128, k - 32, False), (None, 256, False)):
+    for group_size, in_k, takes in ((None, k, True), (128, k, False), (None, 256, False)):
         lin = torch.nn.Linear(in_k, 8, bias=False).to(DEV, dtype)
         cfg = Int8DynamicActivationInt4WeightConfig(group_size=group_size, kernel="triton")
-        lin.weight = torch.nn.Parameter(cfg.quantize_weight(lin.weight.detach()), requires_grad=False)
+        w = cfg.quantize_weight(lin.weight.detach())
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
         gu = torch.randn(1, 1, 2 * in_k, generator=gen).to(DEV, dtype)
         pre = _count_calls(monkeypatch, Int4Tensor, "linear_prequantized")
         with torch.no_grad():
             assert lin.weight.takes_prequantized(gu[..., :in_k]) is takes
             got = fastpath.swiglu_linear(lin, gu)
-            want = lin(fastpath.swiglu(gu))
+            h = fastpath.swiglu(gu).reshape(1, in_k)
+            want = w4a8_gemv_dp4a(h, w.qdata, w.scale, None, w.group_size, kernel="stream")
         assert pre[0] == int(takes)
-        assert torch.equal(got, want)
+        assert torch.equal(got.reshape(1, 8), want)
         monkeypatch.undo()
         monkeypatch.setenv("LOWBIT_FUSED", "1")
+
+
+def test_hidden_states_fold_the_pending_add_into_the_final_norm(monkeypatch):
+    """hidden_states carries each block's output unadded to the next norm; the final norm takes it
+    for the selected / last positions only. Same values as the full sequence's rows, and as the
+    plain per-block forward (Block.forward adds its own output) up to the fused kernels' roundings."""
+    model = _model(NoQuantizer())
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEV)
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    model.setup_caches(2, 16)
+    pos = torch.arange(9, device=DEV)
+    with torch.no_grad():
+        full = model.hidden_states(ids, pos, prefill=True)
+        last = model.hidden_states(ids, pos, prefill=True, last_only=True)
+        sel = model.hidden_states(ids, pos, prefill=True, select=torch.tensor([4], device=DEV))
+        x = model.tok_embeddings(ids)
+        cos, sin = model.rope_cos[:9].to(x.dtype), model.rope_sin[:9].to(x.dtype)
+        for layer in model.layers:
+            x = layer(x, cos, sin, pos, True)
+        plain = model.norm(x)
+    assert torch.equal(last, full[:, -1:]) and torch.equal(sel, full[:, 4:5])
+    torch.testing.assert_close(full, plain, rtol=2e-2, atol=2e-2)
 
 
 def test_fast_path_stays_off_with_autograd_and_when_disabled(monkeypatch):

@@ -12,9 +12,12 @@ agree with it to within one or two rounding steps on odd elements: reduction ord
   rope       out = bf(bf(x * cos) + bf(rot(x) * sin))       (rotate-half layout, q and k together)
 
 The `_quant` variants write what a W4A8 linear consumes instead of the bf16/fp16 tensor: the
-per-token int8 quantization of y (h) with its fp32 scale -- the same integers as act_quant(y)
-(absmax / 127, IEEE division, half-to-even), so quantizing inside the producer skips one write
-and one read of the activation and the act-quant launch.
+per-token int8 quantization of y (h) with its fp32 scale (absmax / 127, IEEE division,
+half-to-even), so quantizing inside the producer skips one write and one read of the activation
+and the act-quant launch. For SwiGLU these are the integers of act_quant(swiglu(gu)); for RMSNorm,
+compiled for a GPU, the int8 variant's fp32 sum of squares may add in another order than the bf16
+variant's (Triton picks the row layout per kernel), so a rare element lands one integer away
+(8 and 15 of 16.8M at 4096 x 4096, fp16 / bf16, on the H100: results/fused_quant_mismatch_h100.txt).
 
 Every launch passes enable_fp_fusion=False: Triton turns `(a * b).to(bf16)` followed by an add
 into one bf16 FMA (one rounding instead of the eager chain's two), which gives a different --
@@ -80,12 +83,12 @@ def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.
     """out: (M, K) in x's dtype, or int8 with s (M, 1) fp32 for the quantized variant; with r2, the
     rows normalized are h = x2 + r2 (written to h)."""
     block = max(triton.next_power_of_2(x2.shape[1]), 128)
-    res = r2 is not None and h is not None
+    has_res = r2 is not None and h is not None
+    rr, hh = (r2, h) if r2 is not None and h is not None else (x2, x2)  # (x2, x2): unused pointers
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, weight, out, s if s is not None else weight, r2 if res else x2, h if res else x2, x2.shape[1],
-        x2.stride(0), out.stride(0), r2.stride(0) if res else 0, h.stride(0) if res else 0, eps,
-        BLOCK_K=block, QUANT=s is not None, HAS_RES=res, num_warps=4 if block <= 2048 else 8,
-        enable_fp_fusion=False)
+        x2, weight, out, s if s is not None else weight, rr, hh, x2.shape[1], x2.stride(0), out.stride(0),
+        rr.stride(0), hh.stride(0), eps, BLOCK_K=block, QUANT=s is not None, HAS_RES=has_res,
+        num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -231,11 +234,13 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # NOTE: H100, one token of Llama-2-7B's SwiGLU (F = 11008) into the down projection's gemv_q, CUDA-graph
-# replays with L2 flushed (benchmarks/probe_long_row.py): with the row walked in three 4096-wide
-# chunks twice, SwiGLU-with-quantization + gemv_q took 28.1 us against 27.2 for the plain SwiGLU +
-# the streaming GEMV (results/probe_long_row_h100.json, "before" rows): one program per row, six
-# dependent load rounds. Few rows now hold the whole row in registers (one load round), like
-# act_quant does for long rows (act_quant_launch).
+# replays with L2 flushed (benchmarks/probe_long_row.py): with the row walked in 4096-wide chunks
+# twice (one program per row, six dependent load rounds), SwiGLU-with-quantization + gemv_q took
+# 28.1 us against 27.2 for the plain SwiGLU + the streaming GEMV (results/probe_long_row_twopass_
+# swiglu_h100.json); holding the row in registers (one load round, like act_quant_launch for long
+# rows) took it to 24.6 vs 27.0 (results/probe_long_row_h100.json, sha 14a271e). Still 6.6 us per
+# call averaged over a profiled prefill and decode steps (results/profile_decode_w4a8_b1_cudagraph_
+# addnorm_h100.txt): one program computes the silu and the IEEE division of all 11008 values.
 def swiglu_quant_launch(f: int, m: int) -> tuple[int, bool, int]:
     """(BLOCK, ONE_PASS, num_warps) for m rows of F outputs."""
     if m < 64 and f <= 16384:

@@ -1,11 +1,13 @@
 """Eager-mode fast path of the decoder: fused kernels for RMSNorm, RoPE and SwiGLU, and
 W4A8 activations quantized by the kernel that produces them.
 
-Prefill runs eagerly (one call per prompt, any length). There, the decoder's small torch ops
-are each a full pass over a (tokens x dim) activation; lowbit.kernels.fused does each step in
-one pass with the same roundings. When the next linear is a W4A8 weight that would quantize
-its input per token anyway (Int4Tensor.takes_prequantized), RMSNorm and SwiGLU emit the int8
-activations and scales directly and the linear starts at its int8 GEMM.
+Prefill runs eagerly (one call per prompt, any length), and so does the decode step replayed
+as a CUDA graph without torch.compile. There, the decoder's small torch ops are each a full pass
+over a (tokens x dim) activation (and a launch); lowbit.kernels.fused does each step in one pass
+with the same roundings, with every residual add folded into the RMSNorm after it
+(add_norm_linear, add_norm). When the next linear is a W4A8 weight that would quantize its input
+per token anyway (Int4Tensor.takes_prequantized), RMSNorm and SwiGLU emit the int8 activations
+and scales directly and the linear starts at its int8 kernel.
 
 Used when the activation is on CUDA, autograd is off and torch.compile is not tracing (the
 compiled decode step keeps the plain norm / SwiGLU ops, which Inductor fuses itself). Two

@@ -5,10 +5,10 @@ token count M (product of the activation's leading dims):
 
   W4A8 (quantize_activations=True)
     M <= 4                    dp4a GEMV (integer dot instructions), activation quantization fused
-                              (compiled graphs at M = 1 and K > 8192: quantization fused into
-                              the producer of x, then the pre-quantized dp4a GEMV, gemv_q.py;
-                              M = 2-4 with rows too long for the streaming GEMV: act_quant +
-                              gemv_q, see _dp4a_takes)
+                              (M = 1 into a per-row weight with K > LONG_ROW_MIN_K, and M = 2-4
+                              with rows too long for the streaming GEMV: act_quant, or the
+                              producer of x quantizing, then the pre-quantized dp4a GEMV,
+                              gemv_q.py; see _dp4a_takes)
     M <  W4A8_PREFILL_MIN_M   act_quant (1 pass) + decode kernel (int8 x int4 dots)
     M >= W4A8_PREFILL_MIN_M   act_quant and the int4 -> int8 workspace expansion in one launch,
                               then the int8 GEMM (TMA operand loads on Hopper, per-row weights)
@@ -174,17 +174,21 @@ def quantizes_in_graph(m: object, k: int, group_size: int, symmetric: bool, path
     return not _dp4a_takes(m, k, group_size, path)
 
 
-# NOTE: one token, compiled decode step (Llama-2-7B, H100, per row). The stream GEMV quantizes in
-# its prologue but holds next_pow2(K) words per row tile: K=11008 runs as 16384 (19.8 us back to
-# back) where the pre-quantized gemv_q walks K in chunks (11.7 us, results/decode_gemv_seqsweep_
-# h100.json). Quantizing in the graph is not free at one token, though: Inductor's one-row
-# RMSNorm + quant took 3.7-4.0 us, SwiGLU + quant 4.9 us in three kernels (results/profile_decode_
-# w4a8_b1_gemvq_h100.txt) vs 2.1-2.8 us for the norm alone (profile_decode_w4a8_b1_h100.txt) and
-# 1.3 us for SwiGLU alone (profile_decode_w4a8_b1_b16_h100.txt). So only K > 8192 (the
-# down projection) pays for it: 11.7 + 3.6 (the SwiGLU's extra quantization) = 15.3 vs 19.8 us;
-# at K = 4096 the stream kernel stays ahead. Per row only: with g128 scales gemv_q's best was
-# 21.9 us vs the stream kernel's 26.0 (L2 flushed, results/decode_gemv_h100.json), about even
-# once the quantization is paid; not measured back to back.
+# NOTE: one token into a per-row weight (Llama-2-7B, H100). The stream GEMV quantizes in its
+# prologue but holds next_pow2(K) words per row tile: K=11008 runs as 16384 (19.8 us back to back)
+# where the pre-quantized gemv_q walks K in chunks (11.7 us, results/decode_gemv_seqsweep_h100.json).
+# Compiled decode step: Inductor's one-row RMSNorm + quant took 3.7-4.0 us, SwiGLU + quant 4.9 us in
+# three kernels (results/profile_decode_w4a8_b1_gemvq_h100.txt) vs 2.1-2.8 us for the norm alone
+# (profile_decode_w4a8_b1_h100.txt) and 1.3 us for SwiGLU alone (profile_decode_w4a8_b1_b16_h100.txt),
+# so only K > 8192 (the down projection) pays for it: 11.7 + 3.6 = 15.3 vs 19.8 us. Eager, L2
+# flushed, CUDA-graph replays (benchmarks/probe_long_row.py, results/probe_long_row_h100.json, sha
+# 14a271e): 4096x11008 act_quant + gemv_q 22.2 us vs stream 24.6 (tinygemm 19.9), and behind the
+# SwiGLU that produces the row, SwiGLU-with-quant + gemv_q 24.6 vs SwiGLU + stream 27.0; 4096x14336
+# 25.5 vs 25.7 (26.7 vs 27.3). At K = 4096 the stream kernel stays ahead alone (4096x4096 11.1 vs
+# 12.6, 22016x4096 26.9 vs 29.3) and about even behind a norm that quantizes (norm-with-quant +
+# gemv_q vs norm + stream: 4096x4096 13.6 vs 14.0, 12288x4096 21.2 vs 21.6, 22016x4096 30.1 vs
+# 29.7, 14336x4096 24.8 vs 23.3). Per row only: with g128 scales gemv_q lost on both long shapes
+# (27.8 vs 26.1 us, 30.7 vs 26.4).
 LONG_ROW_MIN_K = 8192
 
 
