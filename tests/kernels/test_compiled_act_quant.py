@@ -15,6 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 import lowbit
 from lowbit.core.kernel_choice import KernelChoice
 from lowbit.kernels.w4a8.act_quant import act_quant, act_quant_traceable
+from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a
 from lowbit.kernels.w4a8.reference import act_quant_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,11 +99,16 @@ def test_compiled_w4a8_one_token_long_k_quantizes_in_graph():
     for group_size, in_k, in_graph in ((None, k, True), (64, k, False), (None, 256, False)):
         model = torch.nn.Linear(in_k, 16).to(DEV, dtype)
         lowbit.quantize_(model, lowbit.W4A8Config(group_size=group_size, kernel=KernelChoice.TRITON))
-        eager, got, ops = _eager_and_compiled(model, torch.randn(1, in_k, device=DEV, dtype=dtype))
+        x = torch.randn(1, in_k, device=DEV, dtype=dtype)
+        eager, got, ops = _eager_and_compiled(model, x)
         assert ("lowbit.w4a8_linear_q.default" in ops) is in_graph
         assert ("lowbit.int4_linear.default" in ops) is not in_graph
         assert ("aten.amax.default" in ops) is in_graph
         assert torch.equal(got, eager)
+        # the streaming GEMV (which quantizes in its prologue) gives the same output bit for bit
+        w = model.weight
+        stream = w4a8_gemv_dp4a(x, w.qdata, w.scale, model.bias, w.group_size, kernel="stream")
+        assert torch.equal(eager.reshape(stream.shape), stream)
 
 
 def test_compiled_w4a8_two_to_four_tokens_keep_the_fused_gemv():
