@@ -52,6 +52,17 @@ def timeit_graphed(fn) -> float:
     return timeit(cuda_graphed(fn))
 
 
+GRAPHED_TIMING = "CUDA-graph replay, L2 flushed (do_bench median)"
+
+
+def write_probe_json(path: str, rows: list, timing: str = GRAPHED_TIMING) -> None:
+    """A probe's result file: {"meta": device, versions, git sha, timing; "rows": rows}."""
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "git_sha": git_sha(), "timing": timing}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
 def ceilings() -> dict:
     src = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)

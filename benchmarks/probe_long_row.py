@@ -17,15 +17,12 @@ and, behind the producer of the activations as in the eager decode step:
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
-import triton
-from bench_linear import timeit_graphed, tinygemm_weight
+from bench_linear import GRAPHED_TIMING, timeit_graphed, tinygemm_weight, write_probe_json
 
 import lowbit
-from lowbit.bench import git_sha
 from lowbit.core.kernel_choice import KernelChoice
 from lowbit.kernels import fused
 from lowbit.kernels.w4a8.act_quant import act_quant
@@ -87,10 +84,7 @@ def main() -> None:
               f"{t['auto']:.1f} | {t['tinygemm']:.1f} | {t['bf16']:.1f} | {t['producer_stream']:.1f} | "
               f"{t['producer_q_gemv_q']:.1f} |")
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "git_sha": git_sha(), "timing": "CUDA-graph replay, L2 flushed (do_bench median), M=1"}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_probe_json(args.out, rows, GRAPHED_TIMING + ", M=1")
 
 
 if __name__ == "__main__":

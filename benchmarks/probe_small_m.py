@@ -19,16 +19,14 @@ act_quant + gemv_q).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 import triton
-from bench_linear import timeit_graphed
+from bench_linear import timeit_graphed, write_probe_json
 
 import lowbit
 import lowbit.kernels.w4a8.gemv_stream as gs
-from lowbit.bench import git_sha
 from lowbit.core.kernel_choice import KernelChoice
 from lowbit.kernels.w4a8.act_quant import act_quant
 from lowbit.kernels.w4a8.decode import w4_decode
@@ -93,10 +91,7 @@ def main() -> None:
             rows.append({"part": "long_k", "N": n, "K": k, "M": m, "us": t})
             print(f"long_k {n}x{k} M={m} " + " ".join(f"{a}={b:.1f}" for a, b in t.items()), flush=True)
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "git_sha": git_sha(), "timing": "CUDA-graph replay, L2 flushed (do_bench median)"}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_probe_json(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,10 @@ def _norm_launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.
     """out: (M, K) in x's dtype, or int8 with s (M, 1) fp32 for the quantized variant; with r2, the
     rows normalized are h = x2 + r2 (written to h)."""
     block = max(triton.next_power_of_2(x2.shape[1]), 128)
-    has_res = r2 is not None and h is not None
-    rr, hh = (r2, h) if r2 is not None and h is not None else (x2, x2)  # (x2, x2): unused pointers
+    if r2 is not None and h is not None:
+        rr, hh, has_res = r2, h, True
+    else:  # the residual pointers go unused
+        rr, hh, has_res = x2, x2, False
     _rms_norm_kernel[(x2.shape[0],)](
         x2, weight, out, s if s is not None else weight, rr, hh, x2.shape[1], x2.stride(0), out.stride(0),
         rr.stride(0), hh.stride(0), eps, BLOCK_K=block, QUANT=s is not None, HAS_RES=has_res,

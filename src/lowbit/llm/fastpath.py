@@ -92,8 +92,12 @@ def _norm_params(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]
     return weight, float(eps)
 
 
-def _fusable_add(x: torch.Tensor, delta: torch.Tensor) -> bool:
-    return enabled(x) and type(delta) is torch.Tensor and delta.shape == x.shape and delta.dtype == x.dtype
+def _add_norm_params(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor
+                     ) -> tuple[torch.Tensor, float] | None:
+    """The norm's (weight, eps) when x + delta and the norm can run as one fused kernel, else None."""
+    if not enabled(x) or type(delta) is not torch.Tensor or delta.shape != x.shape or delta.dtype != x.dtype:
+        return None
+    return _norm_params(norm, x)
 
 
 def add_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
@@ -102,7 +106,7 @@ def add_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: 
     into the norm kernel (and a W4A8 linear's activations quantized there) on the fast path."""
     if delta is None:
         return x, norm_linear(norm, linear, x)
-    params = _norm_params(norm, x) if _fusable_add(x, delta) else None
+    params = _add_norm_params(norm, x, delta)
     if params is None:
         h = x + delta
         return h, linear(norm(h))
@@ -120,7 +124,7 @@ def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> to
     """norm(x + delta) (norm(x) when delta is None), the add folded into the norm kernel."""
     if delta is None:
         return norm(x)
-    params = _norm_params(norm, x) if _fusable_add(x, delta) else None
+    params = _add_norm_params(norm, x, delta)
     if params is None:
         return norm(x + delta)
     from lowbit.kernels import fused
