@@ -120,6 +120,63 @@ def test_one_token_long_row_takes_the_swiglu_quantization(monkeypatch):
         monkeypatch.setenv("LOWBIT_FUSED", "1")
 
 
+def test_decode_mlp_applies_swiglu_in_the_gate_up_gemv(monkeypatch):
+    """A decode step (one token per sequence, batch 1 and 2) into W4A8 weights: the [gate; up]
+    GEMV applies SwiGLU in its epilogue (linear_swiglu) in every block, and the logits equal the
+    step that runs the GEMV, then the SwiGLU kernel, bit for bit."""
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="triton")
+    model = _model(ConfigQuantizer(cfg))
+    for batch in (1, 2):
+        ids = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(5)).to(DEV)
+
+        def step(ids=ids) -> torch.Tensor:
+            _prefill_logits(model, ids, monkeypatch, "1")
+            with torch.no_grad(), use_phase(model, Phase.DECODE):
+                return model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV)).float()
+
+        calls = _count_calls(monkeypatch, Int4Tensor, "linear_swiglu")
+        got = step()
+        assert calls[0] == ARGS.n_layers
+        monkeypatch.setattr(Int4Tensor, "streams_swiglu", lambda self, x: False)
+        glus = _count_calls(monkeypatch, fused, "swiglu")
+        want = step()
+        assert glus[0] == ARGS.n_layers and calls[0] == ARGS.n_layers
+        assert torch.equal(got, want)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_swiglu_gemv_hands_a_long_row_its_int8_rows(monkeypatch, group_size):
+    """One token, w2 with K > LONG_ROW_MIN_K per row (a Llama down projection): the SwiGLU GEMV's
+    per-program absmaxes quantize its output for gemv_q (act_quant_from_amax), with the same
+    result as the norm + GEMV + SwiGLU-with-quantization chain. Group-wise w2 keeps the
+    streaming GEMV on the SwiGLU output."""
+    from lowbit.kernels.w4a8 import act_quant as aq
+    from lowbit.kernels.w4a8 import op
+    from lowbit.llm import fastpath
+    from lowbit.llm.model import RMSNorm
+
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    monkeypatch.setattr(op, "LONG_ROW_MIN_K", 192)  # the interpreter walks 8192-long rows slowly
+    dtype, dim, f = torch.float16, 64, 224
+    gen = torch.Generator().manual_seed(6)
+    norm = RMSNorm(dim, 1e-5).to(DEV, dtype)
+    w13 = torch.nn.Linear(dim, 2 * f, bias=False).to(DEV, dtype)
+    w2 = torch.nn.Linear(f, 8, bias=False).to(DEV, dtype)
+    for lin, g in ((w13, None), (w2, group_size)):
+        cfg = Int8DynamicActivationInt4WeightConfig(group_size=g, kernel="triton")
+        lin.weight = torch.nn.Parameter(cfg.quantize_weight(lin.weight.detach()), requires_grad=False)
+    x = torch.randn(1, 1, dim, generator=gen).to(DEV, dtype)
+    delta = torch.randn(1, 1, dim, generator=gen).to(DEV, dtype)
+    amaxes = _count_calls(monkeypatch, aq, "act_quant_from_amax")
+    with torch.no_grad():
+        h, got = fastpath.add_norm_mlp(norm, w13, w2, x, delta)
+        h2, gu = fastpath.add_norm_linear(norm, w13, x, delta)
+        want = fastpath.swiglu_linear(w2, gu)
+    assert amaxes[0] == int(group_size is None)
+    assert torch.equal(h, h2) and torch.equal(got, want)
+
+
 def test_hidden_states_fold_the_pending_add_into_the_final_norm(monkeypatch):
     """hidden_states carries each block's output unadded to the next norm; the final norm takes it
     for the selected / last positions only. Same values as the full sequence's rows, and as the

@@ -129,6 +129,22 @@ class Int4Tensor(QuantizedTensor):
         return y.reshape(*x.shape[:-1], self.shape[0])
 
     # -- activations quantized by their producer (fused RMSNorm / SwiGLU) --------------------
+    def _dynamic_triton(self, x: torch.Tensor) -> bool:
+        """True when this weight, called on x, quantizes x per token to int8 (symmetric int4
+        weight) and runs a Triton kernel."""
+        act = self.act_quant
+        if act is None or act.qtype != "int8_sym" or act.granularity.value != "token":
+            return False
+        if self.kernel not in (KernelChoice.AUTO, KernelChoice.TRITON) or x.shape[-1] != self.shape[1]:
+            return False
+        if not uses_act_quant(act, x) or self.zero_point is not None:
+            return False
+        try:  # the path _linear would take
+            path = resolve_kernel(self.kernel, x, self._available(x, dynamic=True), "w4a8")
+        except RuntimeError:
+            return False
+        return path is KernelChoice.TRITON
+
     def takes_prequantized(self, x: torch.Tensor) -> bool:
         """True when this weight, called on x, would quantize x per token to int8 and then run a
         Triton int8 kernel (the prefill GEMM, the decode kernel, or gemv_q for one long per-row
@@ -137,21 +153,31 @@ class Int4Tensor(QuantizedTensor):
         (op.quantizes_in_graph)."""
         from lowbit.kernels.w4a8.op import quantizes_in_graph
 
-        act = self.act_quant
-        if act is None or act.qtype != "int8_sym" or act.granularity.value != "token":
+        return self._dynamic_triton(x) and quantizes_in_graph(token_count(x), self.shape[1], self.group_size,
+                                                              True, "auto")
+
+    def streams_swiglu(self, x: torch.Tensor) -> bool:
+        """True when this weight is a fused [gate; up] projection that, called on x, runs the
+        streaming dp4a GEMV (a few tokens): linear_swiglu then applies SwiGLU in that kernel."""
+        from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
+        from lowbit.kernels.w4a8.op import _dp4a_takes
+
+        if self.shape[0] % 2 or not self._dynamic_triton(x):
             return False
-        if self.kernel not in (KernelChoice.AUTO, KernelChoice.TRITON) or x.shape[-1] != self.shape[1]:
-            return False
-        if not uses_act_quant(act, x):
-            return False
-        try:  # the path _linear would take
-            path = resolve_kernel(self.kernel, x, self._available(x, dynamic=True), "w4a8")
-        except RuntimeError:
-            return False
-        if path is not KernelChoice.TRITON:
-            return False
-        symmetric = self.zero_point is None
-        return quantizes_in_graph(token_count(x), self.shape[1], self.group_size, symmetric, "auto")
+        m, k = token_count(x), self.shape[1]
+        group = 0 if self.group_size >= k else self.group_size
+        return _dp4a_takes(m, k, self.group_size, "auto") and stream_supported(m, k, group)
+
+    def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., K) -> (silu(gate) * up (M, N/2) in x's dtype, amax (M, P) float32) where
+        streams_swiglu(x): the SwiGLU of this [gate; up] projection's output, rounded as
+        fused.swiglu(linear(x)) rounds, from one kernel, with per-program absmaxes of each row
+        for act_quant_from_amax."""
+        from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_swiglu
+
+        if not self.streams_swiglu(x):
+            raise ValueError("linear_swiglu: this weight does not stream these activations (streams_swiglu)")
+        return w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
 
     def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:

@@ -154,6 +154,41 @@ def swiglu_linear(linear: nn.Module, gu: torch.Tensor) -> torch.Tensor:
     return w.linear_prequantized(q, s, linear.bias, gu.dtype).view(*gu.shape[:-1], w.shape[0])
 
 
+def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, w2(swiglu(w13(norm(h))))) with h = x + delta (h = x when delta is None): the feed-forward
+    half of a block. On the fast path, a W4A8 [gate; up] weight that streams these few tokens
+    (Int4Tensor.streams_swiglu) applies SwiGLU inside its GEMV and reports each row's absmax, so
+    a W4A8 w2 that takes int8 rows gets them from one short quantize launch
+    (act_quant_from_amax) instead of a SwiGLU kernel that quantizes (one program per token, as
+    it must see the whole row); otherwise add_norm_linear + swiglu_linear."""
+    from lowbit.formats.int4 import Int4Tensor
+
+    w = active_weight(w13) if enabled(x) else None
+    if not (isinstance(w, Int4Tensor) and w.streams_swiglu(x)):
+        h, gu = add_norm_linear(norm, w13, x, delta)
+        return h, swiglu_linear(w2, gu)
+    from lowbit.kernels import fused
+
+    params = _norm_params(norm, x) if delta is None else _add_norm_params(norm, x, delta)
+    if params is None:
+        h = x if delta is None else x + delta
+        y = norm(h)
+    elif delta is None:
+        h, y = x, fused.rms_norm(x, *params)
+    else:
+        h, y = fused.add_rms_norm(x, delta, *params)
+    act, amax = w.linear_swiglu(y, getattr(w13, "bias", None))
+    act = act.view(*x.shape[:-1], act.shape[-1])
+    w2w = _prequantized_weight(w2, act)
+    if w2w is None:
+        return h, w2(act)
+    from lowbit.kernels.w4a8.act_quant import act_quant_from_amax
+
+    q, s = act_quant_from_amax(act.view(-1, act.shape[-1]), amax)
+    return h, w2w.linear_prequantized(q, s, w2.bias, x.dtype).view(*x.shape[:-1], w2w.shape[0])
+
+
 def rope_qk(
     qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -206,5 +241,5 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
     return attention.decode_attention(q, kc, vc, input_pos)
 
 
-__all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "rope_qk",
-           "rope_cache", "decode_attention"]
+__all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "add_norm_mlp",
+           "rope_qk", "rope_cache", "decode_attention"]

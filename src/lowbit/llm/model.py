@@ -240,8 +240,7 @@ class Block(nn.Module):
         att, ffn = self.attention, self.feed_forward
         x, qkv = fastpath.add_norm_linear(self.attention_norm, att.wqkv, x, delta)
         a = att.attend(qkv, cos, sin, input_pos, prefill)
-        h, gu = fastpath.add_norm_linear(self.ffn_norm, ffn.w13, x, a)
-        return h, fastpath.swiglu_linear(ffn.w2, gu)
+        return fastpath.add_norm_mlp(self.ffn_norm, ffn.w13, ffn.w2, x, a)
 
 
 class Transformer(nn.Module):

@@ -143,6 +143,45 @@ def act_quant(x: torch.Tensor, permute: bool = False,
     return q, s
 
 
+@triton.jit
+def _act_quant_amax_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, K, P, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                           BLOCK_P: tl.constexpr):
+    # program (row, chunk): the row's absmax from P partial maxima, then BLOCK_K columns
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    p = tl.arange(0, BLOCK_P)
+    scale = _int8_scale(tl.max(tl.load(amax_ptr + row * P + p, mask=p < P, other=0.0), axis=0))
+    if chunk == 0:
+        tl.store(s_ptr + row, scale)
+    offs = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.store(q_ptr + row * stride_qm + offs, _int8_round_clamp(v, scale).to(tl.int8), mask=offs < K)
+
+
+def act_quant_from_amax(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant(x) when each row's absmax is already known as P partial maxima, amax (M, P)
+    float32 (e.g. from the kernel that wrote x: gemv_dp4a.w4a8_gemv_swiglu): no pass over the row
+    before quantizing, so many programs share a row. Same q and scale as act_quant(x) when
+    max(amax[m]) == max|x[m]|."""
+    if x.dim() != 2 or amax.dim() != 2 or amax.shape[0] != x.shape[0] or amax.dtype != torch.float32:
+        raise ValueError(f"act_quant_from_amax: x (M, K) and amax (M, P) float32, got {tuple(x.shape)} and "
+                         f"{tuple(amax.shape)} {amax.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    amax = amax.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        s.fill_(torch.finfo(torch.float32).tiny)
+        return q, s
+    block = 1024
+    _act_quant_amax_kernel[(m, triton.cdiv(k, block))](
+        x, amax, q, s, k, amax.shape[1], x.stride(0), q.stride(0), BLOCK_K=block,
+        BLOCK_P=max(triton.next_power_of_2(amax.shape[1]), 2), num_warps=4)
+    return q, s
+
+
 def act_quant_traceable(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """act_quant's math in plain torch ops: (M, K) -> (q int8 (M, K), scale float32 (M, 1)).
 

@@ -206,3 +206,38 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide K={k} and be a multiple of the group")
     _w4a8_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
     return out
+
+
+def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     group_size: int, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) * up of a W4A8 [gate; up] projection for M <= 4 tokens, on the streaming GEMV:
+    x (M, K) fp16/bf16, packed (2F, K/2) -> (h (M, F) in x's dtype, amax (M, P) float32).
+
+    h equals fused.swiglu(w4a8_gemv_dp4a(x, ...)) (the GEMV outputs rounded to x's dtype, then
+    silu and the product rounded as the eager ops round); amax holds P partial absmaxes of each h
+    row (one per program), for act_quant_from_amax: the next W4A8 linear's int8 activations
+    without a SwiGLU kernel or a pass over h before quantizing.
+    """
+    from lowbit.kernels.w4a8.gemv_stream import stream, stream_programs
+
+    m, k = x.shape
+    n = packed.shape[0]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"w4a8_gemv_swiglu takes fp16/bf16 activations, got {x.dtype}")
+    if packed.shape[1] * 2 != k or n % 2:
+        raise ValueError(f"w4a8_gemv_swiglu: packed weight ({n}, {packed.shape[1]}) must be (2F, K/2) for "
+                         f"K={k}")
+    reason = dp4a_unsupported(k, group_size)
+    group = 0 if group_size >= k else group_size
+    if reason is None and not stream_supported(m, k, group):
+        reason = f"the streaming GEMV does not take M={m}, K={k}, group={group_size}"
+    if reason:
+        raise ValueError(f"w4a8_gemv_swiglu: {reason}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    h = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
+    amax = torch.empty((m, stream_programs(x, n, config) if m and n else 0), dtype=torch.float32,
+                       device=x.device)
+    if m == 0 or n == 0:
+        return h, amax.new_zeros((m, 1))
+    stream(x, packed.contiguous().view(torch.int32), scale, bias, h, group, config, amax)
+    return h, amax

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
+from lowbit.kernels.fused import _silu_mul
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 from lowbit.kernels.w4a8.gemv_dp4a import _dp4a, num_sms
 
@@ -30,26 +31,42 @@ def _byte(q, i: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tile, offs, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+    """Weight rows of a tile. SWIGLU: the tile's BLOCK_N / 2 output columns j pair gate row j
+    (even offsets) with up row F + j (odd offsets), F = N / 2; rows past the end wrap (their
+    outputs are not stored)."""
+    if SWIGLU:
+        f = N // 2
+        return (offs % 2) * f + (tile * (BLOCK_N // 2) + offs // 2) % f
+    else:
+        return (tile * BLOCK_N + offs) % N
+
+
+@triton.jit
 def _w4a8_stream_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, amax_ptr,
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
-    DEPTH: tl.constexpr,
+    DEPTH: tl.constexpr, SWIGLU: tl.constexpr,
 ):
+    # SWIGLU: the weight is a fused [gate; up] projection (N = 2F); out (M, F) gets
+    # silu(gate) * up (rounded as fused.swiglu rounds the rounded GEMV outputs) and amax_ptr
+    # (M, programs) each program's absmax of its outputs per token (act_quant_from_amax).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     T: tl.constexpr = K_PAD // 8
     G: tl.constexpr = GROUP if GROUP != 0 else K_PAD
     NG: tl.constexpr = K_PAD // G
-    n_tiles = tl.cdiv(N, BLOCK_N)
+    HB: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N  # output columns per tile
+    n_tiles = tl.cdiv(N // 2, HB) if SWIGLU else tl.cdiv(N, BLOCK_N)
     offs_t = tl.arange(0, T)[None, None, :]
     t_ok = offs_t < K32 * 4  # K32 = K // 32: the mask is constant over 4 words -> 16-byte loads
     offs_bn = tl.arange(0, BLOCK_N)[None, :, None]
     # -- first weight tiles in flight before the activation work -------------------------
-    rows = (pid * BLOCK_N + offs_bn) % N
+    rows = _tile_rows(pid, offs_bn, N, BLOCK_N, SWIGLU)
     w = tl.load(w_ptr + rows * stride_wn + offs_t, mask=t_ok, other=0)
-    rows2 = ((pid + nprog) * BLOCK_N + offs_bn) % N
+    rows2 = _tile_rows(pid + nprog, offs_bn, N, BLOCK_N, SWIGLU)
     if DEPTH == 2:
         w2 = tl.load(w_ptr + rows2 * stride_wn + offs_t, mask=t_ok, other=0)
     else:
@@ -91,10 +108,11 @@ def _w4a8_stream_kernel(
     shape: tl.constexpr = (BLOCK_M, BLOCK_N, T)
     out_m = tl.arange(0, BLOCK_M)[:, None]
     out_bn = tl.arange(0, BLOCK_N)
+    amax_h = tl.zeros((BLOCK_M, HB), tl.float32)
     # -- stream the weight ---------------------------------------------------------------
     for tile in range(pid, n_tiles, nprog):
         nxt = tile + DEPTH * nprog
-        rows_next = (nxt * BLOCK_N + offs_bn) % N
+        rows_next = _tile_rows(nxt, offs_bn, N, BLOCK_N, SWIGLU)
         w_next = tl.load(w_ptr + rows_next * stride_wn + offs_t,
                          mask=t_ok & ((nxt * BLOCK_N + offs_bn) < n_tiles * BLOCK_N), other=0)
         lo = (w & 0x0F0F0F0F) ^ 0x08080808
@@ -102,7 +120,7 @@ def _w4a8_stream_kernel(
         zero = tl.zeros(shape, tl.int32)
         acc = _dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(xe, shape), zero, USE_ASM)
         acc = _dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(xo, shape), acc, USE_ASM)
-        rows_n = (tile * BLOCK_N + out_bn) % N
+        rows_n = _tile_rows(tile, out_bn, N, BLOCK_N, SWIGLU)
         if GROUP != 0:
             dg = tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_N, NG, G // 8)), axis=3) - 8 * xsum[:, None, :]
             sw = tl.load(s_ptr + rows_n[:, None] * stride_sn + offs_g[None, :],
@@ -112,16 +130,27 @@ def _w4a8_stream_kernel(
             d = tl.sum(acc, axis=2) - 8 * xsum1
             y = d.to(tl.float32) * tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)[None, :]
         y = y * tl.reshape(sa, (BLOCK_M, 1))
-        offs_n = tile * BLOCK_N + out_bn
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_m * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=(out_m < M) & (offs_n < N)[None, :])
+        if SWIGLU:
+            gate, up = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), (BLOCK_M, HB, 2)))
+            h = _silu_mul(gate, up, out_ptr.dtype.element_ty)
+            cols = tile * HB + tl.arange(0, HB)
+            ok = (out_m < M) & (cols < N // 2)[None, :]
+            tl.store(out_ptr + out_m * stride_om + cols[None, :], h, mask=ok)
+            amax_h = tl.maximum(amax_h, tl.where(ok, tl.abs(h.to(tl.float32)), 0.0))
+        else:
+            offs_n = tile * BLOCK_N + out_bn
+            tl.store(out_ptr + out_m * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=(out_m < M) & (offs_n < N)[None, :])
         if DEPTH == 2:
             w = w2
             w2 = w_next
         else:
             w = w_next
+    if SWIGLU:
+        pm = tl.arange(0, BLOCK_M)
+        tl.store(amax_ptr + pm * nprog + pid, tl.max(amax_h, axis=1), mask=pm < M)
 
 
 # NOTE: H100 sweep of this kernel (results/tune_w4a8_stream_h100.json, 24 configs per shape): the
@@ -152,22 +181,44 @@ def _tuned_kernel():
 
 
 def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-           out: torch.Tensor, group: int, config: dict | None) -> torch.Tensor:
-    """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row."""
+           out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row.
+
+    amax given: the SwiGLU epilogue (N = 2F, out (M, F)); amax must be a float32 buffer of
+    M x stream_programs(...) elements, filled with each program's per-token absmax.
+    """
     m, k = x.shape
     n = words.shape[0]
-    args = (x, words, scale, bias if bias is not None else scale, out, m, n, k, k // 32, x.stride(0),
-            words.stride(0), scale.stride(0), out.stride(0))
+    swiglu = amax is not None
+    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, m, n, k,
+            k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32))
+                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu)
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
-        return (min(triton.cdiv(n, meta["BLOCK_N"]), sms * meta["PPS"]),)
+        return (_programs(n, meta["BLOCK_N"], meta["PPS"], sms, swiglu),)
 
-    if config is None and os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled():
+    tune = os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not swiglu
+    if config is None and tune:
         _tuned_kernel()[grid](*args, **flags)
     else:
         cfg = dict(config or stream_config(m, n, k))
+        if amax is not None and amax.numel() != m * grid(cfg)[0]:
+            raise ValueError(f"stream: amax holds {amax.numel()} values, the launch writes "
+                             f"{m * grid(cfg)[0]}")
         _w4a8_stream_kernel[grid(cfg)](*args, **flags, **cfg)
     return out
+
+
+def _programs(n: int, block_n: int, pps: int, sms: int, swiglu: bool) -> int:
+    tiles = triton.cdiv(n // 2, block_n // 2) if swiglu else triton.cdiv(n, block_n)
+    return min(tiles, sms * pps)
+
+
+def stream_programs(x: torch.Tensor, n: int, config: dict | None = None) -> int:
+    """Programs of the SwiGLU stream launch on x (M, K) into a [gate; up] weight of N rows."""
+    cfg = config or stream_config(x.shape[0], n, x.shape[1])
+    sms = num_sms(x.device.index or 0) if x.is_cuda else 4
+    return _programs(n, cfg["BLOCK_N"], cfg["PPS"], sms, True)
