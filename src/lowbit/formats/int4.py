@@ -156,41 +156,28 @@ class Int4Tensor(QuantizedTensor):
         return self._dynamic_triton(x) and quantizes_in_graph(token_count(x), self.shape[1], self.group_size,
                                                               True, "auto")
 
-    def streams(self, x: torch.Tensor) -> bool:
-        """True when this weight, called on x, runs the streaming dp4a GEMV (a few tokens): its
-        neighbours in a decoder (residual add, RMSNorm, SwiGLU) can then run inside that kernel
-        (linear_stream_fused)."""
+    def streams_swiglu(self, x: torch.Tensor) -> bool:
+        """True when this weight is a fused [gate; up] projection that, called on x, runs the
+        streaming dp4a GEMV (a few tokens): linear_swiglu then applies SwiGLU in that kernel."""
         from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
         from lowbit.kernels.w4a8.op import _dp4a_takes
 
-        if not self._dynamic_triton(x):
+        if self.shape[0] % 2 or not self._dynamic_triton(x):
             return False
         m, k = token_count(x), self.shape[1]
         group = 0 if self.group_size >= k else self.group_size
         return _dp4a_takes(m, k, self.group_size, "auto") and stream_supported(m, k, group)
 
-    def streams_swiglu(self, x: torch.Tensor) -> bool:
-        """streams(x), for a fused [gate; up] projection (an even number of rows)."""
-        return self.shape[0] % 2 == 0 and self.streams(x)
+    def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., K) -> (silu(gate) * up (M, N/2) in x's dtype, amax (M, P) float32) where
+        streams_swiglu(x): the SwiGLU of this [gate; up] projection's output, rounded as
+        fused.swiglu(linear(x)) rounds, from one kernel, with per-program absmaxes of each row
+        for act_quant_from_amax."""
+        from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_swiglu
 
-    def linear_stream_fused(self, x: torch.Tensor, bias: torch.Tensor | None, *,
-                            residual: torch.Tensor | None = None,
-                            norm: tuple[torch.Tensor, float] | None = None,
-                            swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Where streams(x): x (..., K) -> (h, out, amax) from one kernel, h = x + residual (x
-        without), out = linear(RMSNorm(h)) (norm = (weight, eps); linear(h) without), or with
-        swiglu the SwiGLU of this [gate; up] projection's output (..., N/2) and amax (M, P) float32,
-        per-program absmaxes of each row for act_quant_from_amax (else None). Roundings as the
-        fused kernels' (lowbit.kernels.w4a8.gemv_dp4a.w4a8_gemv_stream_fused)."""
-        from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_stream_fused
-
-        if not (self.streams_swiglu(x) if swiglu else self.streams(x)):
-            raise ValueError("linear_stream_fused: this weight does not stream these activations (streams)")
-        k = x.shape[-1]
-        r2 = None if residual is None else residual.reshape(-1, k)
-        h, out, amax = w4a8_gemv_stream_fused(x.reshape(-1, k), self.qdata, self.scale, bias, self.group_size,
-                                              residual=r2, norm=norm, swiglu=swiglu)
-        return h.view(x.shape), out.view(*x.shape[:-1], out.shape[-1]), amax
+        if not self.streams_swiglu(x):
+            raise ValueError("linear_swiglu: this weight does not stream these activations (streams_swiglu)")
+        return w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
 
     def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:

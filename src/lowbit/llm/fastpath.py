@@ -103,12 +103,7 @@ def _add_norm_params(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor
 def add_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, linear(norm(h))) with h = x + delta (h = x when delta is None): the residual add folded
-    into the norm kernel (and a W4A8 linear's activations quantized there) on the fast path; a W4A8
-    weight that streams these few tokens (Int4Tensor.streams) runs the add and the norm inside its
-    GEMV."""
-    fused_gemv = _streaming_fused(norm, linear, x, delta, swiglu=False)
-    if fused_gemv is not None:
-        return fused_gemv[0], fused_gemv[1]
+    into the norm kernel (and a W4A8 linear's activations quantized there) on the fast path."""
     if delta is None:
         return x, norm_linear(norm, linear, x)
     params = _add_norm_params(norm, x, delta)
@@ -123,25 +118,6 @@ def add_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: 
         return h, linear(y)
     h, q, s = fused.add_rms_norm_quant(x, delta, *params)
     return h, w.linear_prequantized(q, s, linear.bias, x.dtype).view(*x.shape[:-1], w.shape[0])
-
-
-def _streaming_fused(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
-                     swiglu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """(h, out, amax) from Int4Tensor.linear_stream_fused when linear's weight streams x and the
-    norm is an RMSNorm the kernel can apply; else None."""
-    from lowbit.formats.int4 import Int4Tensor
-
-    if not enabled(x):
-        return None
-    w = active_weight(linear)
-    if not isinstance(w, Int4Tensor) or not (w.streams_swiglu(x) if swiglu else w.streams(x)):
-        return None
-    params = _norm_params(norm, x) if delta is None else _add_norm_params(norm, x, delta)
-    if params is None:
-        return None
-    bias = getattr(linear, "bias", None)
-    bias = bias if isinstance(bias, torch.Tensor) else None
-    return w.linear_stream_fused(x, bias, residual=delta, norm=params, swiglu=swiglu)
 
 
 def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -182,16 +158,28 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, w2(swiglu(w13(norm(h))))) with h = x + delta (h = x when delta is None): the feed-forward
     half of a block. On the fast path, a W4A8 [gate; up] weight that streams these few tokens
-    (Int4Tensor.streams_swiglu) runs the add, the norm and SwiGLU inside its GEMV and reports
-    each row's absmax, so a W4A8 w2 that takes int8 rows gets them from one short quantize launch
+    (Int4Tensor.streams_swiglu) applies SwiGLU inside its GEMV and reports each row's absmax, so
+    a W4A8 w2 that takes int8 rows gets them from one short quantize launch
     (act_quant_from_amax) instead of a SwiGLU kernel that quantizes (one program per token, as
     it must see the whole row); otherwise add_norm_linear + swiglu_linear."""
-    fused_gemv = _streaming_fused(norm, w13, x, delta, swiglu=True)
-    if fused_gemv is None:
+    from lowbit.formats.int4 import Int4Tensor
+
+    w = active_weight(w13) if enabled(x) else None
+    if not (isinstance(w, Int4Tensor) and w.streams_swiglu(x)):
         h, gu = add_norm_linear(norm, w13, x, delta)
         return h, swiglu_linear(w2, gu)
-    h, act, amax = fused_gemv
-    assert amax is not None
+    from lowbit.kernels import fused
+
+    params = _norm_params(norm, x) if delta is None else _add_norm_params(norm, x, delta)
+    if params is None:
+        h = x if delta is None else x + delta
+        y = norm(h)
+    elif delta is None:
+        h, y = x, fused.rms_norm(x, *params)
+    else:
+        h, y = fused.add_rms_norm(x, delta, *params)
+    act, amax = w.linear_swiglu(y, getattr(w13, "bias", None))
+    act = act.view(*x.shape[:-1], act.shape[-1])
     w2w = _prequantized_weight(w2, act)
     if w2w is None:
         return h, w2(act)

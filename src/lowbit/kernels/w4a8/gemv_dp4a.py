@@ -218,62 +218,26 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     row (one per program), for act_quant_from_amax: the next W4A8 linear's int8 activations
     without a SwiGLU kernel or a pass over h before quantizing.
     """
-    _, h, amax = w4a8_gemv_stream_fused(x, packed, scale, bias, group_size, swiglu=True, config=config)
-    assert amax is not None
-    return h, amax
-
-
-def w4a8_gemv_stream_fused(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                           bias: torch.Tensor | None, group_size: int, *,
-                           residual: torch.Tensor | None = None,
-                           norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False,
-                           config: dict | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The streaming W4A8 GEMV (M <= 4 tokens) with its neighbours in the decoder fused in:
-    x (M, K) fp16/bf16 -> (h, out, amax).
-
-    residual (M, K): the rows are h = x + residual, rounded as torch's add rounds (h is returned;
-    h = x without it). norm (weight (K,), eps): the GEMV runs on RMSNorm(h), rounded as
-    fused.rms_norm rounds (the fp32 sum of squares adds in another order, so rarely an element
-    lands one rounding step away). swiglu: the weight is a [gate; up] projection (2F, K/2) and
-    out is silu(gate) * up (M, F) with amax (M, P) float32, P partial absmaxes per row
-    (w4a8_gemv_swiglu); else out is (M, N) and amax None.
-    """
     from lowbit.kernels.w4a8.gemv_stream import stream, stream_programs
 
     m, k = x.shape
     n = packed.shape[0]
     if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the fused streaming GEMV takes fp16/bf16 activations, got {x.dtype}")
-    if packed.shape[1] * 2 != k or (swiglu and n % 2):
-        raise ValueError(f"the fused streaming GEMV: packed weight ({n}, {packed.shape[1]}) must be "
-                         f"({'2F' if swiglu else 'N'}, K/2) for K={k}")
+        raise ValueError(f"w4a8_gemv_swiglu takes fp16/bf16 activations, got {x.dtype}")
+    if packed.shape[1] * 2 != k or n % 2:
+        raise ValueError(f"w4a8_gemv_swiglu: packed weight ({n}, {packed.shape[1]}) must be (2F, K/2) for "
+                         f"K={k}")
     reason = dp4a_unsupported(k, group_size)
     group = 0 if group_size >= k else group_size
     if reason is None and not stream_supported(m, k, group):
         reason = f"the streaming GEMV does not take M={m}, K={k}, group={group_size}"
     if reason:
-        raise ValueError(f"the fused streaming GEMV: {reason}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"the residual must match x ({tuple(x.shape)} {x.dtype}), got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
-    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != x.dtype):
-        raise ValueError(f"the norm weight must be ({k},) {x.dtype}, got {tuple(norm[0].shape)} "
-                         f"{norm[0].dtype}")
+        raise ValueError(f"w4a8_gemv_swiglu: {reason}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    h = torch.empty_like(x) if residual is not None else x
-    out = torch.empty((m, n // 2 if swiglu else n), dtype=x.dtype, device=x.device)
-    amax = None
-    if swiglu:
-        amax = torch.empty((m, stream_programs(x, n, config) if m and n else 1), dtype=torch.float32,
-                           device=x.device)
-    if m == 0:
-        return h, out, amax
-    if n == 0:
-        if residual is not None:
-            torch.add(x, residual, out=h)
-        return h, out, None if amax is None else amax.zero_()
-    res = None if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous(), h)
-    nrm = None if norm is None else (norm[0].contiguous(), float(norm[1]))
-    stream(x, packed.contiguous().view(torch.int32), scale, bias, out, group, config, amax, res, nrm)
-    return h, out, amax
+    h = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
+    amax = torch.empty((m, stream_programs(x, n, config) if m and n else 0), dtype=torch.float32,
+                       device=x.device)
+    if m == 0 or n == 0:
+        return h, amax.new_zeros((m, 1))
+    stream(x, packed.contiguous().view(torch.int32), scale, bias, h, group, config, amax)
+    return h, amax

@@ -43,35 +43,16 @@ def _tile_rows(tile, offs, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _row_part(xp, rp, hp, i: tl.constexpr, t_ok, h_ok, HAS_RES: tl.constexpr, DT: tl.constexpr):
-    """Elements 8t + i of the token rows, as float32: x, or h = x + r rounded to DT (stored)."""
-    v = tl.load(xp + i, mask=t_ok, other=0.0)
-    if HAS_RES:
-        v = (v.to(tl.float32) + tl.load(rp + i, mask=t_ok, other=0.0).to(tl.float32)).to(DT)
-        tl.store(hp + i, v, mask=h_ok)
-    return v.to(tl.float32)
-
-
-@triton.jit
-def _normed(v, rstd, w, DT: tl.constexpr):
-    """RMSNorm: w * bf(v * rstd), rounded to DT (as fused.rms_norm)."""
-    return (w * (v * rstd).to(DT).to(tl.float32)).to(DT).to(tl.float32)
-
-
-@triton.jit
 def _w4a8_stream_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, amax_ptr, r_ptr, h_ptr, nw_ptr, eps,
-    M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om, stride_rm, stride_hm,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, amax_ptr,
+    M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
-    DEPTH: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    DEPTH: tl.constexpr, SWIGLU: tl.constexpr,
 ):
     # SWIGLU: the weight is a fused [gate; up] projection (N = 2F); out (M, F) gets
     # silu(gate) * up (rounded as fused.swiglu rounds the rounded GEMV outputs) and amax_ptr
     # (M, programs) each program's absmax of its outputs per token (act_quant_from_amax).
-    # HAS_RES: the rows are h = x + r (rounded as torch's add rounds; program 0 stores h).
-    # NORM: the GEMV runs on the RMSNorm of the rows (weight nw_ptr, eps), rounded as
-    # fused.rms_norm rounds (its fp32 sum of squares adds in another order).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     T: tl.constexpr = K_PAD // 8
@@ -97,38 +78,14 @@ def _w4a8_stream_kernel(
     # h100.json). Their outputs are not stored.
     offs_m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None]
     xp = x_ptr + offs_m * stride_xm + offs_t * 8
-    rp = r_ptr + offs_m * stride_rm + offs_t * 8
-    hp = h_ptr + offs_m * stride_hm + offs_t * 8
-    h_ok = t_ok & (tl.arange(0, BLOCK_M)[:, None, None] + pid * BLOCK_M < M)  # real rows, program 0
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    v0 = _row_part(xp, rp, hp, 0, t_ok, h_ok, HAS_RES, DT)
-    v1 = _row_part(xp, rp, hp, 1, t_ok, h_ok, HAS_RES, DT)
-    v2 = _row_part(xp, rp, hp, 2, t_ok, h_ok, HAS_RES, DT)
-    v3 = _row_part(xp, rp, hp, 3, t_ok, h_ok, HAS_RES, DT)
-    v4 = _row_part(xp, rp, hp, 4, t_ok, h_ok, HAS_RES, DT)
-    v5 = _row_part(xp, rp, hp, 5, t_ok, h_ok, HAS_RES, DT)
-    v6 = _row_part(xp, rp, hp, 6, t_ok, h_ok, HAS_RES, DT)
-    v7 = _row_part(xp, rp, hp, 7, t_ok, h_ok, HAS_RES, DT)
-    if NORM:  # the norm weight's loads go out before the reduction
-        nwp = nw_ptr + offs_t * 8
-        n0 = tl.load(nwp + 0, mask=t_ok, other=0.0).to(tl.float32)
-        n1 = tl.load(nwp + 1, mask=t_ok, other=0.0).to(tl.float32)
-        n2 = tl.load(nwp + 2, mask=t_ok, other=0.0).to(tl.float32)
-        n3 = tl.load(nwp + 3, mask=t_ok, other=0.0).to(tl.float32)
-        n4 = tl.load(nwp + 4, mask=t_ok, other=0.0).to(tl.float32)
-        n5 = tl.load(nwp + 5, mask=t_ok, other=0.0).to(tl.float32)
-        n6 = tl.load(nwp + 6, mask=t_ok, other=0.0).to(tl.float32)
-        n7 = tl.load(nwp + 7, mask=t_ok, other=0.0).to(tl.float32)
-        ss = ((v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)) + ((v4 * v4 + v5 * v5) + (v6 * v6 + v7 * v7))
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(ss, axis=2, keep_dims=True) / K + eps)
-        v0 = _normed(v0, rstd, n0, DT)
-        v1 = _normed(v1, rstd, n1, DT)
-        v2 = _normed(v2, rstd, n2, DT)
-        v3 = _normed(v3, rstd, n3, DT)
-        v4 = _normed(v4, rstd, n4, DT)
-        v5 = _normed(v5, rstd, n5, DT)
-        v6 = _normed(v6, rstd, n6, DT)
-        v7 = _normed(v7, rstd, n7, DT)
+    v0 = tl.load(xp + 0, mask=t_ok, other=0.0).to(tl.float32)
+    v1 = tl.load(xp + 1, mask=t_ok, other=0.0).to(tl.float32)
+    v2 = tl.load(xp + 2, mask=t_ok, other=0.0).to(tl.float32)
+    v3 = tl.load(xp + 3, mask=t_ok, other=0.0).to(tl.float32)
+    v4 = tl.load(xp + 4, mask=t_ok, other=0.0).to(tl.float32)
+    v5 = tl.load(xp + 5, mask=t_ok, other=0.0).to(tl.float32)
+    v6 = tl.load(xp + 6, mask=t_ok, other=0.0).to(tl.float32)
+    v7 = tl.load(xp + 7, mask=t_ok, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
                       tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
     sa = _int8_scale(tl.max(amax, axis=2, keep_dims=True))  # (BLOCK_M, 1, 1)
@@ -224,34 +181,26 @@ def _tuned_kernel():
 
 
 def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-           out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None,
-           residual: tuple[torch.Tensor, torch.Tensor] | None = None,
-           norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+           out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row.
 
     amax given: the SwiGLU epilogue (N = 2F, out (M, F)); amax must be a float32 buffer of
     M x stream_programs(...) elements, filled with each program's per-token absmax.
-    residual (r, h): the rows are h = x + r (r (M, K) in x's dtype, unit column stride), written
-    to h. norm (weight (K,), eps): the GEMV runs on the RMSNorm of the rows.
     """
     m, k = x.shape
     n = words.shape[0]
     swiglu = amax is not None
-    r, h = residual if residual is not None else (x, x)
-    nw, eps = norm if norm is not None else (x, 0.0)
-    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, r, h, nw,
-            eps, m, n, k, k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0), r.stride(0),
-            h.stride(0))
+    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, m, n, k,
+            k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu,
-                 HAS_RES=residual is not None, NORM=norm is not None)
+                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu)
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
         return (_programs(n, meta["BLOCK_N"], meta["PPS"], sms, swiglu),)
 
-    fused = swiglu or residual is not None or norm is not None
-    tune = os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not fused
+    tune = os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not swiglu
     if config is None and tune:
         _tuned_kernel()[grid](*args, **flags)
     else:
