@@ -82,6 +82,8 @@ def test_swiglu_gemv_bad_input():
         w4a8_gemv_swiglu(x, packed[:31], scale[:31], None, 64)  # odd N
     with pytest.raises(ValueError, match="K/2"):
         w4a8_gemv_swiglu(torch.randn(1, 128, device=DEV).half(), packed, scale, None, 64)
+    with pytest.raises(ValueError, match="at most 4 tokens"):
+        w4a8_gemv_swiglu(torch.randn(5, 64, device=DEV).half(), packed, scale, None, 64)
     with pytest.raises(ValueError, match="does not take"):  # more tokens than the streamer holds
         w4a8_gemv_swiglu(torch.randn(4, 8192, device=DEV).half(),
                          torch.zeros(32, 4096, dtype=torch.uint8, device=DEV),

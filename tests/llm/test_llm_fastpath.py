@@ -177,6 +177,38 @@ def test_swiglu_gemv_hands_a_long_row_its_int8_rows(monkeypatch, group_size):
     assert torch.equal(h, h2) and torch.equal(got, want)
 
 
+def test_decode_mlp_falls_back_where_the_norm_output_cannot_stream(monkeypatch):
+    """A float32 norm weight on fp16 activations gives a float32 norm output, which the Triton
+    W4A8 kernels do not take (AUTO runs the reference on it; on CPU AUTO is the reference anyway,
+    so that half runs on a GPU): add_norm_mlp runs the plain chain, with the result of
+    add_norm_linear + swiglu_linear, instead of failing. A step without a pending add takes the
+    SwiGLU GEMV."""
+    from lowbit.llm import fastpath
+    from lowbit.llm.model import RMSNorm
+
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    dim, f = 64, 96
+    w13 = torch.nn.Linear(dim, 2 * f, bias=False).to(DEV, torch.float16)
+    w2 = torch.nn.Linear(f, dim, bias=False).to(DEV, torch.float16)
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="auto" if DEV == "cuda" else "triton")
+    for lin in (w13, w2):
+        lin.weight = torch.nn.Parameter(cfg.quantize_weight(lin.weight.detach()), requires_grad=False)
+    x = torch.randn(1, 1, dim, device=DEV).half()
+    d = torch.randn(1, 1, dim, device=DEV).half()
+    calls = _count_calls(monkeypatch, Int4Tensor, "linear_swiglu")
+    with torch.no_grad():
+        if DEV == "cuda":
+            norm32 = RMSNorm(dim, 1e-5).to(DEV)  # float32 weight
+            h, got = fastpath.add_norm_mlp(norm32, w13, w2, x, d)
+            h2, gu = fastpath.add_norm_linear(norm32, w13, x, d)
+            assert calls[0] == 0 and torch.equal(h, h2)
+            assert torch.equal(got, fastpath.swiglu_linear(w2, gu))
+        norm = RMSNorm(dim, 1e-5).to(DEV, torch.float16)
+        h, got = fastpath.add_norm_mlp(norm, w13, w2, x, None)
+        assert calls[0] == 1 and h is x
+        assert torch.equal(got, fastpath.swiglu_linear(w2, fastpath.norm_linear(norm, w13, x)))
+
+
 def test_hidden_states_fold_the_pending_add_into_the_final_norm(monkeypatch):
     """hidden_states carries each block's output unadded to the next norm; the final norm takes it
     for the selected / last positions only. Same values as the full sequence's rows, and as the

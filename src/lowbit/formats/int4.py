@@ -169,7 +169,7 @@ class Int4Tensor(QuantizedTensor):
         return _dp4a_takes(m, k, self.group_size, "auto") and stream_supported(m, k, group)
 
     def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., K) -> (silu(gate) * up (M, N/2) in x's dtype, amax (M, P) float32) where
+        """x (..., K) -> (silu(gate) * up (..., N/2) in x's dtype, amax (M, P) float32) where
         streams_swiglu(x): the SwiGLU of this [gate; up] projection's output, rounded as
         fused.swiglu(linear(x)) rounds, from one kernel, with per-program absmaxes of each row
         for act_quant_from_amax."""
@@ -177,7 +177,8 @@ class Int4Tensor(QuantizedTensor):
 
         if not self.streams_swiglu(x):
             raise ValueError("linear_swiglu: this weight does not stream these activations (streams_swiglu)")
-        return w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
+        h, amax = w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
+        return h.view(*x.shape[:-1], h.shape[-1]), amax
 
     def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:

@@ -170,23 +170,23 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
         return h, swiglu_linear(w2, gu)
     from lowbit.kernels import fused
 
-    params = _norm_params(norm, x) if delta is None else _add_norm_params(norm, x, delta)
-    if params is None:
-        h = x if delta is None else x + delta
-        y = norm(h)
-    elif delta is None:
-        h, y = x, fused.rms_norm(x, *params)
-    else:
+    params = None if delta is None else _add_norm_params(norm, x, delta)
+    if params is not None and delta is not None:
         h, y = fused.add_rms_norm(x, delta, *params)
-    act, amax = w.linear_swiglu(y, getattr(w13, "bias", None))
-    act = act.view(*x.shape[:-1], act.shape[-1])
+    else:
+        h = x if delta is None else x + delta
+        y = norm(h)  # (lowbit's RMSNorm module runs the fused kernel itself)
+    if y.dtype != x.dtype or not w.streams_swiglu(y):  # e.g. a float32 norm weight, a broadcast delta
+        return h, swiglu_linear(w2, w13(y))
+    bias = getattr(w13, "bias", None)
+    act, amax = w.linear_swiglu(y, bias if isinstance(bias, torch.Tensor) else None)
     w2w = _prequantized_weight(w2, act)
     if w2w is None:
         return h, w2(act)
     from lowbit.kernels.w4a8.act_quant import act_quant_from_amax
 
     q, s = act_quant_from_amax(act.view(-1, act.shape[-1]), amax)
-    return h, w2w.linear_prequantized(q, s, w2.bias, x.dtype).view(*x.shape[:-1], w2w.shape[0])
+    return h, w2w.linear_prequantized(q, s, w2.bias, y.dtype).view(*y.shape[:-1], w2w.shape[0])
 
 
 def rope_qk(

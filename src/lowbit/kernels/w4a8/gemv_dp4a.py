@@ -224,6 +224,8 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     n = packed.shape[0]
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"w4a8_gemv_swiglu takes fp16/bf16 activations, got {x.dtype}")
+    if m > DP4A_MAX_M:
+        raise ValueError(f"w4a8_gemv_swiglu takes at most {DP4A_MAX_M} tokens, got {m}")
     if packed.shape[1] * 2 != k or n % 2:
         raise ValueError(f"w4a8_gemv_swiglu: packed weight ({n}, {packed.shape[1]}) must be (2F, K/2) for "
                          f"K={k}")
@@ -239,5 +241,7 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                        device=x.device)
     if m == 0 or n == 0:
         return h, amax.new_zeros((m, 1))
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
     stream(x, packed.contiguous().view(torch.int32), scale, bias, h, group, config, amax)
     return h, amax
