@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
+from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale, empty_quantized
 
 
 # -- RMSNorm (+ per-token int8 quantization) ----------------------------------------------
@@ -107,8 +107,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     """(..., K) -> (q int8 (M, K), scale float32 (M, 1)) with M = tokens: act_quant(rms_norm(x))."""
     _check_norm(x, weight)
     x2 = _rows(x)
-    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-    s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(x2.shape[0], x2.shape[1], x.device)
     if x2.shape[0]:
         _norm_launch(x2, weight.contiguous(), eps, q, s)
     return q, s
@@ -140,8 +139,7 @@ def add_rms_norm_quant(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, e
     _check_res(x, r)
     x2, r2 = _rows(x), _rows(r)
     h = torch.empty_like(x2)
-    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-    s = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(x2.shape[0], x2.shape[1], x.device)
     if x2.shape[0]:
         _norm_launch(x2, weight.contiguous(), eps, q, s, r2, h)
     return h.view(x.shape), q, s
@@ -225,8 +223,7 @@ def swiglu_quant(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., 2F) -> (q int8 (M, F), scale float32 (M, 1)): act_quant(swiglu(gu)) in one kernel."""
     f = _check_gu(gu)
     g2 = _rows(gu)
-    q = torch.empty((g2.shape[0], f), dtype=torch.int8, device=gu.device)
-    s = torch.empty((g2.shape[0], 1), dtype=torch.float32, device=gu.device)
+    q, s = empty_quantized(g2.shape[0], f, gu.device)
     if g2.shape[0]:
         block, one_pass, warps = swiglu_quant_launch(f, g2.shape[0])
         _swiglu_quant_kernel[(g2.shape[0],)](g2, q, s, f, g2.stride(0), q.stride(0),

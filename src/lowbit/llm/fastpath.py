@@ -122,14 +122,22 @@ def add_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, delta: 
 
 def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     """norm(x + delta) (norm(x) when delta is None), the add folded into the norm kernel."""
+    return _add_then_norm(norm, x, delta)[1]
+
+
+def _add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)) with h = x + delta (h = x when delta is None), the add folded into the norm
+    kernel where it can be (lowbit's RMSNorm module runs the fused kernel itself)."""
     if delta is None:
-        return norm(x)
+        return x, norm(x)
     params = _add_norm_params(norm, x, delta)
     if params is None:
-        return norm(x + delta)
+        h = x + delta
+        return h, norm(h)
     from lowbit.kernels import fused
 
-    return fused.add_rms_norm(x, delta, *params)[1]
+    return fused.add_rms_norm(x, delta, *params)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
@@ -168,15 +176,8 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
     if not (isinstance(w, Int4Tensor) and w.streams_swiglu(x)):
         h, gu = add_norm_linear(norm, w13, x, delta)
         return h, swiglu_linear(w2, gu)
-    from lowbit.kernels import fused
-
-    params = None if delta is None else _add_norm_params(norm, x, delta)
-    if params is not None and delta is not None:
-        h, y = fused.add_rms_norm(x, delta, *params)
-    else:
-        h = x if delta is None else x + delta
-        y = norm(h)  # (lowbit's RMSNorm module runs the fused kernel itself)
-    if y.dtype != x.dtype or not w.streams_swiglu(y):  # e.g. a float32 norm weight, a broadcast delta
+    h, y = _add_then_norm(norm, x, delta)
+    if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
         return h, swiglu_linear(w2, w13(y))
     bias = getattr(w13, "bias", None)
     act, amax = w.linear_swiglu(y, bias if isinstance(bias, torch.Tensor) else None)

@@ -112,6 +112,12 @@ def pdl_trigger_ok(x: torch.Tensor) -> bool:
     return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
+def empty_quantized(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized per-token int8 rows (m, k) and their float32 scales (m, 1)."""
+    return (torch.empty((m, k), dtype=torch.int8, device=device),
+            torch.empty((m, 1), dtype=torch.float32, device=device))
+
+
 def act_quant(x: torch.Tensor, permute: bool = False,
               trigger_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> (q int8 (M, K), scale float32 (M, 1)).
@@ -132,8 +138,7 @@ def act_quant(x: torch.Tensor, permute: bool = False,
     m, k = x.shape
     if permute and k % PERM_CHUNK:
         raise ValueError(f"permuted activation layout needs K % {PERM_CHUNK} == 0, got K={k}")
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(m, k, x.device)
     if m == 0:
         return q, s
     block, one_pass, num_warps = act_quant_launch(k, m)
@@ -170,8 +175,7 @@ def act_quant_from_amax(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tens
         x = x.contiguous()
     amax = amax.contiguous()
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(m, k, x.device)
     if m == 0 or k == 0:
         s.fill_(torch.finfo(torch.float32).tiny)
         return q, s

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a8.act_quant import act_quant_launch, act_quant_row
+from lowbit.kernels.w4a8.act_quant import act_quant_launch, act_quant_row, empty_quantized
 
 
 # -- int4 -> int8 expansion (W4A8) ------------------------------------------------------
@@ -62,8 +62,7 @@ def quant_and_unpack(x: torch.Tensor, packed: torch.Tensor, ublock: int = 4096,
     packed = packed.contiguous()
     m, k = x.shape
     n = packed.shape[0]
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s = empty_quantized(m, k, x.device)
     w8 = torch.empty((n, k), dtype=torch.int8, device=x.device)
     block_k, one_pass, _ = act_quant_launch(k, m)
     total = n * (k // 2)

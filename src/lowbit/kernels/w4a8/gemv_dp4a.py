@@ -164,6 +164,21 @@ def dp4a_unsupported(k: int, group_size: int) -> str | None:
     return None
 
 
+def _dp4a_group(x: torch.Tensor, packed: torch.Tensor, group_size: int, what: str) -> int:
+    """Checks x (M <= DP4A_MAX_M, K) against packed (N, K/2) and the group size; returns the kernel's
+    group (0 = per row)."""
+    m, k = x.shape
+    if m > DP4A_MAX_M:
+        raise ValueError(f"{what} takes at most {DP4A_MAX_M} tokens, got {m}")
+    if packed.shape[1] * 2 != k:
+        raise ValueError(f"{what}: the packed weight (N, K/2) has K={packed.shape[1] * 2}, which does not "
+                         f"match activation K={k}")
+    reason = dp4a_unsupported(k, group_size)
+    if reason:
+        raise ValueError(f"{what}: {reason}")
+    return 0 if group_size >= k else group_size
+
+
 def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                    group_size: int, config: dict | None = None, kernel: str = "auto") -> torch.Tensor:
     """x (M <= 4, K) fp16/bf16/fp32, packed (N, K/2) uint8 symmetric int4, scale (N, G) -> (M, N).
@@ -175,14 +190,7 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
         raise ValueError(f"kernel={kernel!r}; allowed: auto, stream, blocked")
     m, k = x.shape
     n = packed.shape[0]
-    if m > DP4A_MAX_M:
-        raise ValueError(f"the dp4a GEMV takes at most {DP4A_MAX_M} tokens, got {m}")
-    if packed.shape[1] * 2 != k:
-        raise ValueError(f"packed weight K={packed.shape[1] * 2} does not match activation K={k}")
-    reason = dp4a_unsupported(k, group_size)
-    if reason:
-        raise ValueError(f"dp4a GEMV: {reason}")
-    group = 0 if group_size >= k else group_size
+    group = _dp4a_group(x, packed, group_size, "the dp4a GEMV")
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -224,23 +232,17 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     n = packed.shape[0]
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"w4a8_gemv_swiglu takes fp16/bf16 activations, got {x.dtype}")
-    if m > DP4A_MAX_M:
-        raise ValueError(f"w4a8_gemv_swiglu takes at most {DP4A_MAX_M} tokens, got {m}")
-    if packed.shape[1] * 2 != k or n % 2:
-        raise ValueError(f"w4a8_gemv_swiglu: packed weight ({n}, {packed.shape[1]}) must be (2F, K/2) for "
-                         f"K={k}")
-    reason = dp4a_unsupported(k, group_size)
-    group = 0 if group_size >= k else group_size
-    if reason is None and not stream_supported(m, k, group):
-        reason = f"the streaming GEMV does not take M={m}, K={k}, group={group_size}"
-    if reason:
-        raise ValueError(f"w4a8_gemv_swiglu: {reason}")
+    if n % 2:
+        raise ValueError(f"w4a8_gemv_swiglu: the packed weight has {n} rows, not [gate; up] (2F, K/2)")
+    group = _dp4a_group(x, packed, group_size, "w4a8_gemv_swiglu")
+    if not stream_supported(m, k, group):
+        raise ValueError(f"w4a8_gemv_swiglu: the streaming GEMV does not take M={m}, K={k}, "
+                         f"group={group_size}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     h = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
-    amax = torch.empty((m, stream_programs(x, n, config) if m and n else 0), dtype=torch.float32,
-                       device=x.device)
     if m == 0 or n == 0:
-        return h, amax.new_zeros((m, 1))
+        return h, torch.zeros((m, 1), dtype=torch.float32, device=x.device)
+    amax = torch.empty((m, stream_programs(x, n, config)), dtype=torch.float32, device=x.device)
     scale = scale if scale.stride(-1) == 1 else scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     stream(x, packed.contiguous().view(torch.int32), scale, bias, h, group, config, amax)
