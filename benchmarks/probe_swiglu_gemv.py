@@ -76,7 +76,7 @@ def main() -> None:
                 equal = bool(torch.equal(before(), now()))
                 rows.append({"model": name, "dim": dim, "F": f, "group_size": gs, "M": m, "us": t,
                              "outputs_equal": equal,
-                             "takes_swiglu_gemv": bool(qw.streams_swiglu(x))})
+                             "takes_swiglu_gemv": bool(qw.streams_paired(x))})
                 print(f"{name} g={gs or 'row'} M={m} " + " ".join(f"{a}={b:.1f}" for a, b in t.items())
                       + f" equal={equal}", flush=True)
     print("\n| model | scales | M | chain before | chain now | gate/up stream | + SwiGLU epilogue |"

@@ -137,12 +137,91 @@ def test_decode_mlp_applies_swiglu_in_the_gate_up_gemv(monkeypatch):
         calls = _count_calls(monkeypatch, Int4Tensor, "linear_swiglu")
         got = step()
         assert calls[0] == ARGS.n_layers
-        monkeypatch.setattr(Int4Tensor, "streams_swiglu", lambda self, x: False)
+        monkeypatch.setattr(Int4Tensor, "streams_paired", lambda self, x: False)
         glus = _count_calls(monkeypatch, fused, "swiglu")
         want = step()
         assert glus[0] == ARGS.n_layers and calls[0] == ARGS.n_layers
         assert torch.equal(got, want)
         monkeypatch.undo()
+
+
+def _plain_qkv(norm, wqkv, x, delta, *rope_args):
+    from lowbit.llm import fastpath
+
+    return (*fastpath.add_norm_linear(norm, wqkv, x, delta), False)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_decode_qkv_gemv_rotates_and_writes_the_cache(monkeypatch, group_size):
+    """A decode step (batch 1 and 2) into W4A8 weights: the [q; k; v] GEMV applies RoPE and writes
+    k and v into the cache in its epilogue (linear_rope_cache) in every block, with no
+    rope_cache kernel; the logits and both caches equal the step that runs the GEMV, then
+    rope_cache_update, bit for bit."""
+    from lowbit.llm import fastpath
+
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=group_size, kernel="triton")
+    model = _model(ConfigQuantizer(cfg))
+    for batch in (1, 2):
+        ids = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(7)).to(DEV)
+
+        def step(ids=ids) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            _prefill_logits(model, ids, monkeypatch, "1")
+            with torch.no_grad(), use_phase(model, Phase.DECODE):
+                out = model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV)).float()
+            kvs = [b.attention.kv_cache for b in model.blocks()]
+            caches = [c.clone() for kv in kvs for c in (kv.k, kv.v)]
+            return out, caches
+
+        ropes = _count_calls(monkeypatch, Int4Tensor, "linear_rope_cache")
+        chain = _count_calls(monkeypatch, fused, "rope_cache_update")
+        got, got_caches = step()
+        assert ropes[0] == ARGS.n_layers and chain[0] == 0
+        monkeypatch.setattr(fastpath, "add_norm_qkv_rope", _plain_qkv)
+        want, want_caches = step()
+        assert chain[0] == ARGS.n_layers and ropes[0] == ARGS.n_layers
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
+        monkeypatch.undo()
+
+
+def test_decode_qkv_falls_back_where_the_norm_output_cannot_stream(monkeypatch):
+    """add_norm_qkv_rope: a float32 norm output (GPU half, as for add_norm_mlp) or a weight that
+    does not stream gives (h, qkv, False), the add_norm_linear result; a step without a pending
+    add rotates in the GEMV."""
+    from lowbit.llm import fastpath
+    from lowbit.llm.model import RMSNorm
+
+    monkeypatch.setenv("LOWBIT_FUSED", "1")
+    dim, nq, nk, d, s = 64, 2, 1, 16, 6
+    wqkv = torch.nn.Linear(dim, (nq + 2 * nk) * d, bias=False).to(DEV, torch.float16)
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="auto" if DEV == "cuda" else "triton")
+    wqkv.weight = torch.nn.Parameter(cfg.quantize_weight(wqkv.weight.detach()), requires_grad=False)
+    x = torch.randn(1, 1, dim, device=DEV).half()
+    delta = torch.randn(1, 1, dim, device=DEV).half()
+    cos = torch.randn(1, d, device=DEV).half()
+    sin = torch.randn(1, d, device=DEV).half()
+    pos = torch.tensor([3], device=DEV)
+    kc = torch.zeros(1, nk, s, d, device=DEV).half()
+    vc = torch.zeros_like(kc)
+    calls = _count_calls(monkeypatch, Int4Tensor, "linear_rope_cache")
+    with torch.no_grad():
+        if DEV == "cuda":
+            norm32 = RMSNorm(dim, 1e-5).to(DEV)  # float32 weight
+            h, qkv, rotated = fastpath.add_norm_qkv_rope(norm32, wqkv, x, delta, nq, nk, d, cos, sin, pos, kc,
+                                                         vc)
+            h2, qkv2 = fastpath.add_norm_linear(norm32, wqkv, x, delta)
+            assert not rotated and calls[0] == 0 and torch.equal(h, h2) and torch.equal(qkv, qkv2)
+            assert not kc.any()
+        norm = RMSNorm(dim, 1e-5).to(DEV, torch.float16)
+        plain = torch.nn.Linear(dim, (nq + 2 * nk) * d, bias=False).to(DEV, torch.float16)
+        h, qkv, rotated = fastpath.add_norm_qkv_rope(norm, plain, x, delta, nq, nk, d, cos, sin, pos, kc, vc)
+        h2, qkv2 = fastpath.add_norm_linear(norm, plain, x, delta)
+        assert not rotated and calls[0] == 0 and torch.equal(h, h2) and torch.equal(qkv, qkv2)
+        h, q, rotated = fastpath.add_norm_qkv_rope(norm, wqkv, x, None, nq, nk, d, cos, sin, pos, kc, vc)
+        assert rotated and calls[0] == 1 and h is x and q.shape == (1, nq, 1, d)
+        kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+        want = fastpath.rope_cache(fastpath.norm_linear(norm, wqkv, x), nq, nk, d, cos, sin, pos, kc2, vc2)
+        assert torch.equal(q, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2) and kc.any()
 
 
 @pytest.mark.parametrize("group_size", [None, 32])

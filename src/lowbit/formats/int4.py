@@ -156,9 +156,10 @@ class Int4Tensor(QuantizedTensor):
         return self._dynamic_triton(x) and quantizes_in_graph(token_count(x), self.shape[1], self.group_size,
                                                               True, "auto")
 
-    def streams_swiglu(self, x: torch.Tensor) -> bool:
-        """True when this weight is a fused [gate; up] projection that, called on x, runs the
-        streaming dp4a GEMV (a few tokens): linear_swiglu then applies SwiGLU in that kernel."""
+    def streams_paired(self, x: torch.Tensor) -> bool:
+        """True when this weight (an even number of rows), called on x, runs the streaming dp4a
+        GEMV (a few tokens), whose paired epilogues then apply: linear_swiglu (a fused [gate; up]
+        projection) and linear_rope_cache (a fused [q; k; v] projection)."""
         from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
         from lowbit.kernels.w4a8.op import _dp4a_takes
 
@@ -170,15 +171,30 @@ class Int4Tensor(QuantizedTensor):
 
     def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., K) -> (silu(gate) * up (..., N/2) in x's dtype, amax (M, P) float32) where
-        streams_swiglu(x): the SwiGLU of this [gate; up] projection's output, rounded as
+        streams_paired(x): the SwiGLU of this [gate; up] projection's output, rounded as
         fused.swiglu(linear(x)) rounds, from one kernel, with per-program absmaxes of each row
         for act_quant_from_amax."""
         from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_swiglu
 
-        if not self.streams_swiglu(x):
-            raise ValueError("linear_swiglu: this weight does not stream these activations (streams_swiglu)")
+        if not self.streams_paired(x):
+            raise ValueError("linear_swiglu: this weight does not stream these activations (streams_paired)")
         h, amax = w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
         return h.view(*x.shape[:-1], h.shape[-1]), amax
+
+    def linear_rope_cache(self, x: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
+                          sin: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int,
+                          n_k: int) -> torch.Tensor:
+        """x (B, T, K) decode tokens -> the rotated q (B, T, n_q, D) where streams_paired(x): this
+        [q; k; v] projection, RoPE on q and k (cos / sin (T, D) rows of the positions pos (T,)) and
+        the write of k and v into the static caches kc / vc (B, n_k, S, D) at pos, from one kernel;
+        the same values as fused.rope_cache_update(linear(x), ...)."""
+        from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_rope_cache
+
+        if x.dim() != 3 or not self.streams_paired(x):
+            raise ValueError("linear_rope_cache: this weight does not stream these activations (B, T, K) "
+                             "(streams_paired)")
+        return w4a8_gemv_rope_cache(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size,
+                                    cos, sin, pos, kc, vc, n_q, n_k, x.shape[1])
 
     def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:

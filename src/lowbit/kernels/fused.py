@@ -345,6 +345,27 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     tl.store(vc_ptr + b * stride_cb + hv * stride_ch + p * stride_cs + dv, v, mask=v_ok)
 
 
+def check_rope_cache(what: str, b: int, t: int, width: int, dtype: torch.dtype, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int,
+                     n_k: int) -> int:
+    """Checks the operands of a RoPE + KV-cache write for B x T tokens of a [q; k; v] row of `width`
+    values in `dtype`; returns head_dim."""
+    d = kc.shape[-1] if kc.dim() == 4 else 0
+    if kc.dim() != 4 or kc.shape != vc.shape or kc.stride() != vc.stride() or kc.shape[:2] != (b, n_k):
+        raise ValueError(f"{what}: caches must be two (B={b}, {n_k}, S, D) tensors with equal "
+                         f"strides, got {tuple(kc.shape)} and {tuple(vc.shape)}")
+    if width != (n_q + 2 * n_k) * d or d % 2 or d & (d - 1) or kc.stride(-1) != 1:
+        raise ValueError(f"{what}: qkv width {width} != ({n_q} + 2*{n_k}) * {d}, or head_dim "
+                         "not a power of two with unit stride")
+    if cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != dtype or kc.dtype != dtype:
+        raise ValueError(f"{what}: cos/sin must be ({t}, {d}) and the caches {dtype}, got "
+                         f"{tuple(cos.shape)} {cos.dtype}, cache {kc.dtype}")
+    if pos.shape != (t,) or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: pos must be ({t},) int32/int64, got {tuple(pos.shape)} "
+                         f"{pos.dtype}")
+    return d
+
+
 def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                       kc: torch.Tensor, vc: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
     """Decode tokens: qkv (B, T, (n_q + 2 n_k) * D), cos/sin (T, D) at the tokens' positions pos (T,).
@@ -356,19 +377,7 @@ def rope_cache_update(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     outside [0, S) writes nothing (Generator.check keeps prompt + new tokens within the cache).
     """
     b, t, width = qkv.shape
-    d = kc.shape[-1] if kc.dim() == 4 else 0
-    if kc.dim() != 4 or kc.shape != vc.shape or kc.stride() != vc.stride() or kc.shape[:2] != (b, n_k):
-        raise ValueError(f"rope_cache_update: caches must be two (B={b}, {n_k}, S, D) tensors with equal "
-                         f"strides, got {tuple(kc.shape)} and {tuple(vc.shape)}")
-    if width != (n_q + 2 * n_k) * d or d % 2 or d & (d - 1) or kc.stride(-1) != 1:
-        raise ValueError(f"rope_cache_update: qkv width {width} != ({n_q} + 2*{n_k}) * {d}, or head_dim "
-                         "not a power of two with unit stride")
-    if cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != qkv.dtype or kc.dtype != qkv.dtype:
-        raise ValueError(f"rope_cache_update: cos/sin must be ({t}, {d}) and the caches {qkv.dtype}, got "
-                         f"{tuple(cos.shape)} {cos.dtype}, cache {kc.dtype}")
-    if pos.shape != (t,) or pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"rope_cache_update: pos must be ({t},) int32/int64, got {tuple(pos.shape)} "
-                         f"{pos.dtype}")
+    d = check_rope_cache("rope_cache_update", b, t, width, qkv.dtype, cos, sin, pos, kc, vc, n_q, n_k)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q = torch.empty((b, t, n_q, d), dtype=qkv.dtype, device=qkv.device)

@@ -166,14 +166,14 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, w2(swiglu(w13(norm(h))))) with h = x + delta (h = x when delta is None): the feed-forward
     half of a block. On the fast path, a W4A8 [gate; up] weight that streams these few tokens
-    (Int4Tensor.streams_swiglu) applies SwiGLU inside its GEMV and reports each row's absmax, so
+    (Int4Tensor.streams_paired) applies SwiGLU inside its GEMV and reports each row's absmax, so
     a W4A8 w2 that takes int8 rows gets them from one short quantize launch
     (act_quant_from_amax) instead of a SwiGLU kernel that quantizes (one program per token, as
     it must see the whole row); otherwise add_norm_linear + swiglu_linear."""
     from lowbit.formats.int4 import Int4Tensor
 
     w = active_weight(w13) if enabled(x) else None
-    if not (isinstance(w, Int4Tensor) and w.streams_swiglu(x)):
+    if not (isinstance(w, Int4Tensor) and w.streams_paired(x)):
         h, gu = add_norm_linear(norm, w13, x, delta)
         return h, swiglu_linear(w2, gu)
     h, y = _add_then_norm(norm, x, delta)
@@ -202,6 +202,36 @@ def rope_qk(
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
+def _rope_cache_takes(x: torch.Tensor, head_dim: int, cos: torch.Tensor, kc: torch.Tensor,
+                      input_pos: torch.Tensor) -> bool:
+    """Whether the RoPE + cache-write kernels take tokens x (B, T, .) of x's dtype."""
+    return (x.dim() == 3 and not head_dim & (head_dim - 1) and cos.dtype == x.dtype and cos.dim() == 2
+            and kc.dtype == x.dtype and input_pos.dim() == 1 and input_pos.shape[0] == x.shape[1])
+
+
+def add_norm_qkv_rope(norm: nn.Module, wqkv: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, n_q: int,
+                      n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                      kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The attention input of decode tokens x + delta (B, T, dim): (h, q, True) with h = x + delta
+    (h = x when delta is None) and the rotated q (B, H, T, D) when one kernel ran the [q; k; v]
+    projection of norm(h), RoPE and the KV-cache write of k and v at input_pos (a W4A8 wqkv that
+    streams these few tokens, Int4Tensor.linear_rope_cache); otherwise (h, qkv, False) from
+    add_norm_linear, for Attention.attend."""
+    from lowbit.formats.int4 import Int4Tensor
+
+    w = active_weight(wqkv) if enabled(x) else None
+    if not (isinstance(w, Int4Tensor) and _rope_cache_takes(x, head_dim, cos, kc, input_pos)
+            and w.streams_paired(x)):
+        return (*add_norm_linear(norm, wqkv, x, delta), False)
+    h, y = _add_then_norm(norm, x, delta)
+    if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
+        return h, wqkv(y), False
+    bias = getattr(wqkv, "bias", None)
+    q = w.linear_rope_cache(y, bias if isinstance(bias, torch.Tensor) else None, cos, sin, input_pos, kc, vc,
+                            n_q, n_k)
+    return h, q.transpose(1, 2), True
+
+
 def rope_cache(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
                input_pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor | None:
     """Decode: RoPE on q and k and the KV-cache write in one kernel (lowbit.kernels.fused); returns
@@ -209,9 +239,7 @@ def rope_cache(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.
     eager ops should run. Like decode_attention it also runs inside torch.compile (opaque op
     lowbit::rope_cache_update, mutating the caches): Inductor otherwise emits three kernels per
     layer for it (q rotation, k rotation + cache write, v cache write)."""
-    if not enabled(qkv, in_compiled_graphs=True) or head_dim & (head_dim - 1) or cos.dtype != qkv.dtype:
-        return None
-    if cos.dim() != 2 or kc.dtype != qkv.dtype or input_pos.dim() != 1 or input_pos.shape[0] != qkv.shape[1]:
+    if not enabled(qkv, in_compiled_graphs=True) or not _rope_cache_takes(qkv, head_dim, cos, kc, input_pos):
         return None
     from lowbit.kernels import fused
 
@@ -243,4 +271,4 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
 
 
 __all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "add_norm_mlp",
-           "rope_qk", "rope_cache", "decode_attention"]
+           "rope_qk", "add_norm_qkv_rope", "rope_cache", "decode_attention"]

@@ -159,6 +159,15 @@ class Attention(nn.Module):
             y = self._rope_and_attend(qkv, cos, sin, input_pos, prefill)
         return self.wo(y.transpose(1, 2).reshape(b, t, h * d))
 
+    def attend_rotated(self, q: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Attention of decode tokens whose rotated q (B, H, T, D) is given and whose k and v are
+        already in the cache (fastpath.add_norm_qkv_rope)."""
+        if self.kv_cache is None:
+            raise RuntimeError("call Transformer.setup_caches(batch, max_seq_len) before prefill/decode")
+        b, _, t, _ = q.shape
+        y = self._attend_cache(q, self.kv_cache.k, self.kv_cache.v, input_pos)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
     def _rope_and_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          input_pos: torch.Tensor | None, prefill: bool) -> torch.Tensor:
         """RoPE, the cache write and attention as separate steps -> (B, H, T, D)."""
@@ -238,8 +247,18 @@ class Block(nn.Module):
         launch; linear(norm(.)) and w2(swiglu(.)) run fused kernels there (W4A8 activations
         quantized inside the norm / SwiGLU kernel). Compiled graphs see the plain ops."""
         att, ffn = self.attention, self.feed_forward
-        x, qkv = fastpath.add_norm_linear(self.attention_norm, att.wqkv, x, delta)
-        a = att.attend(qkv, cos, sin, input_pos, prefill)
+        cache = att.kv_cache
+        if input_pos is not None and not prefill and cache is not None:
+            # decode: W4A8 [q; k; v] GEMVs rotate q and k and write the cache in their epilogue
+            x, out, rotated = fastpath.add_norm_qkv_rope(self.attention_norm, att.wqkv, x, delta, att.n_heads,
+                                                         att.n_kv, att.head_dim, cos, sin, input_pos, cache.k,
+                                                         cache.v)
+        else:
+            (x, out), rotated = fastpath.add_norm_linear(self.attention_norm, att.wqkv, x, delta), False
+        if rotated and input_pos is not None:
+            a = att.attend_rotated(out, input_pos)
+        else:
+            a = att.attend(out, cos, sin, input_pos, prefill)
         return fastpath.add_norm_mlp(self.ffn_norm, ffn.w13, ffn.w2, x, a)
 
 

@@ -247,3 +247,42 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     bias = None if bias is None else bias.contiguous()
     stream(x, packed.contiguous().view(torch.int32), scale, bias, h, group, config, amax)
     return h, amax
+
+
+def w4a8_gemv_rope_cache(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None, group_size: int, cos: torch.Tensor, sin: torch.Tensor,
+                         pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int, n_k: int, t: int,
+                         config: dict | None = None) -> torch.Tensor:
+    """The decode attention input of a W4A8 [q; k; v] projection for M = B x t <= 4 tokens, on the
+    streaming GEMV: x (M, K) fp16/bf16, packed ((n_q + 2 n_k) * D, K/2) -> the rotated q
+    (B, t, n_q, D) in x's dtype; the rotated k and the v are written into the static caches kc / vc
+    (B, n_k, S, D) at positions pos (t,) (none outside [0, S)), cos / sin (t, D) rows of those
+    positions.
+
+    Equals fused.rope_cache_update(w4a8_gemv_dp4a(x, ...).view(B, t, -1), cos, sin, pos, kc, vc,
+    n_q, n_k): the GEMV outputs rounded to x's dtype, then RoPE rounded as that kernel rounds.
+    """
+    from lowbit.kernels.fused import check_rope_cache
+    from lowbit.kernels.w4a8.gemv_stream import RopeCache, stream
+
+    m, k = x.shape
+    n = packed.shape[0]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"w4a8_gemv_rope_cache takes fp16/bf16 activations, got {x.dtype}")
+    if t < 1 or m % t:
+        raise ValueError(f"w4a8_gemv_rope_cache: {m} token rows are not B x t for t={t}")
+    group = _dp4a_group(x, packed, group_size, "w4a8_gemv_rope_cache")
+    d = check_rope_cache("w4a8_gemv_rope_cache", m // t, t, n, x.dtype, cos, sin, pos, kc, vc, n_q, n_k)
+    if not stream_supported(m, k, group):
+        raise ValueError(f"w4a8_gemv_rope_cache: the streaming GEMV does not take M={m}, K={k}, "
+                         f"group={group_size}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty((m // t, t, n_q, d), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return q
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    rope = RopeCache(cos.contiguous(), sin.contiguous(), pos.contiguous(), kc, vc, n_q, n_k, t)
+    words = packed.contiguous().view(torch.int32)
+    stream(x, words, scale, bias, q.view(m, n_q * d), group, config, rope=rope)
+    return q

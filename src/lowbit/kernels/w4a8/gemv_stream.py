@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,42 +32,107 @@ def _byte(q, i: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tile, offs, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
-    """Weight rows of a tile. SWIGLU: the tile's BLOCK_N / 2 output columns j pair gate row j
-    (even offsets) with up row F + j (odd offsets), F = N / 2; rows past the end wrap (their
-    outputs are not stored)."""
+def _tile_rows(tile, offs, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr,
+               HALF: tl.constexpr):
+    """Weight rows of a tile. The paired epilogues pair rows: the tile's BLOCK_N / 2 output pairs
+    j take the even offsets for the first row and the odd offsets for its partner. SWIGLU: gate
+    row j with up row F + j (F = N / 2). ROPE: the two halves of a head, rows h * 2 HALF + d and
+    h * 2 HALF + HALF + d for j = h * HALF + d. Rows past the end wrap (their outputs are not
+    stored)."""
     if SWIGLU:
         f = N // 2
         return (offs % 2) * f + (tile * (BLOCK_N // 2) + offs // 2) % f
+    elif ROPE:
+        j = (tile * (BLOCK_N // 2) + offs // 2) % (N // 2)
+        return (j // HALF) * (2 * HALF) + (offs % 2) * HALF + j % HALF
     else:
         return (tile * BLOCK_N + offs) % N
 
 
 @triton.jit
+def _mul_rn(a, b, USE_ASM: tl.constexpr):
+    """a * b in float32, rounded on its own (no FMA contraction)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, TOK, S, NQ,
+                NK, stride_cb, stride_ch, stride_cs, BLOCK_M: tl.constexpr, HB: tl.constexpr,
+                HALF: tl.constexpr, USE_ASM: tl.constexpr):
+    """The ROPE epilogue of one tile: y (BLOCK_M, 2 HB) rounded outputs of the row pairs j (HB,)
+    (pair j = head h, column d: j = h * HALF + d). Rotates q and k heads with the arithmetic and
+    roundings of fused._rope_rows, stores q rows into q_ptr and k / v into the caches at each
+    token's position (nothing outside [0, S))."""
+    dt = q_ptr.dtype.element_ty
+    x1, x2 = tl.split(tl.reshape(y, (BLOCK_M, HB, 2)))
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    head = (j // HALF)[None, :]
+    d = (j % HALF)[None, :]
+    t = out_m % TOK  # (BLOCK_M, 1)
+    c1 = tl.load(cos_ptr + t * (2 * HALF) + d).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * (2 * HALF) + d).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
+    # mul.rn: never contracted into an FMA with the add (fused._rope_cache_kernel compiles with
+    # enable_fp_fusion=False, which this kernel cannot: its GEMV epilogue must round as the plain
+    # stream's does)
+    f32: tl.constexpr = tl.float32
+    r1 = (_mul_rn(x1, c1, USE_ASM).to(dt).to(f32) + _mul_rn(-x2, s1, USE_ASM).to(dt).to(f32)).to(dt)
+    r2 = (_mul_rn(x2, c2, USE_ASM).to(dt).to(f32) + _mul_rn(x1, s2, USE_ASM).to(dt).to(f32)).to(dt)
+    is_v = head >= NQ + NK
+    o1 = tl.where(is_v, x1.to(dt), r1)
+    o2 = tl.where(is_v, x2.to(dt), r2)
+    ok = (out_m < M) & (j < N // 2)[None, :]
+    is_q = head < NQ
+    qdst = q_ptr + out_m * stride_qm + head * (2 * HALF) + d
+    tl.store(qdst, o1, mask=ok & is_q)
+    tl.store(qdst + HALF, o2, mask=ok & is_q)
+    p = tl.load(pos_ptr + t).to(tl.int64)
+    in_cache = ok & (p >= 0) & (p < S) & (head >= NQ)
+    ch = tl.where(is_v, head - NQ - NK, head - NQ)
+    off = (out_m // TOK).to(tl.int64) * stride_cb + ch * stride_ch + p * stride_cs + d
+    tl.store(kc_ptr + off, o1, mask=in_cache & ~is_v)
+    tl.store(kc_ptr + off + HALF, o2, mask=in_cache & ~is_v)
+    tl.store(vc_ptr + off, o1, mask=in_cache & is_v)
+    tl.store(vc_ptr + off + HALF, o2, mask=in_cache & is_v)
+
+
+@triton.jit
 def _w4a8_stream_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, amax_ptr,
+    cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, TOK, S, NQ, NK, stride_cb, stride_ch, stride_cs,
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
-    DEPTH: tl.constexpr, SWIGLU: tl.constexpr,
+    DEPTH: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
 ):
     # SWIGLU: the weight is a fused [gate; up] projection (N = 2F); out (M, F) gets
     # silu(gate) * up (rounded as fused.swiglu rounds the rounded GEMV outputs) and amax_ptr
     # (M, programs) each program's absmax of its outputs per token (act_quant_from_amax).
+    # ROPE: the weight is a fused [q; k; v] projection of NQ + 2 NK heads of 2 HALF rows, the M
+    # rows are B x TOK decode tokens at positions pos_ptr[t] with cos/sin rows t; q and k are
+    # rotated (rounded as fused.rope_cache_update rounds the rounded GEMV outputs), q goes to
+    # out (M, NQ * 2 HALF), k and v into the caches (B, NK, S, 2 HALF) at the token's position.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     T: tl.constexpr = K_PAD // 8
     G: tl.constexpr = GROUP if GROUP != 0 else K_PAD
     NG: tl.constexpr = K_PAD // G
-    HB: tl.constexpr = BLOCK_N // 2 if SWIGLU else BLOCK_N  # output columns per tile
-    n_tiles = tl.cdiv(N // 2, HB) if SWIGLU else tl.cdiv(N, BLOCK_N)
+    PAIRED: tl.constexpr = SWIGLU or ROPE
+    HB: tl.constexpr = BLOCK_N // 2 if PAIRED else BLOCK_N  # output columns (pairs) per tile
+    n_tiles = tl.cdiv(N // 2, HB) if PAIRED else tl.cdiv(N, BLOCK_N)
     offs_t = tl.arange(0, T)[None, None, :]
     t_ok = offs_t < K32 * 4  # K32 = K // 32: the mask is constant over 4 words -> 16-byte loads
     offs_bn = tl.arange(0, BLOCK_N)[None, :, None]
     # -- first weight tiles in flight before the activation work -------------------------
-    rows = _tile_rows(pid, offs_bn, N, BLOCK_N, SWIGLU)
+    rows = _tile_rows(pid, offs_bn, N, BLOCK_N, SWIGLU, ROPE, HALF)
     w = tl.load(w_ptr + rows * stride_wn + offs_t, mask=t_ok, other=0)
-    rows2 = _tile_rows(pid + nprog, offs_bn, N, BLOCK_N, SWIGLU)
+    rows2 = _tile_rows(pid + nprog, offs_bn, N, BLOCK_N, SWIGLU, ROPE, HALF)
     if DEPTH == 2:
         w2 = tl.load(w_ptr + rows2 * stride_wn + offs_t, mask=t_ok, other=0)
     else:
@@ -112,7 +178,7 @@ def _w4a8_stream_kernel(
     # -- stream the weight ---------------------------------------------------------------
     for tile in range(pid, n_tiles, nprog):
         nxt = tile + DEPTH * nprog
-        rows_next = _tile_rows(nxt, offs_bn, N, BLOCK_N, SWIGLU)
+        rows_next = _tile_rows(nxt, offs_bn, N, BLOCK_N, SWIGLU, ROPE, HALF)
         w_next = tl.load(w_ptr + rows_next * stride_wn + offs_t,
                          mask=t_ok & ((nxt * BLOCK_N + offs_bn) < n_tiles * BLOCK_N), other=0)
         lo = (w & 0x0F0F0F0F) ^ 0x08080808
@@ -120,7 +186,7 @@ def _w4a8_stream_kernel(
         zero = tl.zeros(shape, tl.int32)
         acc = _dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(xe, shape), zero, USE_ASM)
         acc = _dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(xo, shape), acc, USE_ASM)
-        rows_n = _tile_rows(tile, out_bn, N, BLOCK_N, SWIGLU)
+        rows_n = _tile_rows(tile, out_bn, N, BLOCK_N, SWIGLU, ROPE, HALF)
         if GROUP != 0:
             dg = tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_N, NG, G // 8)), axis=3) - 8 * xsum[:, None, :]
             sw = tl.load(s_ptr + rows_n[:, None] * stride_sn + offs_g[None, :],
@@ -139,6 +205,10 @@ def _w4a8_stream_kernel(
             ok = (out_m < M) & (cols < N // 2)[None, :]
             tl.store(out_ptr + out_m * stride_om + cols[None, :], h, mask=ok)
             amax_h = tl.maximum(amax_h, tl.where(ok, tl.abs(h.to(tl.float32)), 0.0))
+        elif ROPE:
+            _rope_store(y.to(out_ptr.dtype.element_ty), tile * HB + tl.arange(0, HB), out_m, M, N,
+                        out_ptr, stride_om, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, TOK, S, NQ, NK,
+                        stride_cb, stride_ch, stride_cs, BLOCK_M, HB, HALF, USE_ASM)
         else:
             offs_n = tile * BLOCK_N + out_bn
             tl.store(out_ptr + out_m * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
@@ -180,27 +250,57 @@ def _tuned_kernel():
     return triton.autotune(configs=cfgs, key=["N", "K", "GROUP", "BLOCK_M"])(_w4a8_stream_kernel)
 
 
+class RopeCache(NamedTuple):
+    """The ROPE epilogue's operands: cos / sin (T, 2 HALF) rows of the tokens' positions pos (T,)
+    (int32/int64, on the device), the static caches kc / vc (B, n_k, S, 2 HALF) (equal strides,
+    unit last stride), n_q query and n_k key/value heads, T tokens per sequence (M = B x T)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pos: torch.Tensor
+    kc: torch.Tensor
+    vc: torch.Tensor
+    n_q: int
+    n_k: int
+    t: int
+
+
 def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-           out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None
-           ) -> torch.Tensor:
+           out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None,
+           rope: RopeCache | None = None) -> torch.Tensor:
     """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row.
 
     amax given: the SwiGLU epilogue (N = 2F, out (M, F)); amax must be a float32 buffer of
     M x stream_programs(...) elements, filled with each program's per-token absmax.
+    rope given: the RoPE + KV-cache epilogue (N = (n_q + 2 n_k) * 2 HALF, out (M, n_q * 2 HALF)
+    gets the rotated q; the rotated k and the v are written into rope.kc / rope.vc). The caller
+    checks the operands (gemv_dp4a.w4a8_gemv_rope_cache).
     """
+    if amax is not None and rope is not None:
+        raise ValueError("stream: one epilogue at a time (amax for SwiGLU or rope)")
     m, k = x.shape
     n = words.shape[0]
     swiglu = amax is not None
-    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, m, n, k,
-            k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
+    paired = swiglu or rope is not None
+    if rope is not None:
+        kc = rope.kc
+        rope_args = (rope.cos, rope.sin, rope.pos, kc, rope.vc, rope.t, kc.shape[2], rope.n_q, rope.n_k,
+                     kc.stride(0), kc.stride(1), kc.stride(2))
+        half = kc.shape[-1] // 2
+    else:
+        rope_args = (scale, scale, scale, scale, scale, 1, 0, 0, 0, 0, 0, 0)
+        half = 1
+    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, *rope_args,
+            m, n, k, k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
-                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu)
+                 BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu,
+                 ROPE=rope is not None, HALF=half)
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
-        return (_programs(n, meta["BLOCK_N"], meta["PPS"], sms, swiglu),)
+        return (_programs(n, meta["BLOCK_N"], meta["PPS"], sms, paired),)
 
-    tune = os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not swiglu
+    tune = os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not paired
     if config is None and tune:
         _tuned_kernel()[grid](*args, **flags)
     else:
@@ -212,8 +312,8 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     return out
 
 
-def _programs(n: int, block_n: int, pps: int, sms: int, swiglu: bool) -> int:
-    tiles = triton.cdiv(n // 2, block_n // 2) if swiglu else triton.cdiv(n, block_n)
+def _programs(n: int, block_n: int, pps: int, sms: int, paired: bool) -> int:
+    tiles = triton.cdiv(n // 2, block_n // 2) if paired else triton.cdiv(n, block_n)
     return min(tiles, sms * pps)
 
 
