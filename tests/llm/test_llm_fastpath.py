@@ -184,48 +184,6 @@ def test_decode_qkv_gemv_rotates_and_writes_the_cache(monkeypatch, group_size):
         monkeypatch.undo()
 
 
-def _plain_add_norm(linear, a, x, norm):
-    from lowbit.llm import fastpath
-
-    return fastpath._add_then_norm(norm, x, linear(a))
-
-
-def test_decode_output_projection_adds_and_normalizes_in_its_last_program(monkeypatch):
-    """A decode step into W4A8 weights: wo's streaming GEMV adds its output to the residual and
-    applies ffn_norm in its last program (linear_add_norm) in every block, with the logits of
-    the step that runs wo, then the add + norm kernel, bit for bit; a plain wo takes the chain."""
-    from lowbit.kernels.tail import tail_counter
-    from lowbit.llm import fastpath
-
-    cfg = Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="triton")
-    model = _model(ConfigQuantizer(cfg))
-    ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(8)).to(DEV)
-
-    def step() -> torch.Tensor:
-        _prefill_logits(model, ids, monkeypatch, "1")
-        with torch.no_grad(), use_phase(model, Phase.DECODE):
-            return model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV)).float()
-
-    tails = _count_calls(monkeypatch, Int4Tensor, "linear_add_norm")
-    got = step()
-    assert tails[0] == ARGS.n_layers and tail_counter(ids.device).item() == 0
-    monkeypatch.setattr(fastpath, "linear_add_norm", _plain_add_norm)
-    want = step()
-    assert tails[0] == ARGS.n_layers
-    assert torch.equal(got, want)
-    monkeypatch.undo()
-    monkeypatch.setenv("LOWBIT_FUSED", "1")
-    from lowbit.llm.model import RMSNorm
-
-    lin = torch.nn.Linear(32, 64, bias=False).to(DEV, torch.float16)
-    norm = RMSNorm(64, 1e-5).to(DEV, torch.float16)
-    a, x = torch.randn(1, 1, 32, device=DEV).half(), torch.randn(1, 1, 64, device=DEV).half()
-    with torch.no_grad():
-        h, y = fastpath.linear_add_norm(lin, a, x, norm)
-        h2, y2 = fastpath._add_then_norm(norm, x, lin(a))
-    assert torch.equal(h, h2) and torch.equal(y, y2) and tails[0] == ARGS.n_layers
-
-
 def test_decode_qkv_falls_back_where_the_norm_output_cannot_stream(monkeypatch):
     """add_norm_qkv_rope: a float32 norm output (GPU half, as for add_norm_mlp) or a weight that
     does not stream gives (h, qkv, False), the add_norm_linear result; a step without a pending

@@ -156,23 +156,18 @@ class Int4Tensor(QuantizedTensor):
         return self._dynamic_triton(x) and quantizes_in_graph(token_count(x), self.shape[1], self.group_size,
                                                               True, "auto")
 
-    def streams(self, x: torch.Tensor) -> bool:
-        """True when this weight, called on x, runs the streaming dp4a GEMV (a few tokens), whose
-        epilogues then apply: linear_add_norm (and, with an even number of rows, streams_paired)."""
-        from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
-        from lowbit.kernels.w4a8.op import _dp4a_takes
-
-        if not self._dynamic_triton(x):
-            return False
-        m, k = token_count(x), self.shape[1]
-        group = 0 if self.group_size >= k else self.group_size
-        return _dp4a_takes(m, k, self.group_size, "auto") and stream_supported(m, k, group)
-
     def streams_paired(self, x: torch.Tensor) -> bool:
         """True when this weight (an even number of rows), called on x, runs the streaming dp4a
         GEMV (a few tokens), whose paired epilogues then apply: linear_swiglu (a fused [gate; up]
         projection) and linear_rope_cache (a fused [q; k; v] projection)."""
-        return self.shape[0] % 2 == 0 and self.streams(x)
+        from lowbit.kernels.w4a8.gemv_dp4a import stream_supported
+        from lowbit.kernels.w4a8.op import _dp4a_takes
+
+        if self.shape[0] % 2 or not self._dynamic_triton(x):
+            return False
+        m, k = token_count(x), self.shape[1]
+        group = 0 if self.group_size >= k else self.group_size
+        return _dp4a_takes(m, k, self.group_size, "auto") and stream_supported(m, k, group)
 
     def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., K) -> (silu(gate) * up (..., N/2) in x's dtype, amax (M, P) float32) where
@@ -185,22 +180,6 @@ class Int4Tensor(QuantizedTensor):
             raise ValueError("linear_swiglu: this weight does not stream these activations (streams_paired)")
         h, amax = w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
         return h.view(*x.shape[:-1], h.shape[-1]), amax
-
-    def linear_add_norm(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                        norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., K) where streams(x), residual (..., N) -> (h, y): h = residual + linear(x) and
-        y = rms_norm(h) * norm_weight, from one kernel (its last program adds and normalizes);
-        the values of fused.add_rms_norm(residual, linear(x), norm_weight, eps)."""
-        from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_add_norm
-
-        if not self.streams(x):
-            raise ValueError("linear_add_norm: this weight does not stream these activations (streams)")
-        if residual.shape != (*x.shape[:-1], self.shape[0]):
-            raise ValueError(f"linear_add_norm: the residual must be {(*x.shape[:-1], self.shape[0])}, got "
-                             f"{tuple(residual.shape)}")
-        h, y = w4a8_gemv_add_norm(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size,
-                                  residual.reshape(-1, residual.shape[-1]), norm_weight, eps)
-        return h.view(residual.shape), y.view(residual.shape)
 
     def linear_rope_cache(self, x: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
                           sin: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int,

@@ -177,42 +177,17 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
         h, gu = add_norm_linear(norm, w13, x, delta)
         return h, swiglu_linear(w2, gu)
     h, y = _add_then_norm(norm, x, delta)
-    return h, mlp(w13, w2, y)
-
-
-def linear_add_norm(linear: nn.Module, a: torch.Tensor, x: torch.Tensor, norm: nn.Module
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, norm(h)) with h = x + linear(a): a W4A8 linear that streams these few tokens adds and
-    normalizes in its last program (Int4Tensor.linear_add_norm: no norm launch); otherwise the
-    linear, then the fused add + norm (_add_then_norm)."""
-    from lowbit.formats.int4 import Int4Tensor
-
-    w = active_weight(linear) if enabled(a) else None
-    params = _norm_params(norm, x) if isinstance(w, Int4Tensor) else None
-    bias = getattr(linear, "bias", None)
-    if (params is None or not isinstance(w, Int4Tensor) or a.dtype != x.dtype or x.shape[-1] != w.shape[0]
-            or a.shape[:-1] != x.shape[:-1] or not w.streams(a)):
-        return _add_then_norm(norm, x, linear(a))
-    return w.linear_add_norm(a, bias if isinstance(bias, torch.Tensor) else None, x, *params)
-
-
-def mlp(w13: nn.Module, w2: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """w2(swiglu(w13(y))) of a normalized y, with SwiGLU in the [gate; up] GEMV where it streams y
-    (add_norm_mlp)."""
-    from lowbit.formats.int4 import Int4Tensor
-
-    w = active_weight(w13) if enabled(y) else None
-    if not (isinstance(w, Int4Tensor) and w.streams_paired(y)):  # e.g. a float32 norm output
-        return swiglu_linear(w2, w13(y))
+    if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
+        return h, swiglu_linear(w2, w13(y))
     bias = getattr(w13, "bias", None)
     act, amax = w.linear_swiglu(y, bias if isinstance(bias, torch.Tensor) else None)
     w2w = _prequantized_weight(w2, act)
     if w2w is None:
-        return w2(act)
+        return h, w2(act)
     from lowbit.kernels.w4a8.act_quant import act_quant_from_amax
 
     q, s = act_quant_from_amax(act.view(-1, act.shape[-1]), amax)
-    return w2w.linear_prequantized(q, s, w2.bias, y.dtype).view(*y.shape[:-1], w2w.shape[0])
+    return h, w2w.linear_prequantized(q, s, w2.bias, y.dtype).view(*y.shape[:-1], w2w.shape[0])
 
 
 def rope_qk(
@@ -296,4 +271,4 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, input_
 
 
 __all__ = ["enabled", "active_weight", "rms_norm", "norm_linear", "swiglu", "swiglu_linear", "add_norm_mlp",
-           "linear_add_norm", "mlp", "rope_qk", "add_norm_qkv_rope", "rope_cache", "decode_attention"]
+           "rope_qk", "add_norm_qkv_rope", "rope_cache", "decode_attention"]

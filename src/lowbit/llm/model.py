@@ -161,12 +161,12 @@ class Attention(nn.Module):
 
     def attend_rotated(self, q: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Attention of decode tokens whose rotated q (B, H, T, D) is given and whose k and v are
-        already in the cache (fastpath.add_norm_qkv_rope): (B, T, H * D), the input of wo."""
+        already in the cache (fastpath.add_norm_qkv_rope)."""
         if self.kv_cache is None:
             raise RuntimeError("call Transformer.setup_caches(batch, max_seq_len) before prefill/decode")
         b, _, t, _ = q.shape
         y = self._attend_cache(q, self.kv_cache.k, self.kv_cache.v, input_pos)
-        return y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def _rope_and_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          input_pos: torch.Tensor | None, prefill: bool) -> torch.Tensor:
@@ -256,10 +256,9 @@ class Block(nn.Module):
         else:
             (x, out), rotated = fastpath.add_norm_linear(self.attention_norm, att.wqkv, x, delta), False
         if rotated and input_pos is not None:
-            # decode: the output projection adds and normalizes in its last program
-            x, y = fastpath.linear_add_norm(att.wo, att.attend_rotated(out, input_pos), x, self.ffn_norm)
-            return x, fastpath.mlp(ffn.w13, ffn.w2, y)
-        a = att.attend(out, cos, sin, input_pos, prefill)
+            a = att.attend_rotated(out, input_pos)
+        else:
+            a = att.attend(out, cos, sin, input_pos, prefill)
         return fastpath.add_norm_mlp(self.ffn_norm, ffn.w13, ffn.w2, x, a)
 
 

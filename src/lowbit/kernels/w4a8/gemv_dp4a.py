@@ -249,39 +249,6 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return h, amax
 
 
-def w4a8_gemv_add_norm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                       group_size: int, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A W4A8 projection whose output is a residual update, for M <= 4 tokens on the streaming
-    GEMV: x (M, K) fp16/bf16, packed (N, K/2), residual (M, N) -> (h, y) with h = residual +
-    linear(x) and y = rms_norm(h) * weight, the values of fused.add_rms_norm(residual,
-    w4a8_gemv_dp4a(x, ...), weight, eps), from one kernel (the last program adds and normalizes:
-    kernels/tail.py)."""
-    from lowbit.kernels.tail import norm_tail
-    from lowbit.kernels.w4a8.gemv_stream import stream
-
-    m, k = x.shape
-    n = packed.shape[0]
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"w4a8_gemv_add_norm takes fp16/bf16 activations, got {x.dtype}")
-    group = _dp4a_group(x, packed, group_size, "w4a8_gemv_add_norm")
-    if residual.shape != (m, n) or residual.dtype != x.dtype:
-        raise ValueError(f"w4a8_gemv_add_norm: the residual must be ({m}, {n}) {x.dtype}, got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
-    if not stream_supported(m, k, group):
-        raise ValueError(f"w4a8_gemv_add_norm: the streaming GEMV does not take M={m}, K={k}, "
-                         f"group={group_size}")
-    tail = norm_tail(residual if residual.stride(-1) == 1 else residual.contiguous(), weight, eps)
-    if m == 0:
-        return tail.h, tail.y
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    stream(x, packed.contiguous().view(torch.int32), scale, bias, out, group, config, norm=tail)
-    return tail.h, tail.y
-
-
 def w4a8_gemv_rope_cache(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                          bias: torch.Tensor | None, group_size: int, cos: torch.Tensor, sin: torch.Tensor,
                          pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int, n_k: int, t: int,

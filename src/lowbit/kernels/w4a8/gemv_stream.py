@@ -22,7 +22,6 @@ import triton.language as tl
 
 from lowbit.kernels import interpreter_enabled
 from lowbit.kernels.fused import _silu_mul
-from lowbit.kernels.tail import NormTail, add_rms_norm_tail, block_d, mul_rn, tail_args
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
 from lowbit.kernels.w4a8.gemv_dp4a import _dp4a, num_sms
 
@@ -51,6 +50,16 @@ def _tile_rows(tile, offs, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr, ROPE:
 
 
 @triton.jit
+def _mul_rn(a, b, USE_ASM: tl.constexpr):
+    """a * b in float32, rounded on its own (no FMA contraction)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, TOK, S, NQ,
                 NK, stride_cb, stride_ch, stride_cs, BLOCK_M: tl.constexpr, HB: tl.constexpr,
                 HALF: tl.constexpr, USE_ASM: tl.constexpr):
@@ -73,8 +82,8 @@ def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, 
     # enable_fp_fusion=False, which this kernel cannot: its GEMV epilogue must round as the plain
     # stream's does)
     f32: tl.constexpr = tl.float32
-    r1 = (mul_rn(x1, c1, USE_ASM).to(dt).to(f32) + mul_rn(-x2, s1, USE_ASM).to(dt).to(f32)).to(dt)
-    r2 = (mul_rn(x2, c2, USE_ASM).to(dt).to(f32) + mul_rn(x1, s2, USE_ASM).to(dt).to(f32)).to(dt)
+    r1 = (_mul_rn(x1, c1, USE_ASM).to(dt).to(f32) + _mul_rn(-x2, s1, USE_ASM).to(dt).to(f32)).to(dt)
+    r2 = (_mul_rn(x2, c2, USE_ASM).to(dt).to(f32) + _mul_rn(x1, s2, USE_ASM).to(dt).to(f32)).to(dt)
     is_v = head >= NQ + NK
     o1 = tl.where(is_v, x1.to(dt), r1)
     o2 = tl.where(is_v, x2.to(dt), r2)
@@ -97,12 +106,10 @@ def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, 
 def _w4a8_stream_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, amax_ptr,
     cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, TOK, S, NQ, NK, stride_cb, stride_ch, stride_cs,
-    nx_ptr, stride_nx, nw_ptr, nh_ptr, ny_ptr, stride_nh, counter_ptr, eps,
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
     DEPTH: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # SWIGLU: the weight is a fused [gate; up] projection (N = 2F); out (M, F) gets
     # silu(gate) * up (rounded as fused.swiglu rounds the rounded GEMV outputs) and amax_ptr
@@ -111,8 +118,6 @@ def _w4a8_stream_kernel(
     # rows are B x TOK decode tokens at positions pos_ptr[t] with cos/sin rows t; q and k are
     # rotated (rounded as fused.rope_cache_update rounds the rounded GEMV outputs), q goes to
     # out (M, NQ * 2 HALF), k and v into the caches (B, NK, S, 2 HALF) at the token's position.
-    # NORM: out (M, N) is a residual update; the last program adds it to nx and normalizes
-    # (tail.add_rms_norm_tail: h into nh, y into ny).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     T: tl.constexpr = K_PAD // 8
@@ -216,9 +221,6 @@ def _w4a8_stream_kernel(
     if SWIGLU:
         pm = tl.arange(0, BLOCK_M)
         tl.store(amax_ptr + pm * nprog + pid, tl.max(amax_h, axis=1), mask=pm < M)
-    if NORM:
-        add_rms_norm_tail(out_ptr, stride_om, nx_ptr, stride_nx, nw_ptr, nh_ptr, ny_ptr, stride_nh,
-                          counter_ptr, M, N, eps, BLOCK_D, USE_ASM)
 
 
 # NOTE: H100 sweep of this kernel (results/tune_w4a8_stream_h100.json, 24 configs per shape): the
@@ -265,7 +267,7 @@ class RopeCache(NamedTuple):
 
 def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
            out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None,
-           rope: RopeCache | None = None, norm: NormTail | None = None) -> torch.Tensor:
+           rope: RopeCache | None = None) -> torch.Tensor:
     """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row.
 
     amax given: the SwiGLU epilogue (N = 2F, out (M, F)); amax must be a float32 buffer of
@@ -273,10 +275,9 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     rope given: the RoPE + KV-cache epilogue (N = (n_q + 2 n_k) * 2 HALF, out (M, n_q * 2 HALF)
     gets the rotated q; the rotated k and the v are written into rope.kc / rope.vc). The caller
     checks the operands (gemv_dp4a.w4a8_gemv_rope_cache).
-    norm given (plain epilogue): the add + RMSNorm tail (tail.NormTail, out (M, N) the update).
     """
-    if (amax is not None) + (rope is not None) + (norm is not None) > 1:
-        raise ValueError("stream: one epilogue at a time (amax for SwiGLU, rope, or norm)")
+    if amax is not None and rope is not None:
+        raise ValueError("stream: one epilogue at a time (amax for SwiGLU or rope)")
     m, k = x.shape
     n = words.shape[0]
     swiglu = amax is not None
@@ -289,20 +290,17 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     else:
         rope_args = (scale, scale, scale, scale, scale, 1, 0, 0, 0, 0, 0, 0)
         half = 1
-    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale,
-            *rope_args, *tail_args(norm, scale), m, n, k, k // 32, x.stride(0), words.stride(0),
-            scale.stride(0), out.stride(0))
+    args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, *rope_args,
+            m, n, k, k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
                  BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu,
-                 ROPE=rope is not None, HALF=half, NORM=norm is not None,
-                 BLOCK_D=block_d(n) if norm is not None else 1)
+                 ROPE=rope is not None, HALF=half)
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):
         return (_programs(n, meta["BLOCK_N"], meta["PPS"], sms, paired),)
 
-    tune = (os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not paired
-            and norm is None)
+    tune = os.environ.get("LOWBIT_AUTOTUNE") == "1" and not interpreter_enabled() and not paired
     if config is None and tune:
         _tuned_kernel()[grid](*args, **flags)
     else:
