@@ -42,6 +42,8 @@ def _operands(b, t, nq, nk, d, k, group, dtype, s=7, bias=False, seed=0):
     (1, 3, 2, 2, 4, 64, None, torch.bfloat16, False, [1, 5, 0]),  # 3 tokens, 4-row block
     (4, 1, 6, 2, 8, 128, None, torch.float16, False, [3]),  # GQA, 4 sequences
     (2, 2, 2, 1, 32, 64, 32, torch.bfloat16, True, [0, 4]),
+    (1, 1, 3, 1, 2, 64, None, torch.float16, False, [1]),  # N/2 = 5 pairs: a partial last tile
+    (2, 1, 5, 2, 2, 64, None, torch.bfloat16, False, [3]),  # 9 pairs, GQA
 ] + ([(1, 1, 32, 32, 128, 4096, None, torch.bfloat16, False, [77]),
       (2, 1, 32, 8, 128, 4096, 128, torch.bfloat16, False, [100]),
       (4, 1, 32, 32, 128, 4096, None, torch.float16, True, [5])] if ON_GPU else []))
@@ -49,7 +51,7 @@ def test_rope_cache_gemv_equals_the_kernel_chain(b, t, nq, nk, d, k, group, dtyp
     s = max(pos) + 2
     wq, x, scale, bi, cos, sin, kc, vc = _operands(b, t, nq, nk, d, k, group or k, dtype, s, bias)
     packed = pack_int4(wq)
-    p = torch.tensor(pos, device=DEV)
+    p = torch.tensor(pos, device=DEV, dtype=torch.int32 if b % 2 == 0 else torch.int64)
     kc2, vc2 = kc.clone(), vc.clone()
     kc0, vc0 = kc.clone(), vc.clone()
     got = w4a8_gemv_rope_cache(x, packed, scale, bi, group or k, cos, sin, p, kc, vc, nq, nk, t)
@@ -69,8 +71,8 @@ def test_rope_cache_gemv_equals_the_kernel_chain(b, t, nq, nk, d, k, group, dtyp
     rq = apply_rope(rq.reshape(b, t, nq, d).transpose(1, 2), cos, sin)
     rk = apply_rope(rk.reshape(b, t, nk, d).transpose(1, 2), cos, sin)
     kr, vr = kc0.clone(), vc0.clone()
-    kr.index_copy_(2, p, rk)
-    vr.index_copy_(2, p, rv.reshape(b, t, nk, d).transpose(1, 2))
+    kr.index_copy_(2, p.long(), rk)
+    vr.index_copy_(2, p.long(), rv.reshape(b, t, nk, d).transpose(1, 2))
     tol = dict(rtol=2e-2, atol=2e-2 * max(ref.abs().max().item(), 1.0))
     torch.testing.assert_close(got.transpose(1, 2).float(), rq.float(), **tol)
     torch.testing.assert_close(kc.float(), kr.float(), **tol)
@@ -91,6 +93,25 @@ def test_rope_cache_gemv_writes_nothing_outside_the_cache():
         assert torch.equal(q, want)
 
 
+def test_rope_cache_gemv_writes_into_strided_cache_views():
+    """Caches that are views of larger buffers (head stride != S * D): the writes land in the view
+    and nothing outside it changes."""
+    wq, x, scale, _, cos, sin, _, _ = _operands(2, 1, 2, 2, 8, 64, 64, torch.float16)
+    packed = pack_int4(wq)
+    big_k = torch.randn(2, 3, 9, 8, device=DEV).half()
+    big_v = torch.randn(2, 3, 9, 8, device=DEV).half()
+    k0, v0 = big_k.clone(), big_v.clone()
+    kc, vc = big_k[:, 1:, 2:8], big_v[:, 1:, 2:8]
+    p = torch.tensor([4], device=DEV)
+    q = w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin, p, kc, vc, 2, 2, 1)
+    qkv = w4a8_gemv_dp4a(x, packed, scale, None, 64, kernel="stream")
+    kr, vr = k0[:, 1:, 2:8].clone(), v0[:, 1:, 2:8].clone()
+    want = fused.rope_cache_update(qkv.view(2, 1, -1), cos, sin, p, kr, vr, 2, 2)
+    assert torch.equal(q, want) and torch.equal(kc, kr) and torch.equal(vc, vr)
+    k0[:, 1:, 2:8], v0[:, 1:, 2:8] = kr, vr
+    assert torch.equal(big_k, k0) and torch.equal(big_v, v0)
+
+
 def test_rope_cache_gemv_bad_input():
     wq, x, scale, _, cos, sin, kc, vc = _operands(2, 1, 2, 1, 8, 64, 64, torch.float16)
     packed = pack_int4(wq)
@@ -105,6 +126,10 @@ def test_rope_cache_gemv_bad_input():
         w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin, p, kc, vc, 3, 1, 1)
     with pytest.raises(ValueError, match="cos/sin"):
         w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos.float(), sin.float(), p, kc, vc, 2, 1, 1)
+    with pytest.raises(ValueError, match="cos/sin"):
+        w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin.float(), p, kc, vc, 2, 1, 1)
+    with pytest.raises(ValueError, match="cos/sin"):
+        w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin, p, kc, vc.float(), 2, 1, 1)
     with pytest.raises(ValueError, match="pos must be"):
         w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin, p.float(), kc, vc, 2, 1, 1)
     with pytest.raises(ValueError, match="K/2"):

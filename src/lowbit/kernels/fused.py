@@ -332,7 +332,7 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     qdst = q_ptr + row * (NQ * 2 * HALF) + heads * (2 * HALF) + d
     tl.store(qdst, o1, mask=is_q)
     tl.store(qdst + HALF, o2, mask=is_q)
-    kdst = kc_ptr + b * stride_cb + (heads - NQ) * stride_ch + p * stride_cs + d
+    kdst = kc_ptr + b * stride_cb + (heads - NQ).to(tl.int64) * stride_ch + p * stride_cs + d
     pk = p + tl.zeros_like(heads)
     is_k = ok & (heads >= NQ) & (pk >= 0) & (pk < S)
     tl.store(kdst, o1, mask=is_k)
@@ -342,7 +342,7 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     pv = p + tl.zeros_like(hv)
     v_ok = (hv < NK) & (pv >= 0) & (pv < S)
     v = tl.load(qkv_row + (NQ + NK + hv) * (2 * HALF) + dv, mask=v_ok, other=0.0)
-    tl.store(vc_ptr + b * stride_cb + hv * stride_ch + p * stride_cs + dv, v, mask=v_ok)
+    tl.store(vc_ptr + b * stride_cb + hv.to(tl.int64) * stride_ch + p * stride_cs + dv, v, mask=v_ok)
 
 
 def check_rope_cache(what: str, b: int, t: int, width: int, dtype: torch.dtype, cos: torch.Tensor,
@@ -354,15 +354,19 @@ def check_rope_cache(what: str, b: int, t: int, width: int, dtype: torch.dtype, 
     if kc.dim() != 4 or kc.shape != vc.shape or kc.stride() != vc.stride() or kc.shape[:2] != (b, n_k):
         raise ValueError(f"{what}: caches must be two (B={b}, {n_k}, S, D) tensors with equal "
                          f"strides, got {tuple(kc.shape)} and {tuple(vc.shape)}")
-    if width != (n_q + 2 * n_k) * d or d % 2 or d & (d - 1) or kc.stride(-1) != 1:
+    if width != (n_q + 2 * n_k) * d or d < 2 or d & (d - 1) or kc.stride(-1) != 1:
         raise ValueError(f"{what}: qkv width {width} != ({n_q} + 2*{n_k}) * {d}, or head_dim "
                          "not a power of two with unit stride")
-    if cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != dtype or kc.dtype != dtype:
-        raise ValueError(f"{what}: cos/sin must be ({t}, {d}) and the caches {dtype}, got "
-                         f"{tuple(cos.shape)} {cos.dtype}, cache {kc.dtype}")
+    if (cos.shape != (t, d) or sin.shape != (t, d) or cos.dtype != dtype or sin.dtype != dtype
+            or kc.dtype != dtype or vc.dtype != dtype):
+        raise ValueError(f"{what}: cos/sin must be ({t}, {d}) and they and the caches {dtype}, got "
+                         f"{tuple(cos.shape)} {cos.dtype} / {sin.dtype}, caches {kc.dtype} / {vc.dtype}")
     if pos.shape != (t,) or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{what}: pos must be ({t},) int32/int64, got {tuple(pos.shape)} "
                          f"{pos.dtype}")
+    if len({cos.device, sin.device, pos.device, kc.device, vc.device}) != 1:
+        raise ValueError(f"{what}: cos, sin, pos and the caches must be on one device, got "
+                         f"{[str(v.device) for v in (cos, sin, pos, kc, vc)]}")
     return d
 
 

@@ -94,7 +94,7 @@ def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, 
     tl.store(qdst + HALF, o2, mask=ok & is_q)
     p = tl.load(pos_ptr + t).to(tl.int64)
     in_cache = ok & (p >= 0) & (p < S) & (head >= NQ)
-    ch = tl.where(is_v, head - NQ - NK, head - NQ)
+    ch = tl.where(is_v, head - NQ - NK, head - NQ).to(tl.int64)
     off = (out_m // TOK).to(tl.int64) * stride_cb + ch * stride_ch + p * stride_cs + d
     tl.store(kc_ptr + off, o1, mask=in_cache & ~is_v)
     tl.store(kc_ptr + off + HALF, o2, mask=in_cache & ~is_v)
