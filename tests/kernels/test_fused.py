@@ -14,11 +14,11 @@ from lowbit.kernels.fused import (
     add_rms_norm_quant,
     rms_norm,
     rms_norm_quant,
-    rope_qk,
     swiglu,
     swiglu_quant,
     swiglu_quant_launch,
 )
+from lowbit.kernels.rope import rope_qk
 from lowbit.kernels.w4a8.reference import act_quant_ref
 from lowbit.llm.model import RMSNorm, apply_rope
 
@@ -163,7 +163,7 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("b,t,n_q,n_k,d", [(2, 1, 4, 2, 16), (1, 3, 6, 6, 32)] + ([(1, 1, 32, 8, 128)]
                                                                                   if ON_GPU else []))
 def test_rope_cache_update_is_rope_qk_plus_the_cache_write(dtype, b, t, n_q, n_k, d):
-    from lowbit.kernels.fused import rope_cache_update
+    from lowbit.kernels.rope import rope_cache_update
 
     s = 12
     qkv = torch.randn(b, t, (n_q + 2 * n_k) * d, device=DEV).to(dtype)
@@ -188,7 +188,7 @@ def test_rope_cache_update_is_rope_qk_plus_the_cache_write(dtype, b, t, n_q, n_k
 def test_rope_cache_update_odd_strides_and_positions():
     """A one-token qkv whose size-1 dim has an odd stride (torch calls it contiguous), a strided
     pos, and a position past the cache (written nowhere)."""
-    from lowbit.kernels.fused import rope_cache_update
+    from lowbit.kernels.rope import rope_cache_update
 
     b, n_q, n_k, d, s = 2, 4, 2, 16, 8
     w = (n_q + 2 * n_k) * d

@@ -1,7 +1,7 @@
 """RoPE and the KV-cache write inside the streaming W4A8 GEMV (gemv_dp4a.w4a8_gemv_rope_cache).
 
 The fused kernel must give the values of the chain it replaces -- the stream GEMV's [q; k; v]
-output, then fused.rope_cache_update -- bit for bit, in q and in both caches, and agree with pure
+output, then rope.rope_cache_update -- bit for bit, in q and in both caches, and agree with pure
 torch (reference W4A8 linear, eager RoPE, index_copy_ into the caches). On CPU under
 TRITON_INTERPRET; on a GPU the same tests plus Llama-sized shapes.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowbit.core.packing import pack_int4
-from lowbit.kernels import fused
+from lowbit.kernels import rope
 from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_dp4a, w4a8_gemv_rope_cache
 from lowbit.kernels.w4a8.reference import act_quant_ref, int8_gemm_ref
 from lowbit.llm.model import apply_rope
@@ -56,7 +56,7 @@ def test_rope_cache_gemv_equals_the_kernel_chain(b, t, nq, nk, d, k, group, dtyp
     kc0, vc0 = kc.clone(), vc.clone()
     got = w4a8_gemv_rope_cache(x, packed, scale, bi, group or k, cos, sin, p, kc, vc, nq, nk, t)
     qkv = w4a8_gemv_dp4a(x, packed, scale, bi, group or k, kernel="stream")
-    want = fused.rope_cache_update(qkv.view(b, t, -1), cos, sin, p, kc2, vc2, nq, nk)
+    want = rope.rope_cache_update(qkv.view(b, t, -1), cos, sin, p, kc2, vc2, nq, nk)
     assert got.shape == (b, t, nq, d) and got.dtype == dtype
     assert torch.equal(got, want)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
@@ -88,7 +88,7 @@ def test_rope_cache_gemv_writes_nothing_outside_the_cache():
         q = w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin, p, kc, vc, 2, 1, 1)
         assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
         qkv = w4a8_gemv_dp4a(x, packed, scale, None, 64, kernel="stream")
-        want = fused.rope_cache_update(qkv.view(2, 1, -1), cos, sin, torch.tensor([pos], device=DEV),
+        want = rope.rope_cache_update(qkv.view(2, 1, -1), cos, sin, torch.tensor([pos], device=DEV),
                                        kc0.clone(), vc0.clone(), 2, 1)
         assert torch.equal(q, want)
 
@@ -106,7 +106,7 @@ def test_rope_cache_gemv_writes_into_strided_cache_views():
     q = w4a8_gemv_rope_cache(x, packed, scale, None, 64, cos, sin, p, kc, vc, 2, 2, 1)
     qkv = w4a8_gemv_dp4a(x, packed, scale, None, 64, kernel="stream")
     kr, vr = k0[:, 1:, 2:8].clone(), v0[:, 1:, 2:8].clone()
-    want = fused.rope_cache_update(qkv.view(2, 1, -1), cos, sin, p, kr, vr, 2, 2)
+    want = rope.rope_cache_update(qkv.view(2, 1, -1), cos, sin, p, kr, vr, 2, 2)
     assert torch.equal(q, want) and torch.equal(kc, kr) and torch.equal(vc, vr)
     k0[:, 1:, 2:8], v0[:, 1:, 2:8] = kr, vr
     assert torch.equal(big_k, k0) and torch.equal(big_v, v0)

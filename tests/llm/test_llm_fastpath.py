@@ -11,7 +11,7 @@ import torch
 
 from lowbit.formats.configs import Int8DynamicActivationInt4WeightConfig
 from lowbit.formats.int4 import Int4Tensor
-from lowbit.kernels import fused
+from lowbit.kernels import fused, rope
 from lowbit.llm import ModelArgs, RandomWeights, build_model
 from lowbit.llm.loading import ConfigQuantizer, NoQuantizer
 from lowbit.llm.phased import Phase, use_phase
@@ -49,7 +49,7 @@ def test_fused_bf16_path_matches_the_eager_ops(monkeypatch):
     want = _prefill_logits(model, ids, monkeypatch, "0")
     norms = _count_calls(monkeypatch, fused, "rms_norm")
     add_norms = _count_calls(monkeypatch, fused, "add_rms_norm")
-    ropes = _count_calls(monkeypatch, fused, "rope_qk")
+    ropes = _count_calls(monkeypatch, rope, "rope_qk")
     glus = _count_calls(monkeypatch, fused, "swiglu")
     got = _prefill_logits(model, ids, monkeypatch, "1")
     # the first norm has no pending residual; every residual add is folded into the norm after it
@@ -173,7 +173,7 @@ def test_decode_qkv_gemv_rotates_and_writes_the_cache(monkeypatch, group_size):
             return out, caches
 
         ropes = _count_calls(monkeypatch, Int4Tensor, "linear_rope_cache")
-        chain = _count_calls(monkeypatch, fused, "rope_cache_update")
+        chain = _count_calls(monkeypatch, rope, "rope_cache_update")
         got, got_caches = step()
         assert ropes[0] == ARGS.n_layers and chain[0] == 0
         monkeypatch.setattr(fastpath, "add_norm_qkv_rope", _plain_qkv)
@@ -403,7 +403,7 @@ def test_compiled_decode_rotates_and_writes_the_cache_in_one_op(monkeypatch):
         caches = [(c.k.clone(), c.v.clone()) for c in layers]
         return out, caches
 
-    calls = _count_calls(monkeypatch, fused, "rope_cache_update")
+    calls = _count_calls(monkeypatch, rope, "rope_cache_update")
     want, want_caches = step(None)
     assert calls[0] == ARGS.n_layers
     got, got_caches = step("aot")

@@ -187,7 +187,7 @@ class Int4Tensor(QuantizedTensor):
         """x (B, T, K) decode tokens -> the rotated q (B, T, n_q, D) where streams_paired(x): this
         [q; k; v] projection, RoPE on q and k (cos / sin (T, D) rows of the positions pos (T,)) and
         the write of k and v into the static caches kc / vc (B, n_k, S, D) at pos, from one kernel;
-        the same values as fused.rope_cache_update(linear(x), ...)."""
+        the same values as rope.rope_cache_update(linear(x), ...)."""
         from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_rope_cache
 
         if x.dim() != 3 or not self.streams_paired(x):

@@ -196,7 +196,7 @@ def rope_qk(
     """Rotated q (B, H, T, D) and k (B, KV, T, D) views, or None when the eager ops should run."""
     if not enabled(qkv) or head_dim & (head_dim - 1) or cos.dtype != qkv.dtype or cos.dim() != 2:
         return None
-    from lowbit.kernels.fused import rope_qk as kernel
+    from lowbit.kernels.rope import rope_qk as kernel
 
     q, k = kernel(qkv, n_q, n_k, head_dim, cos, sin)
     return q.transpose(1, 2), k.transpose(1, 2)
@@ -234,19 +234,19 @@ def add_norm_qkv_rope(norm: nn.Module, wqkv: nn.Module, x: torch.Tensor, delta: 
 
 def rope_cache(qkv: torch.Tensor, n_q: int, n_k: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
                input_pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor | None:
-    """Decode: RoPE on q and k and the KV-cache write in one kernel (lowbit.kernels.fused); returns
+    """Decode: RoPE on q and k and the KV-cache write in one kernel (lowbit.kernels.rope); returns
     the rotated q (B, H, T, D) with k and v written into kc / vc at input_pos, or None when the
     eager ops should run. Like decode_attention it also runs inside torch.compile (opaque op
     lowbit::rope_cache_update, mutating the caches): Inductor otherwise emits three kernels per
     layer for it (q rotation, k rotation + cache write, v cache write)."""
     if not enabled(qkv, in_compiled_graphs=True) or not _rope_cache_takes(qkv, head_dim, cos, kc, input_pos):
         return None
-    from lowbit.kernels import fused
+    from lowbit.kernels import rope
 
     if torch.compiler.is_compiling() or type(qkv) is not torch.Tensor:
-        q = fused.rope_cache_update_op(qkv, cos, sin, input_pos, kc, vc, n_q, n_k)
+        q = rope.rope_cache_update_op(qkv, cos, sin, input_pos, kc, vc, n_q, n_k)
     else:
-        q = fused.rope_cache_update(qkv, cos, sin, input_pos, kc, vc, n_q, n_k)
+        q = rope.rope_cache_update(qkv, cos, sin, input_pos, kc, vc, n_q, n_k)
     return q.transpose(1, 2)
 
 

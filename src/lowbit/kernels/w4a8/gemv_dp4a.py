@@ -216,6 +216,23 @@ def w4a8_gemv_dp4a(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     return out
 
 
+def _stream_operands(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     group_size: int, what: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Checks the operands of a streaming-GEMV epilogue variant (fp16/bf16 x (M, K), what the stream
+    kernel holds) -> (x, int32 weight words, scale, bias) as the kernel reads them, and its group."""
+    m, k = x.shape
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{what} takes fp16/bf16 activations, got {x.dtype}")
+    group = _dp4a_group(x, packed, group_size, what)
+    if not stream_supported(m, k, group):
+        raise ValueError(f"{what}: the streaming GEMV does not take M={m}, K={k}, group={group_size}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return x, packed.contiguous().view(torch.int32), scale, bias, group
+
+
 def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      group_size: int, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(gate) * up of a W4A8 [gate; up] projection for M <= 4 tokens, on the streaming GEMV:
@@ -228,24 +245,16 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     """
     from lowbit.kernels.w4a8.gemv_stream import stream, stream_programs
 
-    m, k = x.shape
+    m = x.shape[0]
     n = packed.shape[0]
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"w4a8_gemv_swiglu takes fp16/bf16 activations, got {x.dtype}")
+    x, words, scale, bias, group = _stream_operands(x, packed, scale, bias, group_size, "w4a8_gemv_swiglu")
     if n % 2:
         raise ValueError(f"w4a8_gemv_swiglu: the packed weight has {n} rows, not [gate; up] (2F, K/2)")
-    group = _dp4a_group(x, packed, group_size, "w4a8_gemv_swiglu")
-    if not stream_supported(m, k, group):
-        raise ValueError(f"w4a8_gemv_swiglu: the streaming GEMV does not take M={m}, K={k}, "
-                         f"group={group_size}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
     h = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return h, torch.zeros((m, 1), dtype=torch.float32, device=x.device)
     amax = torch.empty((m, stream_programs(x, n, config)), dtype=torch.float32, device=x.device)
-    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    stream(x, packed.contiguous().view(torch.int32), scale, bias, h, group, config, amax)
+    stream(x, words, scale, bias, h, group, config, amax)
     return h, amax
 
 
@@ -259,30 +268,22 @@ def w4a8_gemv_rope_cache(x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
     (B, n_k, S, D) at positions pos (t,) (none outside [0, S)), cos / sin (t, D) rows of those
     positions.
 
-    Equals fused.rope_cache_update(w4a8_gemv_dp4a(x, ...).view(B, t, -1), cos, sin, pos, kc, vc,
+    Equals rope.rope_cache_update(w4a8_gemv_dp4a(x, ...).view(B, t, -1), cos, sin, pos, kc, vc,
     n_q, n_k): the GEMV outputs rounded to x's dtype, then RoPE rounded as that kernel rounds.
     """
-    from lowbit.kernels.fused import check_rope_cache
+    from lowbit.kernels.rope import check_rope_cache
     from lowbit.kernels.w4a8.gemv_stream import RopeCache, stream
 
-    m, k = x.shape
+    m = x.shape[0]
     n = packed.shape[0]
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"w4a8_gemv_rope_cache takes fp16/bf16 activations, got {x.dtype}")
+    what = "w4a8_gemv_rope_cache"
+    x, words, scale, bias, group = _stream_operands(x, packed, scale, bias, group_size, what)
     if t < 1 or m % t:
         raise ValueError(f"w4a8_gemv_rope_cache: {m} token rows are not B x t for t={t}")
-    group = _dp4a_group(x, packed, group_size, "w4a8_gemv_rope_cache")
-    d = check_rope_cache("w4a8_gemv_rope_cache", m // t, t, n, x.dtype, cos, sin, pos, kc, vc, n_q, n_k)
-    if not stream_supported(m, k, group):
-        raise ValueError(f"w4a8_gemv_rope_cache: the streaming GEMV does not take M={m}, K={k}, "
-                         f"group={group_size}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    d = check_rope_cache(what, m // t, t, n, x.dtype, cos, sin, pos, kc, vc, n_q, n_k)
     q = torch.empty((m // t, t, n_q, d), dtype=x.dtype, device=x.device)
     if m == 0:
         return q
-    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
-    bias = None if bias is None else bias.contiguous()
     rope = RopeCache(cos.contiguous(), sin.contiguous(), pos.contiguous(), kc, vc, n_q, n_k, t)
-    words = packed.contiguous().view(torch.int32)
     stream(x, words, scale, bias, q.view(m, n_q * d), group, config, rope=rope)
     return q

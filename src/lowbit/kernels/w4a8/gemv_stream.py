@@ -65,7 +65,7 @@ def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, 
                 HALF: tl.constexpr, USE_ASM: tl.constexpr):
     """The ROPE epilogue of one tile: y (BLOCK_M, 2 HB) rounded outputs of the row pairs j (HB,)
     (pair j = head h, column d: j = h * HALF + d). Rotates q and k heads with the arithmetic and
-    roundings of fused._rope_rows, stores q rows into q_ptr and k / v into the caches at each
+    roundings of rope._rope_rows, stores q rows into q_ptr and k / v into the caches at each
     token's position (nothing outside [0, S))."""
     dt = q_ptr.dtype.element_ty
     x1, x2 = tl.split(tl.reshape(y, (BLOCK_M, HB, 2)))
@@ -78,7 +78,7 @@ def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, 
     c2 = tl.load(cos_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
     s1 = tl.load(sin_ptr + t * (2 * HALF) + d).to(tl.float32)
     s2 = tl.load(sin_ptr + t * (2 * HALF) + HALF + d).to(tl.float32)
-    # mul.rn: never contracted into an FMA with the add (fused._rope_cache_kernel compiles with
+    # mul.rn: never contracted into an FMA with the add (rope._rope_cache_kernel compiles with
     # enable_fp_fusion=False, which this kernel cannot: its GEMV epilogue must round as the plain
     # stream's does)
     f32: tl.constexpr = tl.float32
@@ -116,7 +116,7 @@ def _w4a8_stream_kernel(
     # (M, programs) each program's absmax of its outputs per token (act_quant_from_amax).
     # ROPE: the weight is a fused [q; k; v] projection of NQ + 2 NK heads of 2 HALF rows, the M
     # rows are B x TOK decode tokens at positions pos_ptr[t] with cos/sin rows t; q and k are
-    # rotated (rounded as fused.rope_cache_update rounds the rounded GEMV outputs), q goes to
+    # rotated (rounded as rope.rope_cache_update rounds the rounded GEMV outputs), q goes to
     # out (M, NQ * 2 HALF), k and v into the caches (B, NK, S, 2 HALF) at the token's position.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
