@@ -51,22 +51,9 @@ def _w4a8_gemv_q_kernel(
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    _gemv_q_rows(tl.program_id(0), q_ptr, sa_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, KW, KW4, stride_qm,
-                 stride_wn, stride_sn, stride_om, GROUP, HAS_BIAS, USE_ASM, BLOCK_M, BLOCK_N, BLOCK_W, False)
-
-
-@triton.jit
-def _gemv_q_rows(
-    pid, q_ptr, sa_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, N, KW, KW4, stride_qm, stride_wn, stride_sn, stride_om,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SHARED_IN: tl.constexpr,
-):
-    """Output rows pid * BLOCK_N .. + BLOCK_N. SHARED_IN: q and sa were written by other programs
-    of this launch (read through L2, not L1)."""
     # q_ptr: int32 words of the int8 activations (4 per word), row stride stride_qm words.
     # w_ptr: int32 words of the packed weight (8 nibbles per word), KW words per row.
-    CM: tl.constexpr = ".cg" if SHARED_IN else ""
+    pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)[:, None, None]
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_n % N)[None, :, None]  # wrap: no row masks on the loads (stores are masked)
@@ -85,8 +72,8 @@ def _gemv_q_rows(
         t = c * BLOCK_W + offs_w
         ok = t < KW4 * 4  # KW4 = KW // 4: constant over 4 words -> 16-byte weight loads
         w = tl.load(w_rows + t, mask=ok, other=0)
-        a = tl.load(q_rows + 2 * t, mask=m_ok & ok, other=0, cache_modifier=CM)
-        b = tl.load(q_rows + 2 * t + 1, mask=m_ok & ok, other=0, cache_modifier=CM)
+        a = tl.load(q_rows + 2 * t, mask=m_ok & ok, other=0)
+        b = tl.load(q_rows + 2 * t + 1, mask=m_ok & ok, other=0)
         xe = _prmt(a, b, 0x6420, USE_ASM)
         xo = _prmt(a, b, 0x7531, USE_ASM)
         lo = (w & 0x0F0F0F0F) ^ 0x08080808
@@ -113,7 +100,7 @@ def _gemv_q_rows(
     if GROUP == 0:
         d = tl.sum(acc, axis=2) - 8 * tl.sum(xs, axis=2)  # (BLOCK_M, BLOCK_N)
         accf = d.to(tl.float32) * tl.load(s_ptr + (offs_n % N) * stride_sn).to(tl.float32)[None, :]
-    sa = tl.load(sa_ptr + out_m, mask=out_m < M, other=0.0, cache_modifier=CM)
+    sa = tl.load(sa_ptr + out_m, mask=out_m < M, other=0.0)
     y = accf * sa
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
