@@ -131,6 +131,7 @@ def test_decode_mlp_applies_swiglu_in_the_gate_up_gemv(monkeypatch):
 
         def step(ids=ids) -> torch.Tensor:
             _prefill_logits(model, ids, monkeypatch, "1")
+            monkeypatch.setenv("LOWBIT_STREAM_NORM", "0")  # the norm kernel, then the GEMV (bit-exact chain)
             with torch.no_grad(), use_phase(model, Phase.DECODE):
                 return model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV)).float()
 
@@ -166,6 +167,7 @@ def test_decode_qkv_gemv_rotates_and_writes_the_cache(monkeypatch, group_size):
 
         def step(ids=ids) -> tuple[torch.Tensor, list[torch.Tensor]]:
             _prefill_logits(model, ids, monkeypatch, "1")
+            monkeypatch.setenv("LOWBIT_STREAM_NORM", "0")  # the norm kernel, then the GEMV (bit-exact chain)
             with torch.no_grad(), use_phase(model, Phase.DECODE):
                 out = model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV)).float()
             kvs = [b.attention.kv_cache for b in model.blocks()]
@@ -184,6 +186,45 @@ def test_decode_qkv_gemv_rotates_and_writes_the_cache(monkeypatch, group_size):
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_decode_folds_the_block_norms_into_the_streaming_gemvs(monkeypatch, group_size):
+    """A decode step (batch 1 and 2) into W4A8 weights: both RMSNorms of every block run in the
+    prologue of the GEMV after them (no norm kernel; the [q; k; v] and [gate; up] kernels get the
+    residual stream and its update), and the logits stay within a few activation-quantization
+    steps of the step with separate norm kernels (the kernel quantizes h * weight and applies
+    1 / rms(h) after the dots; its arithmetic is checked in tests/kernels/test_gemv_stream_norm.py)."""
+    cfg = Int8DynamicActivationInt4WeightConfig(group_size=group_size, kernel="triton")
+    model = _model(ConfigQuantizer(cfg))
+    for batch in (1, 2):
+        ids = torch.randint(0, 300, (batch, 5), generator=torch.Generator().manual_seed(9)).to(DEV)
+
+        def step(fold: str, ids=ids) -> torch.Tensor:
+            _prefill_logits(model, ids, monkeypatch, "1")
+            monkeypatch.setenv("LOWBIT_STREAM_NORM", fold)
+            with torch.no_grad(), use_phase(model, Phase.DECODE):
+                return model(ids[:, :1], torch.tensor([ids.shape[1]], device=DEV)).float()
+
+        norms = _count_calls(monkeypatch, fused, "add_rms_norm")
+        plain_norms = _count_calls(monkeypatch, fused, "rms_norm")
+        folded = [0]
+        for name in ("linear_swiglu", "linear_rope_cache"):
+            real = getattr(Int4Tensor, name)
+
+            def spy(self, *a, real=real, folded=folded, **k):
+                folded[0] += k.get("norm") is not None
+                return real(self, *a, **k)
+
+            monkeypatch.setattr(Int4Tensor, name, spy)
+        want = step("0")
+        separate = norms[0] + plain_norms[0]
+        norms[0] = plain_norms[0] = 0
+        got = step("1")
+        assert folded[0] == 2 * ARGS.n_layers
+        assert separate - (norms[0] + plain_norms[0]) == 2 * ARGS.n_layers
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+        monkeypatch.undo()
+
+
 def test_decode_qkv_falls_back_where_the_norm_output_cannot_stream(monkeypatch):
     """add_norm_qkv_rope: a float32 norm output (GPU half, as for add_norm_mlp) or a weight that
     does not stream gives (h, qkv, False), the add_norm_linear result; a step without a pending
@@ -192,6 +233,7 @@ def test_decode_qkv_falls_back_where_the_norm_output_cannot_stream(monkeypatch):
     from lowbit.llm.model import RMSNorm
 
     monkeypatch.setenv("LOWBIT_FUSED", "1")
+    monkeypatch.setenv("LOWBIT_STREAM_NORM", "0")  # norm kernel + GEMV: the chains compared bit for bit
     dim, nq, nk, d, s = 64, 2, 1, 16, 6
     wqkv = torch.nn.Linear(dim, (nq + 2 * nk) * d, bias=False).to(DEV, torch.float16)
     cfg = Int8DynamicActivationInt4WeightConfig(group_size=None, kernel="auto" if DEV == "cuda" else "triton")
@@ -236,6 +278,7 @@ def test_swiglu_gemv_hands_a_long_row_its_int8_rows(monkeypatch, group_size):
     from lowbit.llm.model import RMSNorm
 
     monkeypatch.setenv("LOWBIT_FUSED", "1")
+    monkeypatch.setenv("LOWBIT_STREAM_NORM", "0")  # norm kernel + GEMV: the chains compared bit for bit
     monkeypatch.setattr(op, "LONG_ROW_MIN_K", 192)  # the interpreter walks 8192-long rows slowly
     dtype, dim, f = torch.float16, 64, 224
     gen = torch.Generator().manual_seed(6)
@@ -266,6 +309,7 @@ def test_decode_mlp_falls_back_where_the_norm_output_cannot_stream(monkeypatch):
     from lowbit.llm.model import RMSNorm
 
     monkeypatch.setenv("LOWBIT_FUSED", "1")
+    monkeypatch.setenv("LOWBIT_STREAM_NORM", "0")  # norm kernel + GEMV: the chains compared bit for bit
     dim, f = 64, 96
     w13 = torch.nn.Linear(dim, 2 * f, bias=False).to(DEV, torch.float16)
     w2 = torch.nn.Linear(f, dim, bias=False).to(DEV, torch.float16)

@@ -11,6 +11,8 @@ W4A8 math (reference and kernels): with per-token int8 activations qx, sx,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lowbit.core.kernel_choice import KernelChoice
@@ -32,6 +34,9 @@ from lowbit.formats.common import (
     token_count,
     uses_act_quant,
 )
+
+if TYPE_CHECKING:
+    from lowbit.kernels.w4a8.gemv_dp4a import NormIn
 
 
 class Int4Tensor(QuantizedTensor):
@@ -169,32 +174,35 @@ class Int4Tensor(QuantizedTensor):
         group = 0 if self.group_size >= k else self.group_size
         return _dp4a_takes(m, k, self.group_size, "auto") and stream_supported(m, k, group)
 
-    def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def linear_swiglu(self, x: torch.Tensor, bias: torch.Tensor | None, norm: NormIn | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., K) -> (silu(gate) * up (..., N/2) in x's dtype, amax (M, P) float32) where
         streams_paired(x): the SwiGLU of this [gate; up] projection's output, rounded as
         fused.swiglu(linear(x)) rounds, from one kernel, with per-program absmaxes of each row
-        for act_quant_from_amax."""
+        for act_quant_from_amax. norm: x is the residual stream and the projection takes its
+        RMSNorm, folded into the kernel's prologue (gemv_dp4a.NormIn, rows (M, K))."""
         from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_swiglu
 
         if not self.streams_paired(x):
             raise ValueError("linear_swiglu: this weight does not stream these activations (streams_paired)")
-        h, amax = w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size)
+        h, amax = w4a8_gemv_swiglu(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size,
+                                   norm=norm)
         return h.view(*x.shape[:-1], h.shape[-1]), amax
 
     def linear_rope_cache(self, x: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
                           sin: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int,
-                          n_k: int) -> torch.Tensor:
+                          n_k: int, norm: NormIn | None = None) -> torch.Tensor:
         """x (B, T, K) decode tokens -> the rotated q (B, T, n_q, D) where streams_paired(x): this
         [q; k; v] projection, RoPE on q and k (cos / sin (T, D) rows of the positions pos (T,)) and
         the write of k and v into the static caches kc / vc (B, n_k, S, D) at pos, from one kernel;
-        the same values as rope.rope_cache_update(linear(x), ...)."""
+        the same values as rope.rope_cache_update(linear(x), ...). norm: as for linear_swiglu."""
         from lowbit.kernels.w4a8.gemv_dp4a import w4a8_gemv_rope_cache
 
         if x.dim() != 3 or not self.streams_paired(x):
             raise ValueError("linear_rope_cache: this weight does not stream these activations (B, T, K) "
                              "(streams_paired)")
         return w4a8_gemv_rope_cache(x.reshape(-1, x.shape[-1]), self.qdata, self.scale, bias, self.group_size,
-                                    cos, sin, pos, kc, vc, n_q, n_k, x.shape[1])
+                                    cos, sin, pos, kc, vc, n_q, n_k, x.shape[1], norm=norm)
 
     def linear_prequantized(self, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
                             out_dtype: torch.dtype) -> torch.Tensor:

@@ -140,6 +140,26 @@ def _add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
     return fused.add_rms_norm(x, delta, *params)
 
 
+def _stream_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
+    """(h, NormIn) when the add + RMSNorm before a streaming W4A8 GEMV can run in that GEMV's
+    prologue (gemv_dp4a.NormIn: x (B, T, K) and delta as rows; h = x + delta is written by the
+    kernel), else None. LOWBIT_STREAM_NORM=0 keeps the separate norm kernel."""
+    if os.environ.get("LOWBIT_STREAM_NORM", "1") == "0":
+        return None
+    params = _norm_params(norm, x)
+    if params is None or (delta is not None and _add_norm_params(norm, x, delta) is None):
+        return None
+    from lowbit.kernels.w4a8.gemv_dp4a import NormIn
+
+    weight, eps = params
+    if weight.shape != (x.shape[-1],):
+        return None
+    if delta is None:
+        return x, NormIn(weight, eps)
+    h = torch.empty_like(x)
+    return h, NormIn(weight, eps, delta.reshape(-1, x.shape[-1]), h.view(-1, x.shape[-1]))
+
+
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a fused [gate; up] projection output."""
     if enabled(gu):
@@ -176,11 +196,18 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
     if not (isinstance(w, Int4Tensor) and w.streams_paired(x)):
         h, gu = add_norm_linear(norm, w13, x, delta)
         return h, swiglu_linear(w2, gu)
-    h, y = _add_then_norm(norm, x, delta)
-    if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
-        return h, swiglu_linear(w2, w13(y))
     bias = getattr(w13, "bias", None)
-    act, amax = w.linear_swiglu(y, bias if isinstance(bias, torch.Tensor) else None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    folded = _stream_norm(norm, x, delta)
+    if folded is not None:
+        h, nin = folded
+        act, amax = w.linear_swiglu(x, bias, norm=nin)
+        y = x
+    else:
+        h, y = _add_then_norm(norm, x, delta)
+        if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
+            return h, swiglu_linear(w2, w13(y))
+        act, amax = w.linear_swiglu(y, bias)
     w2w = _prequantized_weight(w2, act)
     if w2w is None:
         return h, w2(act)
@@ -223,12 +250,17 @@ def add_norm_qkv_rope(norm: nn.Module, wqkv: nn.Module, x: torch.Tensor, delta: 
     if not (isinstance(w, Int4Tensor) and _rope_cache_takes(x, head_dim, cos, kc, input_pos)
             and w.streams_paired(x)):
         return (*add_norm_linear(norm, wqkv, x, delta), False)
+    bias = getattr(wqkv, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    folded = _stream_norm(norm, x, delta)
+    if folded is not None:
+        h, nin = folded
+        q = w.linear_rope_cache(x, bias, cos, sin, input_pos, kc, vc, n_q, n_k, norm=nin)
+        return h, q.transpose(1, 2), True
     h, y = _add_then_norm(norm, x, delta)
     if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
         return h, wqkv(y), False
-    bias = getattr(wqkv, "bias", None)
-    q = w.linear_rope_cache(y, bias if isinstance(bias, torch.Tensor) else None, cos, sin, input_pos, kc, vc,
-                            n_q, n_k)
+    q = w.linear_rope_cache(y, bias, cos, sin, input_pos, kc, vc, n_q, n_k)
     return h, q.transpose(1, 2), True
 
 

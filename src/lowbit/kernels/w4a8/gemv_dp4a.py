@@ -26,6 +26,7 @@ Under TRITON_INTERPRET the dp4a is emulated with shifts (same integers).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -233,8 +234,66 @@ def _stream_operands(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return x, packed.contiguous().view(torch.int32), scale, bias, group
 
 
+class NormIn(NamedTuple):
+    """The NORM prologue's operands: the linear takes RMSNorm(h) (weight (K,), eps) of the residual
+    stream h = x + delta (delta (M, K) like x, or None: h = x); h goes to h_out (M, K) when delta is
+    given."""
+
+    weight: torch.Tensor
+    eps: float
+    delta: torch.Tensor | None = None
+    h_out: torch.Tensor | None = None
+
+
+def _stream_norm(x: torch.Tensor, norm: NormIn | None, what: str) -> NormIn | None:
+    """Checks the NORM prologue's operands against x (M, K) (NormIn)."""
+    if norm is None:
+        return None
+    k = x.shape[1]
+    w = norm.weight
+    if w.shape != (k,) or w.dtype != x.dtype:
+        raise ValueError(f"{what}: the norm weight must be ({k},) {x.dtype}, got {tuple(w.shape)} {w.dtype}")
+    delta, h_out = norm.delta, norm.h_out
+    if delta is None:
+        return NormIn(w.contiguous(), float(norm.eps), None, None)
+    for name, t in (("delta", delta), ("h_out", h_out)):
+        if t is None or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+            raise ValueError(f"{what}: the norm's {name} must match x ({tuple(x.shape)} {x.dtype}), "
+                             f"got {got}")
+    if h_out is None or h_out.stride(-1) != 1:
+        raise ValueError(f"{what}: the norm's h_out must have unit last stride")
+    storage = h_out.untyped_storage().data_ptr()
+    if storage in (x.untyped_storage().data_ptr(), delta.untyped_storage().data_ptr()):
+        raise ValueError(f"{what}: the norm's h_out must not share memory with x or delta (every program "
+                         f"reads them whole while h is written)")
+    delta = delta if delta.stride(-1) == 1 else delta.contiguous()
+    return NormIn(w.contiguous(), float(norm.eps), delta, h_out)
+
+
+def w4a8_gemv_norm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   group_size: int, norm: NormIn, config: dict | None = None) -> torch.Tensor:
+    """linear(RMSNorm(h) * norm.weight) for M <= 4 token rows of the residual stream x (M, K)
+    fp16/bf16 with h = x + norm.delta (written to norm.h_out; h = x without a delta), on the
+    streaming GEMV with the norm in its prologue. The kernel quantizes h * weight per token and
+    applies r = 1 / sqrt(mean(h^2) + eps) with the activation scale in the epilogue: the same
+    integer dots as quantizing the normalized row, up to that row's rounding (reference:
+    w4a8_norm_linear_reference)."""
+    from lowbit.kernels.w4a8.gemv_stream import stream
+
+    n = packed.shape[0]
+    x, words, scale, bias, group = _stream_operands(x, packed, scale, bias, group_size, "w4a8_gemv_norm")
+    norm_in = _stream_norm(x, norm, "w4a8_gemv_norm")
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0 or n == 0:
+        return out
+    stream(x, words, scale, bias, out, group, config, norm=norm_in)
+    return out
+
+
 def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                     group_size: int, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     group_size: int, config: dict | None = None, norm: NormIn | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(gate) * up of a W4A8 [gate; up] projection for M <= 4 tokens, on the streaming GEMV:
     x (M, K) fp16/bf16, packed (2F, K/2) -> (h (M, F) in x's dtype, amax (M, P) float32).
 
@@ -250,18 +309,19 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     x, words, scale, bias, group = _stream_operands(x, packed, scale, bias, group_size, "w4a8_gemv_swiglu")
     if n % 2:
         raise ValueError(f"w4a8_gemv_swiglu: the packed weight has {n} rows, not [gate; up] (2F, K/2)")
+    norm_in = _stream_norm(x, norm, "w4a8_gemv_swiglu")
     h = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return h, torch.zeros((m, 1), dtype=torch.float32, device=x.device)
     amax = torch.empty((m, stream_programs(x, n, config)), dtype=torch.float32, device=x.device)
-    stream(x, words, scale, bias, h, group, config, amax)
+    stream(x, words, scale, bias, h, group, config, amax, norm=norm_in)
     return h, amax
 
 
 def w4a8_gemv_rope_cache(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                          bias: torch.Tensor | None, group_size: int, cos: torch.Tensor, sin: torch.Tensor,
                          pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_q: int, n_k: int, t: int,
-                         config: dict | None = None) -> torch.Tensor:
+                         config: dict | None = None, norm: NormIn | None = None) -> torch.Tensor:
     """The decode attention input of a W4A8 [q; k; v] projection for M = B x t <= 4 tokens, on the
     streaming GEMV: x (M, K) fp16/bf16, packed ((n_q + 2 n_k) * D, K/2) -> the rotated q
     (B, t, n_q, D) in x's dtype; the rotated k and the v are written into the static caches kc / vc
@@ -284,6 +344,7 @@ def w4a8_gemv_rope_cache(x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
     q = torch.empty((m // t, t, n_q, d), dtype=x.dtype, device=x.device)
     if m == 0:
         return q
+    norm_in = _stream_norm(x, norm, what)
     rope = RopeCache(cos.contiguous(), sin.contiguous(), pos.contiguous(), kc, vc, n_q, n_k, t)
-    stream(x, words, scale, bias, q.view(m, n_q * d), group, config, rope=rope)
+    stream(x, words, scale, bias, q.view(m, n_q * d), group, config, rope=rope, norm=norm_in)
     return q

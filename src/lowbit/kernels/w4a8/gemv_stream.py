@@ -23,7 +23,7 @@ import triton.language as tl
 from lowbit.kernels import interpreter_enabled
 from lowbit.kernels.fused import _silu_mul
 from lowbit.kernels.w4a8.act_quant import _int8_round_clamp, _int8_scale
-from lowbit.kernels.w4a8.gemv_dp4a import _dp4a, num_sms
+from lowbit.kernels.w4a8.gemv_dp4a import NormIn, _dp4a, num_sms
 
 
 @triton.jit
@@ -47,6 +47,11 @@ def _tile_rows(tile, offs, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr, ROPE:
         return (j // HALF) * (2 * HALF) + (offs % 2) * HALF + j % HALF
     else:
         return (tile * BLOCK_N + offs) % N
+
+
+@triton.jit
+def _sum_max(s1, m1, s2, m2):
+    return s1 + s2, tl.maximum(m1, m2)
 
 
 @triton.jit
@@ -106,10 +111,12 @@ def _rope_store(y, j, out_m, M, N, q_ptr, stride_qm, cos_ptr, sin_ptr, pos_ptr, 
 def _w4a8_stream_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, amax_ptr,
     cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, TOK, S, NQ, NK, stride_cb, stride_ch, stride_cs,
+    delta_ptr, nw_ptr, h_ptr, stride_dm, stride_hm, eps,
     M, N, K, K32, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PPS: tl.constexpr,
     DEPTH: tl.constexpr, SWIGLU: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+    NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):
     # SWIGLU: the weight is a fused [gate; up] projection (N = 2F); out (M, F) gets
     # silu(gate) * up (rounded as fused.swiglu rounds the rounded GEMV outputs) and amax_ptr
@@ -118,6 +125,10 @@ def _w4a8_stream_kernel(
     # rows are B x TOK decode tokens at positions pos_ptr[t] with cos/sin rows t; q and k are
     # rotated (rounded as rope.rope_cache_update rounds the rounded GEMV outputs), q goes to
     # out (M, NQ * 2 HALF), k and v into the caches (B, NK, S, 2 HALF) at the token's position.
+    # NORM: x is the residual stream and the linear takes RMSNorm(h) (weight nw_ptr, eps) of
+    # h = x + delta (HAS_DELTA; h rounded to x's dtype, stored into h_ptr by program 0). The
+    # per-token factor r = 1 / sqrt(mean(h^2) + eps) commutes with the per-token quantization, so
+    # the kernel quantizes h * nw (float32) and applies r with the activation scale (epilogue).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     T: tl.constexpr = K_PAD // 8
@@ -152,9 +163,62 @@ def _w4a8_stream_kernel(
     v5 = tl.load(xp + 5, mask=t_ok, other=0.0).to(tl.float32)
     v6 = tl.load(xp + 6, mask=t_ok, other=0.0).to(tl.float32)
     v7 = tl.load(xp + 7, mask=t_ok, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
-                      tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
-    sa = _int8_scale(tl.max(amax, axis=2, keep_dims=True))  # (BLOCK_M, 1, 1)
+    if NORM:
+        f32: tl.constexpr = tl.float32
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        gp = nw_ptr + offs_t * 8  # the norm weight loads go out with the rows' (before any reduction)
+        g0 = tl.load(gp + 0, mask=t_ok, other=0.0)
+        g1 = tl.load(gp + 1, mask=t_ok, other=0.0)
+        g2 = tl.load(gp + 2, mask=t_ok, other=0.0)
+        g3 = tl.load(gp + 3, mask=t_ok, other=0.0)
+        g4 = tl.load(gp + 4, mask=t_ok, other=0.0)
+        g5 = tl.load(gp + 5, mask=t_ok, other=0.0)
+        g6 = tl.load(gp + 6, mask=t_ok, other=0.0)
+        g7 = tl.load(gp + 7, mask=t_ok, other=0.0)
+        if HAS_DELTA:
+            dp = delta_ptr + offs_m * stride_dm + offs_t * 8
+            v0 = (v0 + tl.load(dp + 0, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v1 = (v1 + tl.load(dp + 1, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v2 = (v2 + tl.load(dp + 2, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v3 = (v3 + tl.load(dp + 3, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v4 = (v4 + tl.load(dp + 4, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v5 = (v5 + tl.load(dp + 5, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v6 = (v6 + tl.load(dp + 6, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            v7 = (v7 + tl.load(dp + 7, mask=t_ok, other=0.0).to(f32)).to(DT).to(f32)
+            # every program stores its share of h (words t with t % programs == pid): no program
+            # carries the whole row's stores on the kernel's critical path
+            rows_m = tl.arange(0, BLOCK_M)[:, None, None]
+            hp = h_ptr + rows_m * stride_hm + offs_t * 8
+            h_ok = t_ok & (rows_m < M) & ((offs_t % nprog) == pid)
+            tl.store(hp + 0, v0.to(DT), mask=h_ok)
+            tl.store(hp + 1, v1.to(DT), mask=h_ok)
+            tl.store(hp + 2, v2.to(DT), mask=h_ok)
+            tl.store(hp + 3, v3.to(DT), mask=h_ok)
+            tl.store(hp + 4, v4.to(DT), mask=h_ok)
+            tl.store(hp + 5, v5.to(DT), mask=h_ok)
+            tl.store(hp + 6, v6.to(DT), mask=h_ok)
+            tl.store(hp + 7, v7.to(DT), mask=h_ok)
+        ss = (((_mul_rn(v0, v0, USE_ASM) + _mul_rn(v1, v1, USE_ASM)) + (_mul_rn(v2, v2, USE_ASM)
+              + _mul_rn(v3, v3, USE_ASM))) + ((_mul_rn(v4, v4, USE_ASM) + _mul_rn(v5, v5, USE_ASM))
+              + (_mul_rn(v6, v6, USE_ASM) + _mul_rn(v7, v7, USE_ASM))))
+        v0 = _mul_rn(v0, g0.to(f32), USE_ASM)
+        v1 = _mul_rn(v1, g1.to(f32), USE_ASM)
+        v2 = _mul_rn(v2, g2.to(f32), USE_ASM)
+        v3 = _mul_rn(v3, g3.to(f32), USE_ASM)
+        v4 = _mul_rn(v4, g4.to(f32), USE_ASM)
+        v5 = _mul_rn(v5, g5.to(f32), USE_ASM)
+        v6 = _mul_rn(v6, g6.to(f32), USE_ASM)
+        v7 = _mul_rn(v7, g7.to(f32), USE_ASM)
+        am = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
+                        tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
+        # one reduction for both row statistics (one shared-memory round, not two)
+        ssum, amax_row = tl.reduce((ss, am), 2, _sum_max, keep_dims=True)
+        rr = 1.0 / tl.sqrt_rn(ssum / K + eps)  # (BLOCK_M, 1, 1)
+        sa = _int8_scale(amax_row)
+    else:
+        amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
+                          tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
+        sa = _int8_scale(tl.max(amax, axis=2, keep_dims=True))  # (BLOCK_M, 1, 1)
     q0 = _int8_round_clamp(v0, sa).to(tl.int32)
     q1 = _int8_round_clamp(v1, sa).to(tl.int32)
     q2 = _int8_round_clamp(v2, sa).to(tl.int32)
@@ -175,6 +239,10 @@ def _w4a8_stream_kernel(
     out_m = tl.arange(0, BLOCK_M)[:, None]
     out_bn = tl.arange(0, BLOCK_N)
     amax_h = tl.zeros((BLOCK_M, HB), tl.float32)
+    if NORM:
+        sa_out = tl.reshape(sa * rr, (BLOCK_M, 1))
+    else:
+        sa_out = tl.reshape(sa, (BLOCK_M, 1))
     # -- stream the weight ---------------------------------------------------------------
     for tile in range(pid, n_tiles, nprog):
         nxt = tile + DEPTH * nprog
@@ -195,7 +263,7 @@ def _w4a8_stream_kernel(
         else:
             d = tl.sum(acc, axis=2) - 8 * xsum1
             y = d.to(tl.float32) * tl.load(s_ptr + rows_n * stride_sn).to(tl.float32)[None, :]
-        y = y * tl.reshape(sa, (BLOCK_M, 1))
+        y = y * sa_out
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
         if SWIGLU:
@@ -267,7 +335,7 @@ class RopeCache(NamedTuple):
 
 def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
            out: torch.Tensor, group: int, config: dict | None, amax: torch.Tensor | None = None,
-           rope: RopeCache | None = None) -> torch.Tensor:
+           rope: RopeCache | None = None, norm: NormIn | None = None) -> torch.Tensor:
     """Launch on x (M, K) contiguous rows, words (N, K/8) int32, out (M, N); group 0 = per row.
 
     amax given: the SwiGLU epilogue (N = 2F, out (M, F)); amax must be a float32 buffer of
@@ -275,6 +343,7 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     rope given: the RoPE + KV-cache epilogue (N = (n_q + 2 n_k) * 2 HALF, out (M, n_q * 2 HALF)
     gets the rotated q; the rotated k and the v are written into rope.kc / rope.vc). The caller
     checks the operands (gemv_dp4a.w4a8_gemv_rope_cache).
+    norm given: the NORM prologue (x is the residual stream; see NormIn and the kernel).
     """
     if amax is not None and rope is not None:
         raise ValueError("stream: one epilogue at a time (amax for SwiGLU or rope)")
@@ -290,11 +359,18 @@ def stream(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torc
     else:
         rope_args = (scale, scale, scale, scale, scale, 1, 0, 0, 0, 0, 0, 0)
         half = 1
+    if norm is not None:
+        delta = norm.delta if norm.delta is not None else x
+        h_out = norm.h_out if norm.h_out is not None else x
+        norm_args = (delta, norm.weight, h_out, delta.stride(0), h_out.stride(0), norm.eps)
+    else:
+        norm_args = (x, x, x, 0, 0, 0.0)
     args = (x, words, scale, bias if bias is not None else scale, out, amax if swiglu else scale, *rope_args,
-            m, n, k, k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
+            *norm_args, m, n, k, k // 32, x.stride(0), words.stride(0), scale.stride(0), out.stride(0))
     flags = dict(GROUP=group, HAS_BIAS=bias is not None, USE_ASM=not interpreter_enabled(),
                  BLOCK_M=triton.next_power_of_2(m), K_PAD=max(triton.next_power_of_2(k), 32), SWIGLU=swiglu,
-                 ROPE=rope is not None, HALF=half)
+                 ROPE=rope is not None, HALF=half, NORM=norm is not None,
+                 HAS_DELTA=norm is not None and norm.delta is not None)
     sms = num_sms(x.device.index or 0) if x.is_cuda else 4
 
     def grid(meta):

@@ -60,3 +60,16 @@ def w4_decode_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def norm_gemv_ref(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                  packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm folded into the W4A8 GEMV (gemv_dp4a.NormIn): h = x + delta rounded to x's dtype
+    (h = x without delta); v = h * weight in float32, quantized per token to int8; exact integer
+    dots; r = 1 / sqrt(mean(h^2) + eps) applied with the activation scale. Returns (h, y)."""
+    h = x if delta is None else (x.to(torch.float32) + delta.to(torch.float32)).to(x.dtype)
+    hf = h.to(torch.float32)
+    r = 1.0 / torch.sqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    qa, sa = act_quant_ref(hf * weight.to(torch.float32))
+    return h, int8_gemm_ref(qa, sa * r, unpack_int4(packed), scale, bias, group_size, x.dtype)
