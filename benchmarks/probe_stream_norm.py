@@ -2,7 +2,7 @@
 
 Decode at batch 1 runs add + RMSNorm as its own short launch before the [q; k; v] and the
 [gate; up] GEMVs. With NORM the GEMV takes the residual stream and the update, adds them
-(program 0 stores the sum), quantizes h * norm_weight per token and applies the per-token
+(every program stores its share of the sum), quantizes h * norm_weight per token and applies the per-token
 1 / rms(h) with the activation scale in its epilogue. This probe times, per layer, 8 Llama-2-7B
 layers' weights back to back in a CUDA graph, M=1:
   - qkv:  add_rms_norm + w4a8_gemv_rope_cache   vs  w4a8_gemv_rope_cache(norm=...)

@@ -48,10 +48,17 @@ def _close(got, want):
      if ON_GPU else []))
 def test_norm_gemv_matches_the_reference(m, n, k, group, dtype, bias):
     packed, scale, x, delta, nw, bi = _operands(m, n, k, group or k, dtype, bias)
-    h = torch.empty_like(x)
-    got = w4a8_gemv_norm(x, packed, scale, bi, group or k, NormIn(nw, 1e-5, delta, h))
+    # h and delta as row-strided views; a sentinel row after h must stay untouched
+    buf = torch.full((m + 1, k + 8), 7.0, device=DEV, dtype=dtype)
+    h = buf[:m, :k]
+    dbuf = torch.zeros(m, k + 16, device=DEV, dtype=dtype)
+    dbuf[:, :k] = delta
+    got = w4a8_gemv_norm(x, packed, scale, bi, group or k, NormIn(nw, 1e-5, dbuf[:, :k], h))
     h_chain, _ = fused.add_rms_norm(x, delta, nw, 1e-5)
     assert torch.equal(h, h_chain)  # the residual stream rounds as the add + norm kernel's
+    assert (buf[m] == 7).all() and (buf[:, k:] == 7).all()
+    if ON_GPU:  # the interpreter's float32 -> bf16 / fp16 conversion does not round to nearest even
+        assert torch.equal(h, norm_gemv_ref(x, delta, nw, 1e-5, packed, scale, bi, group or k)[0])
     _, want = norm_gemv_ref(h, None, nw, 1e-5, packed, scale, bi, group or k)
     assert got.shape == (m, n) and got.dtype == dtype
     _close(got, want)
@@ -107,9 +114,26 @@ def test_norm_operands_are_checked():
         (NormIn(nw, 1e-5, delta, None), "h_out"),
         (NormIn(nw, 1e-5, delta, h[:, :32]), "h_out"),
         (NormIn(nw, 1e-5, delta, torch.empty(64, 2, device=DEV, dtype=x.dtype).t()), "unit last stride"),
-        (NormIn(nw, 1e-5, delta, x), "share memory"),
-        (NormIn(nw, 1e-5, delta, delta), "share memory"),
+        (NormIn(nw, 1e-5, delta, x), "overlap"),
+        (NormIn(nw, 1e-5, delta, delta), "overlap"),
+        (NormIn(nw, 1e-5, None, h), "only with a delta"),
     ]
     for norm, what in bad:
         with pytest.raises(ValueError, match=what):
             w4a8_gemv_norm(x, packed, scale, None, 64, norm)
+
+
+def test_norm_h_out_may_share_a_buffer_with_x_when_disjoint():
+    """A [x; h] ping-pong buffer: disjoint rows of one allocation are accepted and h is written."""
+    packed, scale, x, delta, nw, _ = _operands(2, 16, 64, 64, torch.float16)
+    buf = torch.empty(4, 64, device=DEV, dtype=torch.float16)
+    buf[:2] = x
+    out = w4a8_gemv_norm(buf[:2], packed, scale, None, 64, NormIn(nw, 1e-5, delta, buf[2:]))
+    assert torch.equal(buf[2:], fused.add_rms_norm(x, delta, nw, 1e-5)[0]) and out.shape == (2, 16)
+
+
+def test_norm_without_outputs_still_writes_h():
+    packed, scale, x, delta, nw, _ = _operands(2, 16, 64, 64, torch.float16)
+    h = torch.zeros_like(x)
+    out = w4a8_gemv_norm(x, packed[:0], scale[:0], None, 64, NormIn(nw, 1e-5, delta, h))
+    assert out.shape == (2, 0) and torch.equal(h, (x.float() + delta.float()).half())

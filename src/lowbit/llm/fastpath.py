@@ -141,10 +141,13 @@ def _add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
 
 
 def _stream_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
-    """(h, NormIn) when the add + RMSNorm before a streaming W4A8 GEMV can run in that GEMV's
-    prologue (gemv_dp4a.NormIn: x (B, T, K) and delta as rows; h = x + delta is written by the
-    kernel), else None. LOWBIT_STREAM_NORM=0 keeps the separate norm kernel."""
-    if os.environ.get("LOWBIT_STREAM_NORM", "1") == "0":
+    """(h, NormIn) when the add + RMSNorm (lowbit's RMSNorm module, weight in x's dtype) before a
+    streaming W4A8 GEMV can run in that GEMV's prologue (gemv_dp4a.NormIn: x (B, T, K) and delta as
+    rows; h = x + delta is written by the kernel), else None. LOWBIT_STREAM_NORM=0 keeps the
+    separate norm kernel."""
+    from lowbit.llm.model import RMSNorm
+
+    if os.environ.get("LOWBIT_STREAM_NORM", "1") == "0" or not isinstance(norm, RMSNorm):
         return None
     params = _norm_params(norm, x)
     if params is None or (delta is not None and _add_norm_params(norm, x, delta) is None):
@@ -156,7 +159,7 @@ def _stream_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
         return None
     if delta is None:
         return x, NormIn(weight, eps)
-    h = torch.empty_like(x)
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous rows, whatever x's strides
     return h, NormIn(weight, eps, delta.reshape(-1, x.shape[-1]), h.view(-1, x.shape[-1]))
 
 

@@ -245,16 +245,38 @@ class NormIn(NamedTuple):
     h_out: torch.Tensor | None = None
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges a and b span in memory intersect."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        lo = t.data_ptr()
+        return lo, lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _norm_h_only(norm: NormIn | None, x: torch.Tensor) -> None:
+    """A launch with no outputs (N = 0) still owes h = x + delta."""
+    if norm is not None and norm.delta is not None and norm.h_out is not None and x.shape[0]:
+        norm.h_out.copy_((x.to(torch.float32) + norm.delta.to(torch.float32)).to(x.dtype))
+
+
 def _stream_norm(x: torch.Tensor, norm: NormIn | None, what: str) -> NormIn | None:
     """Checks the NORM prologue's operands against x (M, K) (NormIn)."""
     if norm is None:
         return None
     k = x.shape[1]
     w = norm.weight
-    if w.shape != (k,) or w.dtype != x.dtype:
-        raise ValueError(f"{what}: the norm weight must be ({k},) {x.dtype}, got {tuple(w.shape)} {w.dtype}")
+    if w.shape != (k,) or w.dtype != x.dtype or w.device != x.device:
+        raise ValueError(f"{what}: the norm weight must be ({k},) {x.dtype} on {x.device}, got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
     delta, h_out = norm.delta, norm.h_out
     if delta is None:
+        if h_out is not None:
+            raise ValueError(f"{what}: the norm's h_out is written only with a delta (h = x without one)")
         return NormIn(w.contiguous(), float(norm.eps), None, None)
     for name, t in (("delta", delta), ("h_out", h_out)):
         if t is None or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
@@ -263,10 +285,9 @@ def _stream_norm(x: torch.Tensor, norm: NormIn | None, what: str) -> NormIn | No
                              f"got {got}")
     if h_out is None or h_out.stride(-1) != 1:
         raise ValueError(f"{what}: the norm's h_out must have unit last stride")
-    storage = h_out.untyped_storage().data_ptr()
-    if storage in (x.untyped_storage().data_ptr(), delta.untyped_storage().data_ptr()):
-        raise ValueError(f"{what}: the norm's h_out must not share memory with x or delta (every program "
-                         f"reads them whole while h is written)")
+    if any(_overlap(h_out, t) for t in (x, delta)):
+        raise ValueError(f"{what}: the norm's h_out must not overlap x or delta (every program reads them "
+                         f"whole while h is written)")
     delta = delta if delta.stride(-1) == 1 else delta.contiguous()
     return NormIn(w.contiguous(), float(norm.eps), delta, h_out)
 
@@ -278,7 +299,7 @@ def w4a8_gemv_norm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     streaming GEMV with the norm in its prologue. The kernel quantizes h * weight per token and
     applies r = 1 / sqrt(mean(h^2) + eps) with the activation scale in the epilogue: the same
     integer dots as quantizing the normalized row, up to that row's rounding (reference:
-    w4a8_norm_linear_reference)."""
+    reference.norm_gemv_ref)."""
     from lowbit.kernels.w4a8.gemv_stream import stream
 
     n = packed.shape[0]
@@ -286,6 +307,7 @@ def w4a8_gemv_norm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
     norm_in = _stream_norm(x, norm, "w4a8_gemv_norm")
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0 or n == 0:
+        _norm_h_only(norm_in, x)
         return out
     stream(x, words, scale, bias, out, group, config, norm=norm_in)
     return out
@@ -312,6 +334,7 @@ def w4a8_gemv_swiglu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     norm_in = _stream_norm(x, norm, "w4a8_gemv_swiglu")
     h = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
+        _norm_h_only(norm_in, x)
         return h, torch.zeros((m, 1), dtype=torch.float32, device=x.device)
     amax = torch.empty((m, stream_programs(x, n, config)), dtype=torch.float32, device=x.device)
     stream(x, words, scale, bias, h, group, config, amax, norm=norm_in)
@@ -341,10 +364,10 @@ def w4a8_gemv_rope_cache(x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
     if t < 1 or m % t:
         raise ValueError(f"w4a8_gemv_rope_cache: {m} token rows are not B x t for t={t}")
     d = check_rope_cache(what, m // t, t, n, x.dtype, cos, sin, pos, kc, vc, n_q, n_k)
+    norm_in = _stream_norm(x, norm, what)
     q = torch.empty((m // t, t, n_q, d), dtype=x.dtype, device=x.device)
     if m == 0:
         return q
-    norm_in = _stream_norm(x, norm, what)
     rope = RopeCache(cos.contiguous(), sin.contiguous(), pos.contiguous(), kc, vc, n_q, n_k, t)
     stream(x, words, scale, bias, q.view(m, n_q * d), group, config, rope=rope, norm=norm_in)
     return q

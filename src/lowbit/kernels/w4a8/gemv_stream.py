@@ -126,7 +126,7 @@ def _w4a8_stream_kernel(
     # rotated (rounded as rope.rope_cache_update rounds the rounded GEMV outputs), q goes to
     # out (M, NQ * 2 HALF), k and v into the caches (B, NK, S, 2 HALF) at the token's position.
     # NORM: x is the residual stream and the linear takes RMSNorm(h) (weight nw_ptr, eps) of
-    # h = x + delta (HAS_DELTA; h rounded to x's dtype, stored into h_ptr by program 0). The
+    # h = x + delta (HAS_DELTA; h rounded to x's dtype, stored into h_ptr, each program a share). The
     # per-token factor r = 1 / sqrt(mean(h^2) + eps) commutes with the per-token quantization, so
     # the kernel quantizes h * nw (float32) and applies r with the activation scale (epilogue).
     pid = tl.program_id(0)
