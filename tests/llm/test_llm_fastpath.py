@@ -226,7 +226,7 @@ def test_decode_folds_the_block_norms_into_the_streaming_gemvs(monkeypatch, grou
 
 
 def test_stream_norm_takes_only_a_matching_rmsnorm(monkeypatch):
-    """fastpath._stream_norm (the fold of add + RMSNorm into the next streaming GEMV) takes lowbit's
+    """fastpath._folded_norm (the fold of add + RMSNorm into the next streaming GEMV) takes lowbit's
     RMSNorm with a weight in x's dtype and a delta shaped like x, with contiguous h rows even for a
     permuted x; anything else (LayerNorm, a float32 weight, a broadcast delta, the switch off) keeps
     the norm kernel."""
@@ -239,17 +239,17 @@ def test_stream_norm_takes_only_a_matching_rmsnorm(monkeypatch):
     delta = torch.randn(3, 2, dim, device=DEV).half()
     norm = RMSNorm(dim, 1e-5).to(DEV, torch.float16)
     with torch.no_grad():
-        folded = fastpath._stream_norm(norm, x, delta)
+        folded = fastpath._folded_norm(norm, x, delta)
         assert folded is not None
         h, nin = folded
         assert h.shape == x.shape and h.is_contiguous() and nin.h_out.data_ptr() == h.data_ptr()
         assert nin.delta.shape == (6, dim) and nin.weight is norm.weight
-        assert fastpath._stream_norm(norm, x, None)[0] is x
-        assert fastpath._stream_norm(torch.nn.LayerNorm(dim).to(DEV, torch.float16), x, delta) is None
-        assert fastpath._stream_norm(RMSNorm(dim, 1e-5).to(DEV), x, delta) is None  # float32 weight
-        assert fastpath._stream_norm(norm, x, delta[:1]) is None
+        assert fastpath._folded_norm(norm, x, None)[0] is x
+        assert fastpath._folded_norm(torch.nn.LayerNorm(dim).to(DEV, torch.float16), x, delta) is None
+        assert fastpath._folded_norm(RMSNorm(dim, 1e-5).to(DEV), x, delta) is None  # float32 weight
+        assert fastpath._folded_norm(norm, x, delta[:1]) is None
         monkeypatch.setenv("LOWBIT_STREAM_NORM", "0")
-        assert fastpath._stream_norm(norm, x, delta) is None
+        assert fastpath._folded_norm(norm, x, delta) is None
 
 
 def test_decode_qkv_falls_back_where_the_norm_output_cannot_stream(monkeypatch):

@@ -140,7 +140,12 @@ def _add_then_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None
     return fused.add_rms_norm(x, delta, *params)
 
 
-def _stream_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
+def _bias(linear: nn.Module) -> torch.Tensor | None:
+    bias = getattr(linear, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _folded_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
     """(h, NormIn) when the add + RMSNorm (lowbit's RMSNorm module, weight in x's dtype) before a
     streaming W4A8 GEMV can run in that GEMV's prologue (gemv_dp4a.NormIn: x (B, T, K) and delta as
     rows; h = x + delta is written by the kernel), else None. LOWBIT_STREAM_NORM=0 keeps the
@@ -149,8 +154,8 @@ def _stream_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
 
     if os.environ.get("LOWBIT_STREAM_NORM", "1") == "0" or not isinstance(norm, RMSNorm):
         return None
-    params = _norm_params(norm, x)
-    if params is None or (delta is not None and _add_norm_params(norm, x, delta) is None):
+    params = _norm_params(norm, x) if delta is None else _add_norm_params(norm, x, delta)
+    if params is None:
         return None
     from lowbit.kernels.w4a8.gemv_dp4a import NormIn
 
@@ -199,25 +204,22 @@ def add_norm_mlp(norm: nn.Module, w13: nn.Module, w2: nn.Module, x: torch.Tensor
     if not (isinstance(w, Int4Tensor) and w.streams_paired(x)):
         h, gu = add_norm_linear(norm, w13, x, delta)
         return h, swiglu_linear(w2, gu)
-    bias = getattr(w13, "bias", None)
-    bias = bias if isinstance(bias, torch.Tensor) else None
-    folded = _stream_norm(norm, x, delta)
+    folded = _folded_norm(norm, x, delta)
     if folded is not None:
         h, nin = folded
-        act, amax = w.linear_swiglu(x, bias, norm=nin)
-        y = x
+        act, amax = w.linear_swiglu(x, _bias(w13), norm=nin)
     else:
         h, y = _add_then_norm(norm, x, delta)
         if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
             return h, swiglu_linear(w2, w13(y))
-        act, amax = w.linear_swiglu(y, bias)
+        act, amax = w.linear_swiglu(y, _bias(w13))
     w2w = _prequantized_weight(w2, act)
     if w2w is None:
         return h, w2(act)
     from lowbit.kernels.w4a8.act_quant import act_quant_from_amax
 
     q, s = act_quant_from_amax(act.view(-1, act.shape[-1]), amax)
-    return h, w2w.linear_prequantized(q, s, w2.bias, y.dtype).view(*y.shape[:-1], w2w.shape[0])
+    return h, w2w.linear_prequantized(q, s, w2.bias, x.dtype).view(*x.shape[:-1], w2w.shape[0])
 
 
 def rope_qk(
@@ -253,17 +255,15 @@ def add_norm_qkv_rope(norm: nn.Module, wqkv: nn.Module, x: torch.Tensor, delta: 
     if not (isinstance(w, Int4Tensor) and _rope_cache_takes(x, head_dim, cos, kc, input_pos)
             and w.streams_paired(x)):
         return (*add_norm_linear(norm, wqkv, x, delta), False)
-    bias = getattr(wqkv, "bias", None)
-    bias = bias if isinstance(bias, torch.Tensor) else None
-    folded = _stream_norm(norm, x, delta)
+    folded = _folded_norm(norm, x, delta)
     if folded is not None:
         h, nin = folded
-        q = w.linear_rope_cache(x, bias, cos, sin, input_pos, kc, vc, n_q, n_k, norm=nin)
+        q = w.linear_rope_cache(x, _bias(wqkv), cos, sin, input_pos, kc, vc, n_q, n_k, norm=nin)
         return h, q.transpose(1, 2), True
     h, y = _add_then_norm(norm, x, delta)
     if y.dtype != x.dtype or y.shape != x.shape:  # e.g. a float32 norm weight, a broadcast delta
         return h, wqkv(y), False
-    q = w.linear_rope_cache(y, bias, cos, sin, input_pos, kc, vc, n_q, n_k)
+    q = w.linear_rope_cache(y, _bias(wqkv), cos, sin, input_pos, kc, vc, n_q, n_k)
     return h, q.transpose(1, 2), True
 
 

@@ -260,7 +260,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _norm_h_only(norm: NormIn | None, x: torch.Tensor) -> None:
     """A launch with no outputs (N = 0) still owes h = x + delta."""
-    if norm is not None and norm.delta is not None and norm.h_out is not None and x.shape[0]:
+    if norm is not None and norm.delta is not None and norm.h_out is not None:
         norm.h_out.copy_((x.to(torch.float32) + norm.delta.to(torch.float32)).to(x.dtype))
 
 
